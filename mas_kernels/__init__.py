@@ -1,0 +1,13 @@
+"""mas_kernels: fast, exact Memory Aware Synapses (Aljundi et al., ECCV 2018) for PyTorch."""
+
+__version__ = "0.1.0"
+
+from .ops import abs_accumulate_, abs_outer_accumulate_, penalty, penalty_grad_
+
+__all__ = [
+    "__version__",
+    "abs_outer_accumulate_",
+    "abs_accumulate_",
+    "penalty_grad_",
+    "penalty",
+]

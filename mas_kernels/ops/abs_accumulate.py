@@ -1,0 +1,75 @@
+r"""``abs_accumulate_``: ``omega_i += alpha * |t_i|`` for lists of tensors.
+
+.. math:: \Omega_i \mathrel{+}= \alpha\, |t_i| \qquad i = 1..T
+
+Serves batch-level global MAS (``t = grad`` of ``||F(x)||^2`` for a batch, the
+paper's released code), and any parameter without a factorized rule. On CUDA
+all tensors are done in one launch per input dtype (an address table, see
+``_multi_tensor``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _backend
+from ._checks import check_like, check_list, check_same_device, check_scalar, check_tensor
+
+OP = "abs_accumulate_"
+
+
+def _check(omegas, tensors, alpha) -> tuple[list, list, float]:
+    omegas = check_list(OP, "omegas", omegas, None)
+    tensors = check_list(OP, "tensors", tensors, len(omegas), "omegas")
+    for i, (o, t) in enumerate(zip(omegas, tensors)):
+        check_tensor(OP, "omegas", o, i, dtypes=(torch.float32,))
+        check_tensor(OP, "tensors", t, i)
+        check_like(OP, "tensors", t, "omegas", o, i)
+    if omegas:
+        check_same_device(OP, "omegas", omegas, omegas[0].device)
+    return omegas, tensors, check_scalar(OP, "alpha", alpha)
+
+
+def abs_accumulate_torch(omegas: list[torch.Tensor], tensors: list[torch.Tensor], alpha: float) -> None:
+    """The readable definition: one ``add_`` per tensor."""
+    for o, t in zip(omegas, tensors):
+        o.add_(t.abs().float(), alpha=alpha)
+
+
+@torch.library.custom_op("mas_kernels::abs_accumulate_", mutates_args=("omegas",))
+def _abs_accumulate_op(omegas: list[torch.Tensor], tensors: list[torch.Tensor], alpha: float) -> None:
+    impl = _backend.choose(omegas[0].device)
+    if impl == "triton":
+        from .multi_tensor_triton import abs_accumulate_triton
+
+        abs_accumulate_triton(omegas, tensors, alpha)
+    elif impl == "native":
+        from .. import _native
+
+        _native.lib().abs_accumulate_(omegas, tensors, alpha)
+    else:
+        abs_accumulate_torch(omegas, tensors, alpha)
+
+
+@_abs_accumulate_op.register_fake
+def _(omegas, tensors, alpha) -> None:
+    return None
+
+
+def abs_accumulate_(omegas, tensors, alpha: float = 1.0) -> list[torch.Tensor]:
+    r"""``omega_i += alpha * |t_i|`` in place for every pair; returns ``omegas``.
+
+    Args:
+        omegas: list of float32 tensors, all on one device, updated in place.
+        tensors: list of float32/float16/bfloat16 tensors, ``tensors[i]`` with
+            ``omegas[i]``'s shape and device.
+        alpha: scale.
+
+    Raises ``ValueError`` naming the list and index at fault before any
+    ``omega`` is touched. Empty lists and empty tensors are fine.
+    """
+    omegas, tensors, alpha = _check(omegas, tensors, alpha)
+    if not omegas:
+        return omegas
+    torch.ops.mas_kernels.abs_accumulate_(omegas, [t.detach() for t in tensors], alpha)
+    return omegas

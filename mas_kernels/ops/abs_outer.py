@@ -1,0 +1,89 @@
+r"""``abs_outer_accumulate_``: ``omega += alpha * |a|^T @ |b|`` in fp32, in place.
+
+With ``a`` of shape (N, J) and ``b`` of shape (N, I) this is
+
+.. math:: \Omega_{ji} \mathrel{+}= \alpha \sum_{k=1}^{N} |a_{kj}|\,|b_{ki}|
+
+the sum over samples of the outer products of the absolute values. It serves
+
+* local / Hebbian MAS for a Linear layer: ``a = Y`` (outputs), ``b = X`` (inputs),
+  ``alpha = 1/N``;
+* exact per-sample global MAS for a Linear layer on 2-D inputs: ``a = Delta``
+  (per-sample output gradients of ``||F(x)||^2``), ``b = X``: per sample the
+  weight gradient is the rank-one ``delta_k x_k^T`` whose absolute value is
+  ``|delta_k| |x_k|^T``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _backend
+from ._checks import check_scalar, check_tensor
+
+OP = "abs_outer_accumulate_"
+
+
+def _check(omega, a, b, alpha) -> float:
+    check_tensor(OP, "omega", omega, dtypes=(torch.float32,))
+    check_tensor(OP, "a", a)
+    check_tensor(OP, "b", b)
+    if omega.dim() != 2 or a.dim() != 2 or b.dim() != 2:
+        raise ValueError(
+            f"{OP}: omega, a and b must be 2-D, got omega{tuple(omega.shape)}, a{tuple(a.shape)}, b{tuple(b.shape)}"
+        )
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"{OP}: a has {a.shape[0]} rows (samples) but b has {b.shape[0]}")
+    if omega.shape != (a.shape[1], b.shape[1]):
+        raise ValueError(
+            f"{OP}: omega has shape {tuple(omega.shape)} but a^T @ b has shape ({a.shape[1]}, {b.shape[1]})"
+        )
+    for name, t in (("a", a), ("b", b)):
+        if t.device != omega.device:
+            raise ValueError(f"{OP}: {name} is on {t.device} but omega is on {omega.device}")
+    return check_scalar(OP, "alpha", alpha)
+
+
+def abs_outer_torch(omega: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
+    """The readable definition (and CPU fallback): one ``addmm_`` on fp32 abs copies."""
+    omega.addmm_(a.abs().t().float(), b.abs().float(), alpha=alpha)
+
+
+@torch.library.custom_op("mas_kernels::abs_outer_accumulate_", mutates_args=("omega",))
+def _abs_outer_op(omega: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
+    impl = _backend.choose(omega.device)
+    if impl == "triton":
+        from .abs_outer_triton import abs_outer_triton
+
+        abs_outer_triton(omega, a, b, alpha)
+    elif impl == "native":
+        from .. import _native
+
+        _native.lib().abs_outer_accumulate_(omega, a, b, alpha)
+    else:
+        abs_outer_torch(omega, a, b, alpha)
+
+
+@_abs_outer_op.register_fake
+def _(omega, a, b, alpha) -> None:
+    return None
+
+
+def abs_outer_accumulate_(omega: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    r"""``omega += alpha * |a|^T @ |b|`` in place; returns ``omega``.
+
+    Args:
+        omega: (J, I) float32, updated in place (any strides).
+        a: (N, J) float32/float16/bfloat16, any strides (e.g. a transposed view).
+        b: (N, I) float32/float16/bfloat16, any strides.
+        alpha: scale, e.g. ``1/N`` for a mean over samples.
+
+    The products are accumulated in float32 whatever the input dtype.
+    Raises ``ValueError`` (naming the argument) on a shape, dtype or device
+    mismatch, before ``omega`` is touched.
+    """
+    alpha = _check(omega, a, b, alpha)
+    if omega.numel() == 0 or a.shape[0] == 0:
+        return omega
+    torch.ops.mas_kernels.abs_outer_accumulate_(omega, a.detach(), b.detach(), alpha)
+    return omega

@@ -1,0 +1,158 @@
+r"""The MAS penalty and its gradient, fused over all parameters.
+
+.. math::
+
+    L = \lambda \sum_i \sum \Omega_i \odot (\theta_i - \theta^*_i)^2,
+    \qquad \frac{\partial L}{\partial \theta_i} = 2 \lambda\, \Omega_i \odot (\theta_i - \theta^*_i)
+
+``penalty_grad_`` returns ``L`` and adds the gradient into given buffers in the
+same pass over memory (per element: read theta, theta*, Omega, grad; write
+grad). ``penalty`` is the same value as a differentiable function of the
+parameters. (FACIL's MAS halves this penalty; Avalanche and the paper's code do
+not.)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _backend
+from ._checks import check_like, check_list, check_same_device, check_scalar, check_tensor
+
+OP = "penalty_grad_"
+
+
+def _check(op, params, anchors, omegas, lam, grads=None):
+    params = check_list(op, "params", params, None)
+    anchors = check_list(op, "anchors", anchors, len(params), "params")
+    omegas = check_list(op, "omegas", omegas, len(params), "params")
+    if grads is not None:
+        grads = check_list(op, "grads", grads, len(params), "params")
+    for i, p in enumerate(params):
+        check_tensor(op, "params", p, i)
+        check_tensor(op, "anchors", anchors[i], i)
+        check_like(op, "anchors", anchors[i], "params", p, i)
+        check_tensor(op, "omegas", omegas[i], i, dtypes=(torch.float32,))
+        check_like(op, "omegas", omegas[i], "params", p, i)
+        if grads is not None and grads[i] is not None:
+            check_tensor(op, "grads", grads[i], i)
+            check_like(op, "grads", grads[i], "params", p, i)
+    if params:
+        check_same_device(op, "params", params, params[0].device)
+    return params, anchors, omegas, check_scalar(op, "lam", lam), grads
+
+
+def penalty_grad_torch(params, anchors, omegas, lam: float, grads) -> torch.Tensor:
+    """The readable definition: per tensor, d = p - anchor in fp32; sum Omega d^2; grad += 2 lam Omega d."""
+    device = params[0].device if params else torch.device("cpu")
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for p, a, o, g in zip(params, anchors, omegas, grads):
+        d = p.float() - a.float()
+        od = o * d
+        total += (od * d).sum()
+        g.add_(od, alpha=2.0 * lam)
+    return total * lam
+
+
+def _run(params, anchors, omegas, lam, grads) -> torch.Tensor:
+    impl = _backend.choose(params[0].device)
+    if impl == "triton":
+        from .multi_tensor_triton import penalty_grad_triton
+
+        return penalty_grad_triton(params, anchors, omegas, lam, grads)
+    if impl == "native":
+        from .. import _native
+
+        return _native.lib().penalty_grad_(params, anchors, omegas, lam, grads)
+    return penalty_grad_torch(params, anchors, omegas, lam, grads)
+
+
+@torch.library.custom_op("mas_kernels::penalty_grad_", mutates_args=("grads",))
+def _penalty_grad_op(
+    params: list[torch.Tensor], anchors: list[torch.Tensor], omegas: list[torch.Tensor],
+    lam: float, grads: list[torch.Tensor],
+) -> torch.Tensor:
+    return _run(params, anchors, omegas, lam, grads)
+
+
+@_penalty_grad_op.register_fake
+def _(params, anchors, omegas, lam, grads):
+    return params[0].new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("mas_kernels::penalty", mutates_args=())
+def _penalty_op(
+    params: list[torch.Tensor], anchors: list[torch.Tensor], omegas: list[torch.Tensor], lam: float,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    grads = [torch.zeros_like(p) for p in params]
+    return _run(params, anchors, omegas, lam, grads), grads
+
+
+@_penalty_op.register_fake
+def _(params, anchors, omegas, lam):
+    return params[0].new_empty((), dtype=torch.float32), [torch.empty_like(p) for p in params]
+
+
+def _penalty_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*output[1])
+
+
+def _penalty_backward(ctx, grad_value, grad_grads):
+    # The gradient was computed in the forward's fused pass; scale it by the incoming grad.
+    grads = [g * grad_value.to(g.dtype) for g in ctx.saved_tensors]
+    none = [None] * len(grads)
+    return grads, none, list(none), None
+
+
+_penalty_op.register_autograd(_penalty_backward, setup_context=_penalty_setup_context)
+
+
+def penalty_grad_(params, anchors, omegas, lam: float, grads=None) -> torch.Tensor:
+    r"""Return ``lam * sum_i sum omega_i * (p_i - anchor_i)^2`` and add its gradient.
+
+    ``2 * lam * omega_i * (p_i - anchor_i)`` is added into ``grads[i]`` in the
+    same pass. With ``grads=None`` it is added into each ``params[i].grad``,
+    allocated as zeros where it is ``None``.
+
+    Args:
+        params: list of float32/float16/bfloat16 tensors on one device.
+        anchors: theta*, one per param, same shape and device (any float dtype).
+        omegas: importance, float32, one per param.
+        lam: the penalty strength lambda (a runtime scalar: new values do not recompile).
+        grads: optional list of gradient buffers (same shapes), updated in place.
+
+    Returns:
+        A 0-dim float32 tensor on the params' device (0 for empty lists).
+
+    Raises ``ValueError`` naming the argument and index at fault; nothing is
+    written before all checks pass.
+    """
+    params, anchors, omegas, lam, grads = _check(OP, params, anchors, omegas, lam, grads)
+    into_dot_grad = grads is None
+    if into_dot_grad:
+        grads = [p.grad for p in params]
+        for i, (p, g) in enumerate(zip(params, grads)):
+            if g is not None:
+                check_tensor(OP, f"params[{i}].grad", g)
+                check_like(OP, f"params[{i}].grad", g, f"params[{i}]", p)
+    if not params:
+        return torch.zeros((), dtype=torch.float32)
+    for i, p in enumerate(params):
+        if grads[i] is None:
+            grads[i] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            if into_dot_grad:
+                p.grad = grads[i]
+    return torch.ops.mas_kernels.penalty_grad_([p.detach() for p in params], anchors, omegas, lam, grads)
+
+
+def penalty(params, anchors, omegas, lam: float) -> torch.Tensor:
+    r"""``lam * sum_i sum omega_i * (p_i - anchor_i)^2``, differentiable w.r.t. ``params``.
+
+    The gradient ``2 * lam * omega_i * (p_i - anchor_i)`` is computed by the same
+    fused pass as the value; backward only scales it. Same arguments and checks
+    as :func:`penalty_grad_`.
+    """
+    params, anchors, omegas, lam, _ = _check("penalty", params, anchors, omegas, lam)
+    if not params:
+        return torch.zeros((), dtype=torch.float32)
+    return torch.ops.mas_kernels.penalty(params, [a.detach() for a in anchors], omegas, lam)[0]

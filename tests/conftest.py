@@ -1,0 +1,37 @@
+"""Test setup: Triton runs under its interpreter when there is no GPU.
+
+This must happen before anything imports triton (torch._dynamo does, on the
+first custom-op call), hence at the top of conftest.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from mas_kernels import _backend  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# (dtype, atol, rtol) for results accumulated in fp32 from inputs of that dtype.
+BACKENDS = ["torch"] + (["triton"] if _backend.has_triton() else [])
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    """Force one implementation for the test (``MAS_KERNELS_BACKEND``)."""
+    monkeypatch.setenv(_backend.ENV_VAR, request.param)
+    return request.param
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)

@@ -3,9 +3,11 @@
 __version__ = "0.1.0"
 
 from .ops import abs_accumulate_, abs_outer_accumulate_, penalty, penalty_grad_
+from .mas import MAS
 
 __all__ = [
     "__version__",
+    "MAS",
     "abs_outer_accumulate_",
     "abs_accumulate_",
     "penalty_grad_",

@@ -108,8 +108,9 @@ def per_sample_exact(
     per_sample_grad = vmap(grad(one_sample), in_dims=(None, 0), randomness="different")
     for start in range(0, x.shape[0], chunk_size):
         grads = per_sample_grad(detached, x[start:start + chunk_size])
-        for name, g in grads.items():
-            accs[name].add_(g.abs().sum(0, dtype=torch.float32))
+        with torch.no_grad():
+            for name, g in grads.items():
+                accs[name].add_(g.abs().sum(0, dtype=torch.float32))
 
 
 def batch_abs_grad(

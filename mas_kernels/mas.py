@@ -82,6 +82,11 @@ def _install_global_hooks() -> None:
         _GLOBAL_HOOKS.append(_m.register_module_module_registration_hook(_mark_stale))
 
 
+def _set_modes(modes: dict) -> None:
+    for m, training in modes.items():
+        m.training = training
+
+
 def _remove_handles(handles: list) -> None:
     for h in handles:
         h.remove()
@@ -360,8 +365,7 @@ class MAS:
             self._commit_batch(n)
         finally:
             self._busy = False
-            for m, mode in modes.items():
-                m.training = mode
+            _set_modes(modes)
 
     def _uncovered_for_local(self) -> list[str]:
         if not self.uncovered or self.uncovered_policy == "skip":
@@ -375,14 +379,17 @@ class MAS:
 
     @contextlib.contextmanager
     def _session(self):
-        """Hooks for one estimation session; the model's mode, .grad and requires_grad restored after."""
+        """Hooks for one estimation session; requires_grad restored after.
+
+        Estimation never writes ``.grad`` (it uses ``torch.autograd.grad`` and
+        ``torch.func``), so the user's own backward passes inside
+        ``accumulating()`` keep their effect.
+        """
         if self._stale:
             self._refresh()
         if self._session_handles:
             raise RuntimeError("MAS: estimate()/accumulating() is already active on this wrapper")
         extra = self._uncovered_for_local() if self.importance == "local" else []
-        modes = {m: m.training for m in self.module.modules()}
-        grads = {n: p.grad for n, p in self._params.items()}
         req = {n: p.requires_grad for n, p in self._params.items()}
         ref = weakref.ref(self)
         try:
@@ -423,11 +430,8 @@ class MAS:
             yield
         finally:
             _remove_handles(self._session_handles)
-            for m, mode in modes.items():
-                m.training = mode
             for n, p in self._params.items():
                 p.requires_grad_(req[n])
-                p.grad = grads[n]
 
     @contextlib.contextmanager
     def accumulating(self):
@@ -454,19 +458,23 @@ class MAS:
             total = len(batches)  # type: ignore[arg-type]
         except TypeError:
             total = None
+        modes = {m: m.training for m in self.module.modules()}
         with self._session():
-            self.module.train(train_mode)
-            for batch in tqdm(batches, total=total, disable=not progress, desc=f"MAS {self.importance}",
-                              unit="batch"):
-                x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                if not isinstance(x, torch.Tensor):
-                    raise TypeError(f"MAS.estimate: expected a tensor input, got {type(x).__name__}")
-                x = x.to(device)
-                if self.importance == "local":
-                    with torch.no_grad():
-                        self.module(x)
-                else:
-                    self._observe_global(x, eval_mode=not train_mode)
+            try:
+                self.module.train(train_mode)
+                for batch in tqdm(batches, total=total, disable=not progress, desc=f"MAS {self.importance}",
+                                  unit="batch"):
+                    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                    if not isinstance(x, torch.Tensor):
+                        raise TypeError(f"MAS.estimate: expected a tensor input, got {type(x).__name__}")
+                    x = x.to(device)
+                    if self.importance == "local":
+                        with torch.no_grad():
+                            self.module(x)
+                    else:
+                        self._observe_global(x, eval_mode=not train_mode)
+            finally:
+                _set_modes(modes)
         return self
 
     # --------------------------------------------------------- across tasks

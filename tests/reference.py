@@ -33,3 +33,69 @@ def penalty_and_grads(params, anchors, omegas, lam, grads):
         value += (o.to(F64) * d * d).sum()
         new_grads.append(g.to(F64) + 2.0 * lam * o.to(F64) * d)
     return lam * value, new_grads
+
+
+# ------------------------------------------------------------ MAS importance
+def _named(model):
+    return dict(model.named_parameters())
+
+
+def global_exact(model, xs, output_fn=lambda o: o):
+    """(1/N) sum_k |d ||F(x_k)||^2 / d theta|: one sample per backward pass."""
+    params = _named(model)
+    omega = {n: torch.zeros_like(p, dtype=F64) for n, p in params.items()}
+    n = 0
+    for x in xs:
+        for k in range(x.shape[0]):
+            out = output_fn(model(x[k:k + 1]))
+            grads = torch.autograd.grad(out.double().pow(2).sum(), list(params.values()), allow_unused=True)
+            for (name, _), g in zip(params.items(), grads):
+                if g is not None:
+                    omega[name] += g.double().abs()
+            n += 1
+    return {k: v / n for k, v in omega.items()}
+
+
+def global_batch(model, xs, output_fn=lambda o: o):
+    """The released code: (1/N) sum_b |sum_{k in b} g_k|."""
+    params = _named(model)
+    omega = {n: torch.zeros_like(p, dtype=F64) for n, p in params.items()}
+    n = 0
+    for x in xs:
+        out = output_fn(model(x))
+        grads = torch.autograd.grad(out.double().pow(2).sum(), list(params.values()), allow_unused=True)
+        for (name, _), g in zip(params.items(), grads):
+            if g is not None:
+                omega[name] += g.double().abs()
+        n += x.shape[0]
+    return {k: v / n for k, v in omega.items()}
+
+
+def local_linear(x, y):
+    """(sum_k |y_k| |x_k|^T, sum_k |y_k|) for one Linear call; rows of extra dims are positions."""
+    x = x.reshape(-1, x.shape[-1]).double()
+    y = y.reshape(-1, y.shape[-1]).double()
+    w = torch.zeros(y.shape[1], x.shape[1], dtype=F64)
+    for r in range(x.shape[0]):
+        w += torch.outer(y[r].abs(), x[r].abs())
+    return w, y.abs().sum(0)
+
+
+def local_conv2d(conv, x, y):
+    """Hebbian rule for a Conv2d over positions, by unfold + einsum (independent of conv weight-grads)."""
+    import torch.nn.functional as F
+
+    pads = conv._reversed_padding_repeated_twice
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    xp = F.pad(x.double(), pads, mode=mode) if any(pads) else x.double()
+    cols = F.unfold(xp.abs(), conv.kernel_size, dilation=conv.dilation, stride=conv.stride)  # (N, C*kh*kw, L)
+    ya = y.double().abs().flatten(2)  # (N, O, L)
+    g = conv.groups
+    o_per_g, c_per_g = conv.out_channels // g, conv.in_channels // g
+    kk = cols.shape[1] // conv.in_channels
+    w = torch.zeros(conv.weight.shape, dtype=F64)
+    for gi in range(g):
+        yc = ya[:, gi * o_per_g:(gi + 1) * o_per_g]
+        xc = cols[:, gi * c_per_g * kk:(gi + 1) * c_per_g * kk]
+        w[gi * o_per_g:(gi + 1) * o_per_g] = torch.einsum("nol,ncl->oc", yc, xc).view(o_per_g, *w.shape[1:])
+    return w, ya.sum((0, 2))

@@ -333,8 +333,10 @@ class MAS:
             usable = {k: v for k, v in fast.items() if len(v[3]) == 1 and v[3][0][0].dim() == 2
                       and v[3][0][1].requires_grad}
             for k, (m, w, b, calls) in fast.items():
-                if k not in usable:  # called several times, N-D input, or not on the output's path
-                    generic += [n for n in (w, b) if n is not None and not (len(calls) == 0)]
+                # Called several times, on N-D input, or off the output's path: per-sample rule.
+                # (Never called: no gradient, so nothing to add.)
+                if k not in usable and calls:
+                    generic += [n for n in (w, b) if n is not None]
             if usable:
                 ys = [v[3][0][1] for v in usable.values()]
                 deltas = torch.autograd.grad(loss, ys, allow_unused=True, materialize_grads=True)

@@ -522,3 +522,33 @@ def test_load_corrupt_or_truncated(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "foreign.safetensors"))
     with pytest.raises(ValueError, match="not written by"):
         other.load(tmp_path / "foreign.safetensors")
+
+
+def test_torch_compile_training_step_with_wrapper():
+    model = mlp()
+    mas = mk.MAS(model, lam=0.5, importance="local")
+    mas.estimate([torch.randn(8, 6)]).consolidate()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    x, y = torch.randn(4, 6), torch.randn(4, 3)
+
+    def loss_fn(x, y):
+        return nn.functional.mse_loss(model(x), y) + mas.penalty()
+
+    eager = loss_fn(x, y)
+    eager.backward()
+    g_eager = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)(x, y)
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager)
+    for g, p in zip(g_eager, model.parameters()):
+        torch.testing.assert_close(p.grad, g)
+
+    model.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()
+    value = torch.compile(mas.add_penalty_grad_, backend="aot_eager", fullgraph=True)()
+    torch.testing.assert_close(value, eager - nn.functional.mse_loss(model(x), y))
+    for g, p in zip(g_eager, model.parameters()):
+        torch.testing.assert_close(p.grad, g)

@@ -552,3 +552,33 @@ def test_torch_compile_training_step_with_wrapper():
     torch.testing.assert_close(value, eager - nn.functional.mse_loss(model(x), y))
     for g, p in zip(g_eager, model.parameters()):
         torch.testing.assert_close(p.grad, g)
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    d_in=st.integers(1, 9), hidden=st.integers(1, 9), d_out=st.integers(1, 4),
+    n=st.integers(1, 13), batch=st.integers(1, 13),
+    importance=st.sampled_from(["local", "global", "global_batch"]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+)
+def test_random_mlps_any_partition(d_in, hidden, d_out, n, batch, importance, dtype):
+    torch.manual_seed(n * 31 + batch)
+    model = mlp(d_in, hidden, d_out).to(dtype)
+    x = torch.randn(n, d_in, dtype=dtype)
+    batches = split(x, batch)
+    mas = mk.MAS(model, importance=importance).estimate(batches).consolidate()
+    assert all(t.dtype == torch.float32 for t in mas.omega.values())
+    tol = TOL if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    if importance == "global":
+        expected = ref.global_exact(model, [x])
+    elif importance == "global_batch":
+        expected = ref.global_batch(model, batches)
+    else:
+        h = model[0](x)
+        w0, b0 = ref.local_linear(x, h)
+        w2, b2 = ref.local_linear(torch.relu(h), model[2](torch.relu(h)))
+        expected = {"0.weight": w0 / n, "0.bias": b0 / n, "2.weight": w2 / n, "2.bias": b2 / n}
+    close(mas.omega, expected, **tol)

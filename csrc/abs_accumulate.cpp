@@ -1,0 +1,81 @@
+// abs_accumulate_: omega_i += alpha * |t_i| for a list of tensors, one pass
+// (read t, read omega, write omega) shared by all threads over all tensors.
+#include "ops.h"
+
+#include "multi_tensor.h"
+
+#include <cmath>
+
+namespace mas_kernels {
+
+namespace {
+
+template <typename T>
+void abs_add_range(const T* __restrict t, float* __restrict o, int64_t n, float alpha) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) o[i] += alpha * std::fabs(load_f32(t[i]));
+}
+
+void run_chunk(const Prepared& p, int64_t b, int64_t e, float alpha) {
+  float* o = p.work.data_ptr<float>() + b;
+  const at::Tensor& t = p.ins[0];
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      abs_add_range(t.const_data_ptr<float>() + b, o, e - b, alpha);
+      break;
+    case at::kBFloat16:
+      abs_add_range(t.const_data_ptr<at::BFloat16>() + b, o, e - b, alpha);
+      break;
+    case at::kHalf:
+      abs_add_range(t.const_data_ptr<at::Half>() + b, o, e - b, alpha);
+      break;
+    default:
+      break;  // rejected before the parallel loop
+  }
+}
+
+void run_all(const std::vector<Prepared>& prepared, float alpha) {
+  const std::vector<Chunk> chunks = make_chunks(prepared);
+  const int64_t n_chunks = static_cast<int64_t>(chunks.size());
+  int64_t total = 0;
+  for (const auto& p : prepared) total += p.work.numel();
+  const int n_threads = threads_for(total);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads) if (n_threads > 1)
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    const Chunk& ch = chunks[c];
+    run_chunk(prepared[ch.index], ch.begin, ch.end, alpha);
+  }
+}
+
+}  // namespace
+
+void abs_accumulate_(const std::vector<at::Tensor>& omegas, const std::vector<at::Tensor>& tensors, double alpha) {
+  const size_t n = omegas.size();
+  TORCH_CHECK(tensors.size() == n, "mas_kernels abs_accumulate_: omegas and tensors must have the same length");
+  for (size_t i = 0; i < n; ++i) {
+    TORCH_CHECK(omegas[i].device().is_cpu() && tensors[i].device().is_cpu(),
+                "mas_kernels abs_accumulate_: the native kernels take CPU tensors (index ", i, ")");
+    TORCH_CHECK(omegas[i].scalar_type() == at::kFloat, "mas_kernels abs_accumulate_: omegas must be float32");
+    const auto s = tensors[i].scalar_type();
+    TORCH_CHECK(s == at::kFloat || s == at::kBFloat16 || s == at::kHalf,
+                "mas_kernels abs_accumulate_: tensors must be float32/bfloat16/float16, got ", s);
+    TORCH_CHECK(tensors[i].sizes() == omegas[i].sizes(), "mas_kernels abs_accumulate_: shapes differ at index ", i);
+  }
+  const float a = static_cast<float>(alpha);
+  if (!cross_tensor_hazard(omegas, {tensors})) {
+    std::vector<Prepared> prepared;
+    prepared.reserve(n);
+    for (size_t i = 0; i < n; ++i) prepared.push_back(prepare(omegas[i], {tensors[i]}));
+    run_all(prepared, a);
+    finish(prepared);
+  } else {
+    // Aliased lists: one pair after another, as the PyTorch path does.
+    for (size_t i = 0; i < n; ++i) {
+      std::vector<Prepared> one{prepare(omegas[i], {tensors[i]})};
+      run_all(one, a);
+      finish(one);
+    }
+  }
+}
+
+}  // namespace mas_kernels

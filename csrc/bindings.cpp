@@ -1,0 +1,41 @@
+// Python bindings of mas_kernels._C. The GIL is released while a kernel runs.
+// torch/csrc/utils/pybind.h (the Tensor and list casters), not the much
+// heavier torch/extension.h.
+#include <torch/csrc/utils/pybind.h>
+#include <torch/version.h>
+
+#include "ops.h"
+
+#include <string>
+
+namespace {
+
+// The torch release this module was compiled against ("2.13.0"); the loader
+// refuses a module built for another release, whose ABI may differ.
+std::string torch_version() {
+  return std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
+         std::to_string(TORCH_VERSION_PATCH);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  m.doc() = "mas_kernels native CPU kernels: fused single-pass loops over many tensors (OpenMP)";
+  m.def("abs_outer_accumulate_", &mas_kernels::abs_outer_accumulate_, py::arg("omega"), py::arg("a"), py::arg("b"),
+        py::arg("alpha"), py::call_guard<py::gil_scoped_release>(),
+        "omega += alpha * |a|^T @ |b| (fp32 accumulate), in place");
+  m.def("abs_accumulate_", &mas_kernels::abs_accumulate_, py::arg("omegas"), py::arg("tensors"), py::arg("alpha"),
+        py::call_guard<py::gil_scoped_release>(), "omega_i += alpha * |t_i| for every i, in place");
+  m.def("penalty_grad_", &mas_kernels::penalty_grad_, py::arg("params"), py::arg("anchors"), py::arg("omegas"),
+        py::arg("lam"), py::arg("grads"), py::call_guard<py::gil_scoped_release>(),
+        "returns lam * sum_i sum omega_i (p_i - a_i)^2 (0-dim fp32); grads[i] += 2 lam omega_i (p_i - a_i)");
+  m.def("torch_version", &torch_version, "the torch release this module was built against");
+  m.def("has_openmp", []() {
+#ifdef _OPENMP
+    return true;
+#else
+    return false;
+#endif
+  }, "whether the kernels were compiled with OpenMP");
+}

@@ -1,0 +1,112 @@
+#include "multi_tensor.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <utility>
+
+namespace mas_kernels {
+
+namespace {
+
+// Byte range [first, last) that a tensor's elements occupy (strides are >= 0
+// in PyTorch, so data_ptr() is the lowest address).
+struct Span {
+  uintptr_t first;
+  uintptr_t last;
+  int64_t index;
+};
+
+Span span_of(const at::Tensor& t, int64_t index) {
+  auto first = reinterpret_cast<uintptr_t>(t.data_ptr());
+  int64_t extent = 1;  // in elements: 1 + sum (size - 1) * stride
+  for (int64_t d = 0; d < t.dim(); ++d) extent += (t.size(d) - 1) * t.stride(d);
+  return {first, first + static_cast<uintptr_t>(extent * t.element_size()), index};
+}
+
+bool overlaps(const Span& x, const Span& y) { return x.first < y.last && y.first < x.last; }
+
+bool same_view(const at::Tensor& x, const at::Tensor& y) {
+  return x.data_ptr() == y.data_ptr() && x.strides() == y.strides() && x.dtype() == y.dtype();
+}
+
+}  // namespace
+
+Prepared prepare(const at::Tensor& out, const std::vector<at::Tensor>& ins) {
+  Prepared p;
+  p.out = out;
+  if (out.is_non_overlapping_and_dense()) {
+    p.work = out;
+  } else {
+    p.work = out.contiguous();
+    p.copy_back = true;
+  }
+  const bool empty = p.work.numel() == 0;
+  const Span work_span = empty ? Span{0, 0, 0} : span_of(p.work, 0);
+  p.ins.reserve(ins.size());
+  for (const auto& x : ins) {
+    bool relayout = x.strides() != p.work.strides();
+    // An input sharing memory with the output but not element for element
+    // would be read after other threads wrote it: read a copy instead.
+    if (!relayout && !empty && !same_view(x, p.work) && overlaps(span_of(x, 0), work_span)) relayout = true;
+    // empty_like keeps the strides of a non-overlapping, dense tensor.
+    p.ins.push_back(relayout ? at::empty_like(p.work, x.options()).copy_(x) : x);
+  }
+  return p;
+}
+
+void finish(std::vector<Prepared>& prepared) {
+  for (auto& p : prepared) {
+    if (p.copy_back) p.out.copy_(p.work);
+  }
+}
+
+std::vector<Chunk> make_chunks(const std::vector<Prepared>& prepared) {
+  std::vector<Chunk> chunks;
+  int64_t total = 0;
+  for (const auto& p : prepared) total += (p.work.numel() + kChunk - 1) / kChunk;
+  chunks.reserve(static_cast<size_t>(total));
+  for (size_t i = 0; i < prepared.size(); ++i) {
+    const int64_t n = prepared[i].work.numel();
+    for (int64_t b = 0; b < n; b += kChunk) chunks.push_back({static_cast<int64_t>(i), b, std::min(n, b + kChunk)});
+  }
+  return chunks;
+}
+
+int threads_for(int64_t total) {
+  if (total < kParallelMin || at::in_parallel_region()) return 1;
+  return std::max(1, at::get_num_threads());
+}
+
+bool cross_tensor_hazard(const std::vector<at::Tensor>& outs,
+                         const std::vector<std::vector<at::Tensor>>& ins) {
+  std::vector<Span> out_spans;
+  out_spans.reserve(outs.size());
+  for (size_t i = 0; i < outs.size(); ++i) {
+    if (outs[i].numel() > 0) out_spans.push_back(span_of(outs[i], static_cast<int64_t>(i)));
+  }
+  std::sort(out_spans.begin(), out_spans.end(), [](const Span& x, const Span& y) { return x.first < y.first; });
+  // Sorted by start, two spans overlap only if some neighbours do.
+  for (size_t k = 1; k < out_spans.size(); ++k) {
+    if (overlaps(out_spans[k - 1], out_spans[k])) return true;
+  }
+  // Outputs are now disjoint and sorted, so their ends increase too: the
+  // outputs overlapping an input are the run ending at the last one that
+  // starts before the input ends.
+  for (const auto& list : ins) {
+    for (size_t i = 0; i < list.size(); ++i) {
+      if (list[i].numel() == 0) continue;
+      const Span s = span_of(list[i], static_cast<int64_t>(i));
+      auto it = std::upper_bound(out_spans.begin(), out_spans.end(), s.last,
+                                 [](uintptr_t v, const Span& o) { return v <= o.first; });
+      while (it != out_spans.begin()) {
+        --it;
+        if (it->last <= s.first) break;
+        if (it->index != s.index) return true;
+      }
+    }
+  }
+  return false;
+}
+
+}  // namespace mas_kernels

@@ -1,0 +1,23 @@
+// The three ops of mas_kernels._C (see mas_kernels/ops/*.py for the contract).
+// The Python layer validates arguments and names the culprit; the checks here
+// only guard the kernels against calls that bypass it.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <vector>
+
+namespace mas_kernels {
+
+// omega += alpha * |a|^T @ |b|; omega (J, I) fp32, a (N, J), b (N, I) fp32/bf16/fp16.
+void abs_outer_accumulate_(at::Tensor omega, const at::Tensor& a, const at::Tensor& b, double alpha);
+
+// omega_i += alpha * |t_i| for every i; omegas fp32, tensors fp32/bf16/fp16.
+void abs_accumulate_(const std::vector<at::Tensor>& omegas, const std::vector<at::Tensor>& tensors, double alpha);
+
+// Returns lam * sum_i sum Omega_i (p_i - a_i)^2 (0-dim fp32) and adds
+// 2 lam Omega_i (p_i - a_i) into grads[i].
+at::Tensor penalty_grad_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& anchors,
+                         const std::vector<at::Tensor>& omegas, double lam, const std::vector<at::Tensor>& grads);
+
+}  // namespace mas_kernels

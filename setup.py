@@ -1,0 +1,87 @@
+"""Build of the optional native CPU kernels ``mas_kernels._C`` (sources in ``csrc/``).
+
+Everything else about the package is in ``pyproject.toml``. The extension is
+compiled against the torch that is importable at build time, so install with
+``pip install --no-build-isolation .`` after installing torch (``make`` does).
+
+The build never fails the install: without torch at build time, with
+``MAS_KERNELS_NO_NATIVE=1``, or when the compiler fails, the package installs
+without ``_C`` and its CPU ops use the PyTorch path (``mas_kernels._native``
+says why, once, in a RuntimeWarning).
+
+Flags: ``-O3`` and OpenMP; no ``-march=native``, so a wheel or a shared
+environment built on one machine runs on any x86-64/arm64 one.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _say(msg: str) -> None:
+    print(f"mas_kernels setup: {msg}", file=sys.stderr)
+
+
+def _native_build():
+    """(ext_modules, cmdclass) for the extension, or ([], {}) with a message why not."""
+    if os.environ.get("MAS_KERNELS_NO_NATIVE", "").strip() not in ("", "0"):
+        _say("MAS_KERNELS_NO_NATIVE is set: not building the native CPU kernels")
+        return [], {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except Exception as exc:  # noqa: BLE001 - any failure here only means "no extension"
+        _say(
+            f"torch is not importable at build time ({type(exc).__name__}: {exc}); the native CPU kernels are "
+            "not built (install torch first, then pip install --no-build-isolation .)"
+        )
+        return [], {}
+
+    class OptionalBuildExtension(BuildExtension):
+        """Build ``_C`` if the compiler can; otherwise say why and install without it."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as exc:  # noqa: BLE001
+                self._skip(exc)
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as exc:  # noqa: BLE001
+                self._skip(exc)
+
+        def copy_extensions_to_source(self):
+            # Editable installs copy the built module into the tree; there is none to copy after a failure.
+            try:
+                super().copy_extensions_to_source()
+            except Exception as exc:  # noqa: BLE001
+                self._skip(exc)
+
+        @staticmethod
+        def _skip(exc: BaseException) -> None:
+            _say(
+                f"building the native CPU kernels failed ({type(exc).__name__}: {exc}); installing without them, "
+                "CPU ops will use the PyTorch path"
+            )
+
+    openmp = [] if sys.platform == "darwin" else ["-fopenmp"]  # Apple clang has no -fopenmp
+    sources = sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", "*.cpp")))
+    ext = CppExtension(
+        name="mas_kernels._C",
+        sources=sources,
+        include_dirs=[os.path.join(HERE, "csrc")],
+        extra_compile_args={"cxx": ["-O3", "-g0", *openmp]},
+        extra_link_args=openmp,
+    )
+    return [ext], {"build_ext": OptionalBuildExtension.with_options(no_python_abi_suffix=False)}
+
+
+ext_modules, cmdclass = _native_build()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

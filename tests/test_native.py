@@ -1,0 +1,352 @@
+"""The native CPU kernels (``mas_kernels._C``) against ``tests/reference.py``.
+
+Each kernel test forces ``MAS_KERNELS_BACKEND=native`` and is skipped only when
+the extension is not built. The reference is float64 from the same
+low-precision inputs, so the differences allowed are fp32 arithmetic and one
+rounding of an fp16/bf16 output. Also checked: non-contiguous views, tensors
+that cross the kernels' chunk and threading thresholds, lists with aliased
+tensors, determinism across thread counts, and the fallback when ``_C`` is
+missing (one warning, PyTorch path, same results).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import mas_kernels as mk
+from mas_kernels import _backend, _native
+from tests import reference as ref
+
+F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+DTYPES = [F32, F16, BF16]
+# Relative tolerance for a result stored in dtype: fp32 slack plus half an ulp of the dtype.
+RTOL = {F32: 1e-5, F16: 2.0**-11 + 1e-5, BF16: 2.0**-8 + 1e-5}
+ATOL = 1e-6
+# Around the kernels' thresholds: 2**15 elements per chunk, threads from 2**16.
+BIG = 2**16 + 2**15 + 3
+HYPOTHESIS = dict(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+needs_native = pytest.mark.skipif(
+    not _native.available(), reason=f"native CPU kernels not built: {_native.load_error()}"
+)
+
+
+@pytest.fixture
+def native(monkeypatch):
+    monkeypatch.setenv(_backend.ENV_VAR, "native")
+    assert _backend.choose(torch.device("cpu")) == "native"
+
+
+# ------------------------------------------------------------------- helpers
+def assert_close(actual, expected, scale=None, *, rtol=None, name="result"):
+    """``|actual - expected| <= ATOL + rtol * scale`` elementwise; prints the worst elements on failure."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    rtol = RTOL[actual.dtype] if rtol is None else rtol
+    actual, expected = actual.detach().to(F64), expected.detach().to(F64)
+    scale = expected.abs() if scale is None else scale.to(F64)
+    err = (actual - expected).abs()
+    bad = ~(err <= ATOL + rtol * scale)
+    if bad.any():
+        order = (err - rtol * scale).flatten().argsort(descending=True)[:5]
+        rows = "\n".join(
+            f"  flat index {int(i)}: got {actual.flatten()[i].item()!r}, expected {expected.flatten()[i].item()!r}"
+            for i in order
+        )
+        raise AssertionError(f"{name}: {int(bad.sum())} of {bad.numel()} elements differ:\n{rows}")
+
+
+def make(shape, dtype, layout="contiguous", fill="randn"):
+    """A tensor of ``shape`` laid out as asked: contiguous, a transposed view, every other element, or at an offset."""
+    gen = torch.randn if fill == "randn" else torch.rand
+    if layout == "contiguous" or len(shape) == 0:
+        return gen(shape).to(dtype)
+    if layout == "transposed":
+        return gen(tuple(reversed(shape))).to(dtype).permute(*reversed(range(len(shape))))
+    if layout == "step2":
+        return gen(*shape[:-1], 2 * shape[-1]).to(dtype)[..., ::2]
+    if layout == "offset":
+        return gen(shape[0] + 1, *shape[1:]).to(dtype)[1:]
+    raise ValueError(layout)
+
+
+def penalty_case(shapes, p_dtype=F32, a_dtype=F32, g_dtype=F32, layouts=None):
+    layouts = layouts or ["contiguous"] * len(shapes)
+    params = [make(s, p_dtype, lay) for s, lay in zip(shapes, layouts)]
+    anchors = [make(s, a_dtype, lay) for s, lay in zip(shapes, reversed(layouts))]
+    omegas = [make(s, F32, lay, fill="rand") for s, lay in zip(shapes, layouts)]
+    grads = [make(s, g_dtype, lay) for s, lay in zip(shapes, reversed(layouts))]
+    return params, anchors, omegas, grads
+
+
+def check_penalty(params, anchors, omegas, grads, lam=0.37):
+    value_ref, grads_ref = ref.penalty_and_grads(params, anchors, omegas, lam, grads)
+    scale = lam * sum((o.to(F64) * (p.to(F64) - a.to(F64)) ** 2).sum() for p, a, o in zip(params, anchors, omegas))
+    # Copies with the same strides, so strided (non-dense) grads stay strided.
+    outs = [torch.empty_strided(g.size(), g.stride(), dtype=g.dtype).copy_(g) for g in grads]
+    value = mk.penalty_grad_(params, anchors, omegas, lam, outs)
+    assert value.dtype == F32 and value.dim() == 0
+    assert_close(value, value_ref, torch.as_tensor(scale), rtol=1e-5, name="penalty value")
+    for i, (g, g_ref, g0, p, a, o) in enumerate(zip(outs, grads_ref, grads, params, anchors, omegas)):
+        assert g.dtype == g0.dtype and g.stride() == g0.stride()
+        step = (2 * lam * o.to(F64) * (p.to(F64) - a.to(F64))).abs()
+        assert_close(g, g_ref, g0.to(F64).abs() + step + g_ref.abs(), name=f"grads[{i}]")
+
+
+# ----------------------------------------------------------- penalty_grad_
+@needs_native
+@pytest.mark.parametrize("g_dtype", DTYPES)
+@pytest.mark.parametrize("a_dtype", DTYPES)
+@pytest.mark.parametrize("p_dtype", DTYPES)
+def test_penalty_dtypes(native, p_dtype, a_dtype, g_dtype):
+    shapes = [(0,), (1,), (7,), (3, 0, 2), (31, 33), (1000, 3), (BIG,)]
+    check_penalty(*penalty_case(shapes, p_dtype, a_dtype, g_dtype))
+
+
+@needs_native
+@pytest.mark.parametrize("layout", ["transposed", "step2", "offset"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_penalty_non_contiguous(native, dtype, layout):
+    shapes = [(5, 7), (1, 9), (300, 301), (3, 4, 5)]
+    layouts = [layout, "contiguous", layout, layout]
+    check_penalty(*penalty_case(shapes, dtype, F32, dtype, layouts))
+
+
+@needs_native
+def test_penalty_many_tensors(native):
+    # A ResNet-like mix: many tiny tensors (biases, norms) and a few large ones.
+    shapes = [(64,)] * 100 + [(3, 3, 8, 8)] * 50 + [(2048, 40), (BIG,), (0, 5)]
+    check_penalty(*penalty_case(shapes, BF16, F32, F32))
+
+
+@needs_native
+def test_penalty_value_is_accurate_on_large_sums(native):
+    # 4M terms of similar size: a plain fp32 running sum would drift by ~1e-4.
+    n = 1 << 22
+    p, a, o = torch.full((n,), 1.1), torch.zeros(n), torch.full((n,), 0.3)
+    value = mk.penalty_grad_([p], [a], [o], 1.0, [torch.zeros(n)])
+    expected = n * o[0].item() * p[0].item() ** 2  # the fp32 inputs, exactly, in double
+    assert abs(value.item() - expected) <= 1e-6 * expected
+
+
+@needs_native
+def test_penalty_deterministic_across_thread_counts(native):
+    params, anchors, omegas, grads = penalty_case([(BIG,), (4 * BIG,), (17,)])
+    threads = torch.get_num_threads()
+    values = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            values.append(mk.penalty_grad_(params, anchors, omegas, 0.5, [g.clone() for g in grads]).item())
+    finally:
+        torch.set_num_threads(threads)
+    assert values[0] == values[1] == values[2]
+
+
+@needs_native
+def test_penalty_aliased_lists_match_sequential_torch_path(native, monkeypatch):
+    # The same grad buffer twice, and a param that is another entry's grad: the
+    # kernels must give what one-tensor-after-another gives.
+    shared = torch.randn(BIG)
+    p1 = torch.randn(BIG)
+    anchors = [torch.randn(BIG), torch.randn(BIG), torch.randn(BIG)]
+    omegas = [torch.rand(BIG) for _ in range(3)]
+
+    def run():
+        g = shared.clone()
+        params = [p1.clone(), g, p1.clone()]
+        grads = [g, g, p1.clone()]
+        value = mk.penalty_grad_(params, anchors, omegas, 0.25, grads)
+        return value, grads
+
+    value_native, grads_native = run()
+    monkeypatch.setenv(_backend.ENV_VAR, "torch")
+    value_torch, grads_torch = run()
+    assert_close(value_native, value_torch.to(F64), rtol=1e-5, name="value")
+    for i, (x, y) in enumerate(zip(grads_native, grads_torch)):
+        assert_close(x, y.to(F64), y.abs().to(F64) + 1.0, name=f"grads[{i}]")
+
+
+@needs_native
+def test_penalty_differentiable_form_uses_native(native):
+    params = [torch.randn(7, 5, requires_grad=True), torch.randn(BIG, requires_grad=True)]
+    anchors = [p.detach() + torch.randn_like(p) for p in params]
+    omegas = [torch.rand_like(p) for p in params]
+    value = mk.penalty(params, anchors, omegas, 0.5)
+    value.backward()
+    value_ref, grads_ref = ref.penalty_and_grads(
+        [p.detach() for p in params], anchors, omegas, 0.5, [torch.zeros_like(p) for p in params]
+    )
+    assert_close(value.detach(), value_ref, rtol=1e-5, name="value")
+    for i, (p, g_ref) in enumerate(zip(params, grads_ref)):
+        assert_close(p.grad, g_ref, name=f"params[{i}].grad")
+
+
+_SHAPES = st.lists(st.lists(st.integers(0, 9), min_size=0, max_size=3).map(tuple), min_size=1, max_size=5)
+
+
+@needs_native
+@settings(**HYPOTHESIS)
+@given(
+    shapes=_SHAPES,
+    dtypes=st.tuples(*[st.sampled_from(DTYPES)] * 3),
+    layout=st.sampled_from(["contiguous", "transposed", "step2", "offset"]),
+    lam=st.floats(0.0, 10.0),
+)
+def test_penalty_hypothesis(native, shapes, dtypes, layout, lam):
+    check_penalty(*penalty_case(shapes, *dtypes, [layout] * len(shapes)), lam=lam)
+
+
+# ---------------------------------------------------------- abs_accumulate_
+def check_abs_accumulate(omegas, tensors, alpha=0.3):
+    expected = ref.abs_accumulate(omegas, tensors, alpha)
+    outs = [o.clone() for o in omegas]
+    mk.abs_accumulate_(outs, tensors, alpha)
+    for i, (o, e) in enumerate(zip(outs, expected)):
+        assert o.dtype == F32
+        assert_close(o, e, name=f"omegas[{i}]")
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_abs_accumulate_shapes(native, dtype):
+    shapes = [(0,), (1,), (7,), (1000, 3), (2, 0), (BIG,)]
+    check_abs_accumulate([torch.rand(s) for s in shapes], [torch.randn(s).to(dtype) for s in shapes])
+
+
+@needs_native
+@pytest.mark.parametrize("layout", ["transposed", "step2", "offset"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_abs_accumulate_non_contiguous(native, dtype, layout):
+    shapes = [(5, 7), (300, 301), (1, 3)]
+    # Non-contiguous omegas are views into a larger buffer: nothing outside them may change.
+    buffers = [torch.rand(2 * s[0] + 1, 2 * s[1] + 1) for s in shapes]
+    omegas = [b[1:1 + s[0], : 2 * s[1] : 2] for b, s in zip(buffers, shapes)]
+    before = [b.clone() for b in buffers]
+    expected_views = [o.clone() for o in omegas]
+    tensors = [make(s, dtype, layout) for s in shapes]
+    expected = ref.abs_accumulate(expected_views, tensors, 0.3)
+    mk.abs_accumulate_(omegas, tensors, 0.3)
+    for i, (b, b0, o, e, s) in enumerate(zip(buffers, before, omegas, expected, shapes)):
+        assert_close(o, e, name=f"omegas[{i}]")
+        untouched = torch.ones_like(b, dtype=torch.bool)
+        untouched[1:1 + s[0], : 2 * s[1] : 2] = False
+        assert torch.equal(b[untouched], b0[untouched]), f"omegas[{i}]: memory outside the view changed"
+
+
+@needs_native
+def test_abs_accumulate_many_tensors_and_aliases(native):
+    shapes = [(64,)] * 200 + [(BIG,)]
+    omegas = [torch.rand(s) for s in shapes]
+    tensors = [torch.randn(s).to(BF16) for s in shapes]
+    check_abs_accumulate(omegas, tensors)
+    # One omega twice: accumulated twice, as in the PyTorch path.
+    o, t = torch.rand(BIG), torch.randn(BIG)
+    expected = o.to(F64) + 2 * 0.3 * t.to(F64).abs()
+    mk.abs_accumulate_([o, o], [t, t], 0.3)
+    assert_close(o, expected, name="aliased omega")
+
+
+@needs_native
+@settings(**HYPOTHESIS)
+@given(
+    shapes=_SHAPES,
+    dtype=st.sampled_from(DTYPES),
+    layout=st.sampled_from(["contiguous", "transposed", "step2", "offset"]),
+    alpha=st.floats(-3.0, 3.0),
+)
+def test_abs_accumulate_hypothesis(native, shapes, dtype, layout, alpha):
+    tensors = [make(s, dtype, layout) for s in shapes]
+    check_abs_accumulate([torch.rand(s) for s in shapes], tensors, alpha)
+
+
+# ------------------------------------------------------ abs_outer_accumulate_
+def check_abs_outer(omega, a, b, alpha=0.5):
+    expected = ref.abs_outer(omega, a, b, alpha)
+    scale = omega.to(F64).abs() + abs(alpha) * (a.to(F64).abs().T @ b.to(F64).abs())
+    out = mk.abs_outer_accumulate_(omega, a, b, alpha)
+    assert out is omega
+    assert_close(omega, expected, scale, name="omega")
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,j,i", [(0, 3, 4), (1, 1, 1), (7, 5, 3), (1003, 7, 9), (33, 130, 257)])
+def test_abs_outer_shapes(native, dtype, n, j, i):
+    check_abs_outer(torch.rand(j, i), torch.randn(n, j).to(dtype), torch.randn(n, i).to(dtype))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_abs_outer_non_contiguous(native, dtype):
+    n, j, i = 37, 11, 13
+    a = torch.randn(j, n).to(dtype).T  # transposed view: dense, other strides
+    b = torch.randn(n, 2 * i).to(dtype)[:, ::2]  # strided: not dense
+    buffer = torch.rand(i, j + 3)
+    omega = buffer[:, 2:2 + j].T  # non-contiguous output inside a larger buffer
+    before = buffer.clone()
+    check_abs_outer(omega, a, b)
+    assert torch.equal(buffer[:, :2], before[:, :2]) and torch.equal(buffer[:, 2 + j:], before[:, 2 + j:])
+
+
+@needs_native
+def test_abs_outer_mixed_dtypes_and_large_abs_pass(native):
+    # Large enough for the threaded abs pass; a and b of different dtypes.
+    n, j, i = 600, 130, 120
+    check_abs_outer(torch.rand(j, i), torch.randn(n, j).to(BF16), torch.randn(n, i).to(F16), alpha=1.0 / n)
+
+
+@needs_native
+@settings(**HYPOTHESIS)
+@given(
+    n=st.integers(0, 40), j=st.integers(1, 12), i=st.integers(1, 12),
+    dtypes=st.tuples(st.sampled_from(DTYPES), st.sampled_from(DTYPES)),
+    transpose=st.tuples(st.booleans(), st.booleans()),
+    alpha=st.floats(-2.0, 2.0),
+)
+def test_abs_outer_hypothesis(native, n, j, i, dtypes, transpose, alpha):
+    a = torch.randn(j, n).to(dtypes[0]).T if transpose[0] else torch.randn(n, j).to(dtypes[0])
+    b = torch.randn(i, n).to(dtypes[1]).T if transpose[1] else torch.randn(n, i).to(dtypes[1])
+    check_abs_outer(torch.rand(j, i), a, b, alpha)
+
+
+# ------------------------------------------------------------------ loading
+@needs_native
+def test_module_matches_running_torch():
+    assert _native.lib().torch_version() == _native._torch_release(torch.__version__)
+    assert _native.load_error() == ""
+
+
+@needs_native
+def test_module_built_for_other_torch_is_refused(monkeypatch):
+    monkeypatch.setattr(_native.lib(), "torch_version", lambda: "0.0.1")
+    mod, err = _native._load.__wrapped__()
+    assert mod is None and "built against torch 0.0.1" in str(err)
+
+
+def test_missing_extension_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setattr(_native, "_load", lambda: (None, ImportError("No module named 'mas_kernels._C'")))
+    monkeypatch.setattr(_native, "_WARNED", False)
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not _native.available()
+        assert _backend.choose(torch.device("cpu")) == "torch"
+        for _ in range(2):
+            params, anchors, omegas, grads = penalty_case([(5, 3), (0,), (4,)], BF16, F32, F32)
+            check_penalty(params, anchors, omegas, grads)
+            check_abs_accumulate([torch.rand(6)], [torch.randn(6)])
+            check_abs_outer(torch.rand(3, 4), torch.randn(5, 3), torch.randn(5, 4))
+    ours = [w for w in caught if issubclass(w.category, RuntimeWarning) and "native CPU kernels" in str(w.message)]
+    assert len(ours) == 1, [str(w.message) for w in caught]
+    assert "No module named 'mas_kernels._C'" in str(ours[0].message) and "PyTorch path" in str(ours[0].message)
+    with pytest.raises(RuntimeError, match="native CPU kernels unavailable"):
+        _native.lib()
+    # Forcing the native path without the module is an error that says why.
+    monkeypatch.setenv(_backend.ENV_VAR, "native")
+    with pytest.raises(RuntimeError, match="C\\+\\+ kernels are not available"):
+        _backend.choose(torch.device("cpu"))

@@ -142,7 +142,10 @@ def penalty_grad_(params, anchors, omegas, lam: float, grads=None) -> torch.Tens
             grads[i] = torch.zeros_like(p, memory_format=torch.contiguous_format)
             if into_dot_grad:
                 p.grad = grads[i]
-    return torch.ops.mas_kernels.penalty_grad_([p.detach() for p in params], anchors, omegas, lam, grads)
+    # The value is not differentiable: detach every input, or anchors/omegas that
+    # require grad would attach it to an autograd node with no backward.
+    detach = lambda xs: [x.detach() for x in xs]  # noqa: E731
+    return torch.ops.mas_kernels.penalty_grad_(detach(params), detach(anchors), detach(omegas), lam, grads)
 
 
 def penalty(params, anchors, omegas, lam: float) -> torch.Tensor:

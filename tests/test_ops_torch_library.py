@@ -1,0 +1,147 @@
+"""The ops as ``torch.library`` custom ops: opcheck, and torch.compile of a training step.
+
+opcheck runs each op several times (schema, fake tensors, autograd
+registration, AOT dispatch), so the tensors here are small.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.backends.registry import lookup_backend
+
+import mas_kernels as mk
+
+F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
+OPS = torch.ops.mas_kernels
+
+
+def _assert_opcheck(op, args):
+    results = torch.library.opcheck(op, args)
+    assert results and all(v == "SUCCESS" for v in results.values()), results
+
+
+# ------------------------------------------------------------------- opcheck
+@pytest.mark.parametrize("dtypes", [(F32, F32), (F16, BF16)], ids=str)
+def test_opcheck_abs_outer(backend, dtypes):
+    a = torch.randn(6, 3, dtype=dtypes[0])
+    b = torch.randn(5, 6, dtype=dtypes[1]).t()  # a transposed view
+    _assert_opcheck(OPS.abs_outer_accumulate_.default, (torch.rand(3, 5), a, b, 0.5))
+
+
+def test_opcheck_abs_accumulate(backend):
+    omegas = [torch.rand(3, 5), torch.rand(7), torch.rand(4, 2).t()]
+    tensors = [torch.randn(3, 5), torch.randn(7, dtype=F16), torch.randn(2, 4, dtype=BF16)]
+    _assert_opcheck(OPS.abs_accumulate_.default, (omegas, tensors, 0.5))
+
+
+def test_opcheck_penalty_grad(backend):
+    params = [torch.randn(3, 5), torch.randn(7, dtype=BF16)]
+    anchors = [torch.randn(3, 5), torch.randn(7)]
+    omegas = [torch.rand(3, 5), torch.rand(7)]
+    grads = [torch.zeros(3, 5), torch.zeros(7, dtype=BF16)]
+    _assert_opcheck(OPS.penalty_grad_.default, (params, anchors, omegas, 0.3, grads))
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_opcheck_penalty(backend, dtype):
+    params = [torch.randn(3, 5, dtype=dtype, requires_grad=True), torch.randn(7, dtype=dtype, requires_grad=True)]
+    anchors = [torch.randn(3, 5), torch.randn(7, dtype=dtype)]
+    omegas = [torch.rand(3, 5), torch.rand(7)]
+    _assert_opcheck(OPS.penalty.default, (params, anchors, omegas, 0.3))
+
+
+def test_ops_are_registered():
+    for name in ("abs_outer_accumulate_", "abs_accumulate_", "penalty_grad_", "penalty"):
+        assert hasattr(OPS, name), name
+
+
+# ------------------------------------------------------------- torch.compile
+# A training step in one graph: forward, loss (+ the penalty), backward, and a
+# plain SGD update. (torch.optim graph-breaks on purpose around step() and
+# zero_grad(), so the update is written out; tracing .backward() needs Dynamo's
+# trace_autograd_ops.)
+LAM, LR = 0.5, 0.1
+
+
+def _setup():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    anchors = [p.detach() + 0.1 * torch.randn_like(p) for p in model.parameters()]
+    omegas = [torch.rand_like(p) for p in model.parameters()]
+    data = [(torch.randn(5, 6), torch.randint(0, 3, (5,))) for _ in range(3)]
+    return model, anchors, omegas, data
+
+
+def _sgd(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sub_(LR * p.grad)
+            p.grad = None
+
+
+def _make_steps(anchors, omegas):
+    def step_penalty(model, x, y):
+        params = list(model.parameters())
+        loss = torch.nn.functional.cross_entropy(model(x), y) + mk.penalty(params, anchors, omegas, LAM)
+        loss.backward()
+        _sgd(model)
+        return loss.detach()
+
+    def step_penalty_grad(model, x, y):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        value = mk.penalty_grad_(list(model.parameters()), anchors, omegas, LAM)
+        _sgd(model)
+        return loss.detach() + value
+
+    return {"penalty": step_penalty, "penalty_grad_": step_penalty_grad}
+
+
+def _recording(name, graphs):
+    inner = lookup_backend(name)
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return inner(gm, example_inputs)
+
+    return backend
+
+
+def _check_compiled_step(which, compile_backend, atol=1e-6, rtol=1e-5):
+    model, anchors, omegas, data = _setup()
+    step = _make_steps(anchors, omegas)[which]
+    eager_model, compiled_model = model, copy.deepcopy(model)
+    graphs = []
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend=_recording(compile_backend, graphs), fullgraph=True)
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        for x, y in data:
+            want = step(eager_model, x, y)
+            got = compiled(compiled_model, x, y)
+            torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+    # One graph, traced once, and it holds the custom op (not an eager fallback).
+    assert len(graphs) == 1
+    targets = {str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"}
+    assert any(f"mas_kernels.{which}" in t for t in targets), targets
+    for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(q, p, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("which", ["penalty", "penalty_grad_"])
+def test_compile_training_step_aot_eager(backend, which):
+    _check_compiled_step(which, "aot_eager")
+
+
+def _has_cxx() -> bool:
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
+@pytest.mark.skipif(not _has_cxx(), reason="inductor on CPU needs a C++ compiler")
+def test_compile_training_step_inductor(monkeypatch):
+    monkeypatch.setenv("MAS_KERNELS_BACKEND", "torch")
+    _check_compiled_step("penalty", "inductor")

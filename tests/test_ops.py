@@ -519,3 +519,25 @@ def test_bf16_trap_abs_accumulate(backend):
     mk.abs_accumulate_([omega], [t], 1 / 3)
     want = torch.tensor([0.0, 1.0, 0.0], dtype=F64) + t.double().abs() * torch.tensor(1 / 3, dtype=F32).double()
     assert_close(omega, want, atol=0.0, rtol=2e-7)
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_repeated_outputs_update_once_per_appearance(backend, contiguous):
+    """A tensor listed twice as an output gets both updates, on every path (no race, no lost copy-back)."""
+    base = torch.zeros(6, 5)
+    o = base if contiguous else base.t()
+    t1, t2 = torch.randn_like(o), torch.randn_like(o)
+    mk.abs_accumulate_([o, o], [t1, t2], 1.0)
+    torch.testing.assert_close(o, t1.abs() + t2.abs())
+
+    g = torch.zeros(6, 5) if contiguous else torch.zeros(5, 6).t()
+    p, a, om = torch.randn(6, 5), torch.randn(6, 5), torch.rand(6, 5)
+    value = mk.penalty_grad_([p, p], [a, a], [om, om], 0.5, [g, g])
+    torch.testing.assert_close(g, 2 * (2 * 0.5 * om * (p - a)))
+    torch.testing.assert_close(value, 2 * 0.5 * (om * (p - a) ** 2).sum())
+
+
+def test_explicit_grads_entry_none_rejected():
+    p = [torch.randn(3), torch.randn(2)]
+    with pytest.raises(ValueError, match=r"grads\[1\]"):
+        mk.penalty_grad_(p, [x.clone() for x in p], [torch.ones(3), torch.ones(2)], 1.0, [torch.zeros(3), None])

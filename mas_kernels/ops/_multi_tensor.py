@@ -51,14 +51,32 @@ def build_table(lists: list[list[torch.Tensor]], block: int, device: torch.devic
     return result
 
 
-def group_by_dtype(*lists: list[torch.Tensor]) -> dict[tuple, list[int]]:
-    """Indices of tensors grouped by the tuple of dtypes across ``lists`` (skips empty tensors)."""
-    groups: dict[tuple, list[int]] = {}
+def launch_groups(*lists: list[torch.Tensor], out: int) -> list[tuple[tuple, list[int]]]:
+    """Indices of the tensors to process together, one launch per entry.
+
+    Tensors are grouped by the tuple of dtypes across ``lists`` (a pointer's
+    element type is fixed at compile time); empty tensors are skipped. A
+    group is further split into rounds in which no output tensor
+    (``lists[out]``) appears twice, so a repeated output is updated once per
+    appearance, as in the eager path, instead of racing with itself.
+    """
+    groups: dict[tuple, list[list[int]]] = {}
+    seen: dict[tuple, list[set]] = {}
     for i in range(len(lists[0])):
         if lists[0][i].numel() == 0:
             continue
-        groups.setdefault(tuple(xs[i].dtype for xs in lists), []).append(i)
-    return groups
+        key = tuple(xs[i].dtype for xs in lists)
+        rounds, ptrs = groups.setdefault(key, []), seen.setdefault(key, [])
+        ptr = lists[out][i].data_ptr()
+        for r, used in zip(rounds, ptrs):
+            if ptr not in used:
+                r.append(i)
+                used.add(ptr)
+                break
+        else:
+            rounds.append([i])
+            ptrs.append({ptr})
+    return [(key, r) for key, rounds in groups.items() for r in rounds]
 
 
 def dense(t: torch.Tensor) -> torch.Tensor:

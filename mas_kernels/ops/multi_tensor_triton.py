@@ -2,8 +2,8 @@
 
 Both are elementwise over lists of tensors, so both use the address table of
 ``_multi_tensor``: one launch per group of tensors that share dtypes (a
-pointer's element type is a compile-time property), whatever the number of
-tensors. Outputs that are not contiguous are computed in a contiguous scratch
+pointer's element type is a compile-time property; and one more per repeat
+of an output tensor), whatever the number of tensors. Outputs that are not contiguous are computed in a contiguous scratch
 copy and copied back; inputs that are not contiguous are read from a copy.
 Imported lazily (see ``_backend``).
 """
@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import build_table, dense, group_by_dtype
+from ._multi_tensor import build_table, dense, launch_groups
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -90,7 +90,7 @@ def _scratch(ts: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
 
 
 def abs_accumulate_triton(omegas: list[torch.Tensor], tensors: list[torch.Tensor], alpha: float) -> None:
-    for (_, t_dtype), idx in group_by_dtype(omegas, tensors).items():
+    for (_, t_dtype), idx in launch_groups(omegas, tensors, out=0):
         outs, back = _scratch([omegas[i] for i in idx])
         ins = [dense(tensors[i]) for i in idx]
         device = outs[0].device
@@ -107,7 +107,7 @@ def abs_accumulate_triton(omegas: list[torch.Tensor], tensors: list[torch.Tensor
 def penalty_grad_triton(params, anchors, omegas, lam: float, grads) -> torch.Tensor:
     device = params[0].device
     partial_sums = []
-    for (p_dtype, a_dtype, _, g_dtype), idx in group_by_dtype(params, anchors, omegas, grads).items():
+    for (p_dtype, a_dtype, _, g_dtype), idx in launch_groups(params, anchors, omegas, grads, out=3):
         gs, back = _scratch([grads[i] for i in idx])
         ps = [dense(params[i]) for i in idx]
         As = [dense(anchors[i]) for i in idx]

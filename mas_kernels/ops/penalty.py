@@ -34,7 +34,7 @@ def _check(op, params, anchors, omegas, lam, grads=None):
         check_like(op, "anchors", anchors[i], "params", p, i)
         check_tensor(op, "omegas", omegas[i], i, dtypes=(torch.float32,))
         check_like(op, "omegas", omegas[i], "params", p, i)
-        if grads is not None and grads[i] is not None:
+        if grads is not None:
             check_tensor(op, "grads", grads[i], i)
             check_like(op, "grads", grads[i], "params", p, i)
     if params:

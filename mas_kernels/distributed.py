@@ -1,25 +1,50 @@
 """torch.distributed support: importance over all ranks, as one process over all the data.
 
-Each rank accumulates importance numerators (sums over its own samples) and
-its sample count; ``consolidate()`` all-reduces both (one collective per flat
-buffer plus one for the count), so every rank divides the same total by the
-same N. Estimation itself never communicates, so ranks may see different
-numbers of batches; the penalty is elementwise on each replica.
+DDP (and any data-parallel setup where every rank holds the whole model)
+    Each rank accumulates importance *numerators* (sums over its own samples)
+    and its sample count; ``MAS.consolidate()`` sums both over the ranks (one
+    ``all_reduce`` per flat buffer plus one small ``all_gather`` for the counts
+    and a layout check), so every rank divides the same total by the same N
+    and ends with the Omega one process would get over the union of the data,
+    for every importance rule. Estimation itself never communicates: it runs
+    on the unwrapped module with ``torch.autograd.grad`` / ``torch.func`` (never
+    ``.backward()``), so DDP's gradient buckets are untouched and ranks may see
+    different numbers of batches, or none. The penalty is elementwise on each
+    replica: no communication either.
+
+FSDP2 (``torch.distributed.fsdp.fully_shard``, DTensor parameters)
+    The ``MAS`` wrapper does not estimate on sharded parameters. What works:
+    estimate on an unsharded replica (one process or DDP), ``save()`` the
+    state, then train under FSDP2 with :class:`ShardedPenalty`, which keeps
+    Omega and theta* for this rank's local shards only and applies the fused
+    penalty to them (the gradient is exact; the value is this rank's part of
+    the sum). See ``docs/distributed.md``.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+import zlib
+from typing import Any, Callable
+
 import torch
 import torch.distributed as dist
+from torch import nn
 
+from . import ops
 from .state import FlatBuffers
 
 
+# ------------------------------------------------------------------- groups
 def active(group=None) -> bool:
+    """True when torch.distributed is initialized with more than one rank in ``group``."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
 def is_main_process(group=None) -> bool:
+    """Rank 0 of ``group``, or the only process when torch.distributed is not in use."""
     return not active(group) or dist.get_rank(group) == 0
 
 
@@ -28,19 +53,324 @@ def barrier(group=None) -> None:
         dist.barrier(group=group)
 
 
-def _count_device(group) -> torch.device:
-    # NCCL only moves CUDA tensors; gloo and others take CPU ones.
+def _comm_device(group) -> torch.device:
+    # NCCL only moves CUDA tensors; gloo, mpi and mixed "cpu:gloo,cuda:nccl" groups take CPU ones.
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
+_count_device = _comm_device  # former name
+
+
+def _src(group) -> int:
+    """Global rank of ``group``'s rank 0 (collectives take global ranks)."""
+    if group is None or group is dist.group.WORLD:
+        return 0
+    return dist.get_global_rank(group, 0)
+
+
+def main_process_only(fn: Callable[[], Any], group=None, what: str = "MAS") -> Any:
+    """Run ``fn`` on rank 0 of ``group`` while the other ranks wait for it.
+
+    Unlike ``fn(); barrier()``, a failure on rank 0 does not leave the others
+    waiting for a barrier that never comes: rank 0 re-raises its own error and
+    every other rank raises a ``RuntimeError`` saying rank 0 failed. Returns
+    ``fn()``'s result on rank 0 and ``None`` elsewhere.
+    """
+    if not active(group):
+        return fn()
+    result, error = None, None
+    if dist.get_rank(group) == 0:
+        try:
+            result = fn()
+        except BaseException as exc:  # reported to every rank below, then re-raised here
+            error = exc
+    flag = torch.tensor([0 if error is None else 1], dtype=torch.int64, device=_comm_device(group))
+    dist.broadcast(flag, src=_src(group), group=group)
+    if error is not None:
+        raise error
+    if int(flag.item()):
+        raise RuntimeError(f"{what}: rank 0 failed (its own error is raised there)")
+    return result
+
+
+# ---------------------------------------------------------- importance sums
+def _layout(acc: FlatBuffers) -> int:
+    """A checksum of names, shapes and buffer dtypes: equal on ranks that hold the same model."""
+    text = json.dumps([[name, list(view.shape), str(view.dtype)] for name, view in acc.items()])
+    return zlib.crc32(text.encode())
+
+
 def all_reduce_importance(acc: FlatBuffers, num_samples: int, group=None) -> int:
-    """Sum the accumulators and sample counts over ranks in place; return the total N."""
+    """Sum the accumulators and sample counts over ranks in place; return the total N.
+
+    One ``all_gather`` of four integers per rank (sample count, number of
+    buffers, elements, layout checksum) checks that every rank tracks the same
+    parameters, so a mismatch raises the same clear error on every rank
+    instead of hanging in, or silently mis-adding, the buffer all-reduces;
+    then one ``all_reduce`` (sum) per flat buffer. Every rank of ``group``
+    must call it (``MAS.consolidate()`` does), whatever its number of samples,
+    zero included.
+    """
     if not active(group):
         return int(num_samples)
-    count = torch.tensor([float(num_samples)], dtype=torch.float64, device=_count_device(group))
-    dist.all_reduce(count, group=group)
+    device = _comm_device(group)
+    numel = sum(b.numel() for b in acc.buffers.values())
+    mine = torch.tensor([int(num_samples), len(acc.buffers), numel, _layout(acc)], dtype=torch.int64, device=device)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, mine, group=group)
+    table = torch.stack(every).cpu()
+    if not bool((table[:, 1:] == table[0, 1:]).all()):
+        bad = int((table[:, 1:] != table[0, 1:]).any(dim=1).nonzero()[0, 0])
+        raise RuntimeError(
+            "MAS.consolidate: ranks track different parameters (rank 0: "
+            f"{int(table[0, 1])} buffers, {int(table[0, 2])} elements; rank {bad}: "
+            f"{int(table[bad, 1])} buffers, {int(table[bad, 2])} elements, or other names/shapes/dtypes); "
+            "every rank must wrap the same model with the same MAS options"
+        )
     for buf in acc.buffers.values():
-        dist.all_reduce(buf, group=group)
-    return int(count.item())
+        if buf.device.type == "cpu" and device.type == "cuda":  # a CPU-resident parameter under NCCL
+            tmp = buf.to(device)
+            dist.all_reduce(tmp, group=group)
+            buf.copy_(tmp)
+        else:
+            dist.all_reduce(buf, group=group)
+    return int(table[:, 0].sum())
+
+
+def summed_over_ranks(named: dict[str, torch.Tensor], num_samples: int, group=None
+                      ) -> tuple[dict[str, torch.Tensor], int]:
+    """Per-name tensors and a count summed over ranks, as new tensors (the inputs are not changed).
+
+    For ``MAS.save()`` mid-task: each rank's open accumulator holds its own
+    samples, and the file gets their sum, what one process would hold. Same
+    collectives as :func:`all_reduce_importance`. Without torch.distributed the
+    inputs come back unchanged.
+    """
+    if not active(group):
+        return named, int(num_samples)
+    flat = FlatBuffers([(n, t.shape, t.device, t.dtype) for n, t in named.items()])
+    with torch.no_grad():
+        for n, t in named.items():
+            flat[n].copy_(t)
+    total = all_reduce_importance(flat, num_samples, group)
+    return dict(flat.items()), total
+
+
+# ------------------------------------------------------------- DTensor / FSDP2
+def _dtensor_type():
+    # Only where torch.distributed.tensor is already imported: a DTensor cannot exist otherwise,
+    # and plain single-process use pays no import.
+    for mod in ("torch.distributed.tensor", "torch.distributed._tensor"):
+        cls = getattr(sys.modules.get(mod), "DTensor", None)
+        if cls is not None:
+            return cls
+    return None
+
+
+def is_dtensor(t) -> bool:
+    """True for a DTensor (FSDP2 ``fully_shard``, tensor parallel) or a Parameter wrapping one."""
+    cls = _dtensor_type()
+    return cls is not None and isinstance(t, cls)
+
+
+def first_dtensor(named: dict[str, torch.Tensor]) -> str | None:
+    """Name of the first DTensor in ``named``, or None."""
+    if _dtensor_type() is None:
+        return None
+    for name, t in named.items():
+        if is_dtensor(t):
+            return name
+    return None
+
+
+_SHARDED_HELP = (
+    "the MAS wrapper needs whole parameters on every rank (single process, DDP). Estimate importance "
+    "on an unsharded replica, save() it, and apply the penalty to the local shards of an FSDP2 "
+    "(fully_shard) model with mas_kernels.distributed.ShardedPenalty(model, path); see docs/distributed.md"
+)
+
+
+def reject_dtensors(named: dict[str, torch.Tensor], who: str = "MAS") -> None:
+    """Raise a clear ``NotImplementedError`` if any parameter is a DTensor (FSDP2 / tensor parallel)."""
+    name = first_dtensor(named)
+    if name is None:
+        return
+    p = named[name]
+    raise NotImplementedError(
+        f"{who}: parameter {name!r} is a DTensor sharded over {p.device_mesh} with placements "
+        f"{tuple(p.placements)} (FSDP2 fully_shard or tensor parallel); {_SHARDED_HELP}"
+    )
+
+
+def check_unsharded(module: nn.Module, named: dict[str, torch.Tensor], who: str = "MAS") -> None:
+    """Raise ``NotImplementedError`` for sharded models: FSDP1 wrappers or DTensor parameters.
+
+    FSDP1 (``FullyShardedDataParallel``) flattens and shards parameters, so the
+    names and shapes MAS would see are not the model's (``..._flat_param``);
+    FSDP2 and tensor parallel make parameters DTensors. Both would otherwise
+    fail later with errors that do not say why.
+    """
+    fsdp1 = getattr(sys.modules.get("torch.distributed.fsdp"), "FullyShardedDataParallel", None)
+    if fsdp1 is not None:
+        for mname, m in module.named_modules():
+            if isinstance(m, fsdp1):
+                where = f"module {mname!r}" if mname else "the model"
+                raise NotImplementedError(
+                    f"{who}: {where} is a FullyShardedDataParallel (FSDP1) wrapper, "
+                    f"whose flat sharded parameters are not the model's; {_SHARDED_HELP}"
+                )
+    reject_dtensors(named, who)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t.to_local()`` for a DTensor (this rank's shard, sharing its storage; differentiable), else ``t``."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def local_shard(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The part of ``full`` (a tensor of ``like``'s global shape) that DTensor ``like`` holds on this rank.
+
+    Computed locally, with no communication (every rank has ``full``). For a
+    plain tensor ``like`` this is ``full`` itself. The result has ``full``'s
+    dtype, on ``like``'s device.
+    """
+    if tuple(full.shape) != tuple(like.shape):
+        raise ValueError(f"local_shard: tensor of shape {tuple(full.shape)} for a parameter of shape "
+                         f"{tuple(like.shape)}")
+    if not is_dtensor(like):
+        return full.to(like.device)
+    try:
+        from torch.distributed.tensor import distribute_tensor
+    except ImportError:  # torch < 2.5
+        from torch.distributed._tensor import distribute_tensor  # type: ignore[no-redef]
+    full = full.detach().to(like.to_local().device)
+    try:
+        # src_data_rank=None: each rank slices its own copy instead of receiving it from rank 0.
+        return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
+    except TypeError:  # older torch: no src_data_rank; scatters from rank 0 (same values, every rank must call)
+        return distribute_tensor(full, like.device_mesh, like.placements).to_local()
+
+
+def _read_state(state) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+    """(omega, anchors, metadata) from a ``MAS.save`` file or a ``MAS.state_dict()``."""
+    if isinstance(state, dict):
+        if "omega" not in state or "anchors" not in state:
+            raise ValueError("ShardedPenalty: state must be a MAS.state_dict() (entries 'omega' and 'anchors') "
+                             "or the path of a file written by MAS.save()")
+        meta = {k: v for k, v in state.items() if k not in ("omega", "anchors", "accumulator")}
+        return dict(state["omega"]), dict(state["anchors"]), meta
+    from safetensors import safe_open
+
+    path = os.fspath(state)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            raw = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith(("omega/", "anchors/"))}
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types on bad headers / sizes
+        raise ValueError(f"ShardedPenalty: {path} is not a readable safetensors file ({exc})") from exc
+    if "format" not in raw or not json.loads(raw["format"]).startswith("mas_kernels.MAS/"):
+        raise ValueError(f"ShardedPenalty: {path} was not written by mas_kernels.MAS.save")
+    meta = {k: json.loads(v) for k, v in raw.items()}
+    omega = {k[len("omega/"):]: t for k, t in tensors.items() if k.startswith("omega/")}
+    anchors = {k[len("anchors/"):]: t for k, t in tensors.items() if k.startswith("anchors/")}
+    return omega, anchors, meta
+
+
+class ShardedPenalty:
+    r"""The MAS penalty ``lam * sum Omega (theta - theta*)^2`` on this rank's shards of a sharded model.
+
+    For models whose parameters are DTensors (FSDP2 ``fully_shard``; plain
+    parameters work too, taken whole). Omega and theta* come from a MAS state
+    computed on an unsharded replica: a file written by ``MAS.save()`` or a
+    ``MAS.state_dict()``; each rank keeps only its local shards (flat fp32
+    Omega, theta* in the parameter's dtype), sliced locally without
+    communication.
+
+    Each rank's penalty is the sum over its own shards, so the gradient it
+    gives each local shard is exactly that of the full penalty, and no
+    communication is needed; the *value* is this rank's part (``all_reduce``
+    it, SUM, if you want to log the total). Build it after ``fully_shard``,
+    from the sharded model; it holds the sharded parameters, so it may be
+    called before or after the forward pass.
+
+    Args:
+        model: the (sharded) model; parameter names as in ``named_parameters()``.
+        state: path of a ``MAS.save()`` file, or a ``MAS.state_dict()``.
+        lam: penalty strength; default: the ``lam`` stored in ``state`` (else 1).
+        include_frozen: also penalize parameters with ``requires_grad=False``.
+
+    Parameters the state has no entry for (e.g. a new head) get no penalty and
+    are listed in ``self.skipped``; a name the model lacks, or a shape that
+    differs, raises ``ValueError``.
+    """
+
+    def __init__(self, model: nn.Module, state, lam: float | None = None, *, include_frozen: bool = False):
+        from .mas import unwrap
+
+        omega, anchors, meta = _read_state(state)
+        params = {n: p for n, p in unwrap(model).named_parameters() if p.requires_grad or include_frozen}
+        for name in omega:
+            if name not in params:
+                raise ValueError(f"ShardedPenalty: the state has parameter {name!r}, which the model lacks")
+        for name, p in params.items():
+            if name in omega and (name not in anchors or tuple(omega[name].shape) != tuple(p.shape)
+                                  or tuple(anchors[name].shape) != tuple(p.shape)):
+                shape = tuple(omega[name].shape)
+                raise ValueError(f"ShardedPenalty: state entry for {name!r} has shape {shape} or no theta*, "
+                                 f"the model's parameter has {tuple(p.shape)}")
+        self.names = [n for n in params if n in omega]
+        self.skipped = [n for n in params if n not in omega]
+        self.lam = float(meta.get("lam", 1.0) if lam is None else lam)
+        self._params = [params[n] for n in self.names]
+        locals_ = {n: local_tensor(params[n].detach()) for n in self.names}
+        specs = [(n, t.shape, t.device, t.dtype) for n, t in locals_.items()]
+        self._omega = FlatBuffers(specs, dtype=torch.float32)
+        self._anchors = FlatBuffers(specs)
+        with torch.no_grad():
+            for n in self.names:
+                self._omega[n].copy_(local_shard(omega[n].float(), params[n]))
+                self._anchors[n].copy_(local_shard(anchors[n], params[n]))
+        self._omegas = [self._omega[n] for n in self.names]
+        self._anchor_list = [self._anchors[n] for n in self.names]
+
+    @property
+    def omega(self) -> dict[str, torch.Tensor]:
+        """This rank's shard of Omega, by parameter name."""
+        return self._omega.views
+
+    @property
+    def anchors(self) -> dict[str, torch.Tensor]:
+        """This rank's shard of theta*, by parameter name."""
+        return self._anchors.views
+
+    def _device(self) -> torch.device:
+        return self._omegas[0].device if self._omegas else torch.device("cpu")
+
+    def penalty(self) -> torch.Tensor:
+        """This rank's part of the penalty, differentiable w.r.t. the local shards (one fused op)."""
+        if not self._params:
+            return torch.zeros((), dtype=torch.float32, device=self._device())
+        shards = [local_tensor(p) for p in self._params]
+        return ops.penalty(shards, self._anchor_list, self._omegas, self.lam)
+
+    def add_penalty_grad_(self) -> torch.Tensor:
+        """Add ``2 lam Omega (theta - theta*)`` to each local gradient shard (after ``backward()``).
+
+        Returns this rank's part of the penalty. Parameters without a ``.grad``
+        get a zero one first.
+        """
+        if not self._params:
+            return torch.zeros((), dtype=torch.float32, device=self._device())
+        for p in self._params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        shards = [local_tensor(p.detach()) for p in self._params]
+        grads = [local_tensor(p.grad) for p in self._params]
+        return ops.penalty_grad_(shards, self._anchor_list, self._omegas, self.lam, grads)
+
+    def __repr__(self) -> str:
+        return f"ShardedPenalty(lam={self.lam}, params={len(self.names)}, skipped={len(self.skipped)})"

@@ -121,6 +121,7 @@ def batch_abs_grad(
     accs: list[torch.Tensor],
 ) -> None:
     """Add ``|d sum_{k in batch} ||F(x_k)||^2 / d theta|`` (one batch-level gradient)."""
-    loss = squared_norm(output_fn(module(x)))
-    grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+    with torch.enable_grad():  # also inside a user's torch.no_grad() (accumulating)
+        loss = squared_norm(output_fn(module(x)))
+        grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
     abs_accumulate_(accs, list(grads))

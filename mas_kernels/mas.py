@@ -182,6 +182,9 @@ class MAS:
 
     def _build(self, params: dict[str, nn.Parameter], old: dict | None = None) -> None:
         """(Re)create the flat stores for ``params``, keeping old values by name."""
+        from .distributed import check_unsharded
+
+        check_unsharded(self.module, params)  # FSDP1 / FSDP2 / tensor parallel: a clear error, not a DTensor one
         specs = [(n, p.shape, p.device, p.dtype) for n, p in params.items()]
         omega = FlatBuffers(specs, dtype=torch.float32)
         anchors = FlatBuffers(specs)
@@ -412,11 +415,16 @@ class MAS:
                         return
                     x = args[0]
                     if extra:
+                        # The uncovered parameters' exact rule runs its own passes, in eval mode
+                        # like the global rules: per-sample gradients need sample independence.
                         mas._busy = True
+                        modes = {m: m.training for m in mas.module.modules()}
                         try:
+                            mas.module.eval()
                             mas._global_pass(x.detach(), extra)
                         finally:
                             mas._busy = False
+                            _set_modes(modes)
                     mas._commit_batch(int(x.shape[0]))
             else:
                 pre = None
@@ -600,34 +608,44 @@ class MAS:
     def save(self, path: str | os.PathLike) -> None:
         """Write the state as safetensors (no pickle), atomically: a temp file renamed into place.
 
-        Under ``torch.distributed`` only rank 0 writes; the others wait for it.
+        Under ``torch.distributed`` every rank calls it: an open accumulator
+        (samples seen since the last ``consolidate``) is summed over the ranks
+        first, as one process would hold it; then rank 0 writes while the
+        others wait, and an error on rank 0 is raised on every rank.
         """
         from safetensors.torch import save_file
 
-        from .distributed import barrier, is_main_process
+        from .distributed import main_process_only, summed_over_ranks
 
-        if is_main_process(self.process_group):
-            sd = self.state_dict()
+        sd = self.state_dict()
+        sd["accumulator"], num_samples = summed_over_ranks(sd["accumulator"], self.num_samples, self.process_group)
+
+        def write() -> None:
             tensors = {}
             for part in ("omega", "anchors", "accumulator"):
                 for name, t in sd[part].items():
                     tensors[f"{part}/{name}"] = t.contiguous().cpu()
-            meta = {k: json.dumps(v) for k, v in self._meta().items()}
-            path = os.fspath(path)
-            folder = os.path.dirname(os.path.abspath(path))
+            meta = {k: json.dumps(v) for k, v in {**self._meta(), "num_samples": num_samples}.items()}
+            folder = os.path.dirname(os.path.abspath(os.fspath(path)))
             fd, tmp = tempfile.mkstemp(prefix=".mas-", suffix=".tmp", dir=folder)
             os.close(fd)
             try:
                 save_file(tensors, tmp, metadata=meta)
-                os.replace(tmp, path)
+                os.replace(tmp, os.fspath(path))
             except BaseException:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
                 raise
-        barrier(self.process_group)
+
+        main_process_only(write, self.process_group, "MAS.save")
 
     def load(self, path: str | os.PathLike) -> None:
-        """Read a file written by :meth:`save`; a failed load leaves the state as it was."""
+        """Read a file written by :meth:`save`; a failed load leaves the state as it was.
+
+        Under ``torch.distributed`` call it on every rank: all get Omega and the
+        anchors; an open accumulator in the file (the sum over the ranks that
+        saved it) goes to rank 0 only, so the next ``consolidate()`` counts it once.
+        """
         from safetensors import safe_open
 
         path = os.fspath(path)
@@ -653,6 +671,13 @@ class MAS:
             state[part][name] = t
         state.update(info)
         self.load_state_dict(state)
+        from .distributed import is_main_process
+
+        if not is_main_process(self.process_group):
+            # The file's open accumulator is the sum over the ranks that saved it: rank 0 alone
+            # holds it, so the next consolidate() counts those samples once.
+            self._acc.zero_()
+            self.num_samples = 0
 
     # ----------------------------------------------------------------- hooks
     def remove(self) -> None:

@@ -390,8 +390,6 @@ def _w_resume(rank: int, tmp: Path, device: torch.device) -> None:
         mas.save(bad)
 
 
-@pytest.mark.xfail(strict=True, reason="needs the mas.py save()/load() patch of issue 7: save() sums the open "
-                                       "accumulator over ranks, load() gives it to rank 0, rank 0's errors reach all")
 def test_ddp_mid_task_checkpoint_resumes_exactly(group):
     """save() with samples not yet consolidated, load() on every rank, consolidate(): as if never saved."""
     _passed(group, "resume")

@@ -582,3 +582,28 @@ def test_random_mlps_any_partition(d_in, hidden, d_out, n, batch, importance, dt
         w2, b2 = ref.local_linear(torch.relu(h), model[2](torch.relu(h)))
         expected = {"0.weight": w0 / n, "0.bias": b0 / n, "2.weight": w2 / n, "2.bias": b2 / n}
     close(mas.omega, expected, **tol)
+
+
+def test_accumulating_under_no_grad_and_train_mode_norms():
+    """Online accumulation inside a user's no_grad / train-mode loop, for every rule."""
+    model = ConvNet()
+    model.train()
+    x = torch.randn(6, 2, 6, 6)
+    stats = model.bn.running_mean.clone()
+    for imp in ("global_batch", "global", "local"):
+        mas = mk.MAS(model, importance=imp)
+        with torch.no_grad(), mas.accumulating():
+            model.eval()
+            model(x)
+            model.train()
+        assert mas.num_samples == 6 and model.training
+        assert all(torch.isfinite(t).all() for t in mas.consolidate().omega.values())
+    # local's uncovered (BatchNorm) parameters: exact rule in eval mode even while the user trains
+    mas = mk.MAS(model, importance="local")
+    with torch.no_grad(), mas.accumulating():
+        model(x)
+    stats_after_user = model.bn.running_mean.clone()
+    assert not torch.equal(stats_after_user, stats)  # the user's own train-mode forward updates stats
+    model.eval()
+    expected = ref.global_exact(model, [x])
+    close({"bn.weight": mas.consolidate().omega["bn.weight"]}, {"bn.weight": expected["bn.weight"]})

@@ -60,8 +60,6 @@ def _comm_device(group) -> torch.device:
     return torch.device("cpu")
 
 
-_count_device = _comm_device  # former name
-
 
 def _src(group) -> int:
     """Global rank of ``group``'s rank 0 (collectives take global ranks)."""

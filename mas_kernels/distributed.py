@@ -60,7 +60,6 @@ def _comm_device(group) -> torch.device:
     return torch.device("cpu")
 
 
-
 def _src(group) -> int:
     """Global rank of ``group``'s rank 0 (collectives take global ranks)."""
     if group is None or group is dist.group.WORLD:

@@ -45,6 +45,8 @@ def _native_build():
     class OptionalBuildExtension(BuildExtension):
         """Build ``_C`` if the compiler can; otherwise say why and install without it."""
 
+        failed = False
+
         def run(self):
             try:
                 super().run()
@@ -58,14 +60,16 @@ def _native_build():
                 self._skip(exc)
 
         def copy_extensions_to_source(self):
-            # Editable installs copy the built module into the tree; there is none to copy after a failure.
+            # Editable installs copy the built module into the tree: nothing to copy after a failure.
+            if self.failed:
+                return
             try:
                 super().copy_extensions_to_source()
             except Exception as exc:  # noqa: BLE001
                 self._skip(exc)
 
-        @staticmethod
-        def _skip(exc: BaseException) -> None:
+        def _skip(self, exc: BaseException) -> None:
+            self.failed = True
             _say(
                 f"building the native CPU kernels failed ({type(exc).__name__}: {exc}); installing without them, "
                 "CPU ops will use the PyTorch path"

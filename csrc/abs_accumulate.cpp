@@ -35,16 +35,12 @@ void run_chunk(const Prepared& p, int64_t b, int64_t e, float alpha) {
 }
 
 void run_all(const std::vector<Prepared>& prepared, float alpha) {
-  const std::vector<Chunk> chunks = make_chunks(prepared);
-  const int64_t n_chunks = static_cast<int64_t>(chunks.size());
-  int64_t total = 0;
-  for (const auto& p : prepared) total += p.work.numel();
-  const int n_threads = threads_for(total);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads) if (n_threads > 1)
-  for (int64_t c = 0; c < n_chunks; ++c) {
-    const Chunk& ch = chunks[c];
-    run_chunk(prepared[ch.index], ch.begin, ch.end, alpha);
-  }
+  const WorkList work(prepared);
+  parallel_chunks(work, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      work.for_each_piece(c, [&](int64_t i, int64_t b, int64_t e) { run_chunk(prepared[i], b, e, alpha); });
+    }
+  });
 }
 
 }  // namespace

@@ -21,26 +21,24 @@ namespace {
 
 template <typename T>
 void abs_f32_flat(const T* __restrict x, float* __restrict y, int64_t n) {
-  const int n_threads = threads_for(n);
-  const int64_t n_chunks = (n + kChunk - 1) / kChunk;
-#pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1)
-  for (int64_t c = 0; c < n_chunks; ++c) {
-    const int64_t b = c * kChunk;
-    const int64_t e = std::min(n, b + kChunk);
+  parallel_chunks((n + kChunk - 1) / kChunk, [&](int64_t c0, int64_t c1) {
+    const int64_t e = std::min(n, c1 * kChunk);
 #pragma omp simd
-    for (int64_t i = b; i < e; ++i) y[i] = std::fabs(load_f32(x[i]));
-  }
+    for (int64_t i = c0 * kChunk; i < e; ++i) y[i] = std::fabs(load_f32(x[i]));
+  });
 }
 
 template <typename T>
 void abs_f32_strided(const T* x, int64_t s0, int64_t s1, float* __restrict y, int64_t rows, int64_t cols) {
-  const int n_threads = threads_for(rows * cols);
-#pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1)
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* xr = x + r * s0;
-    float* yr = y + r * cols;
-    for (int64_t c = 0; c < cols; ++c) yr[c] = std::fabs(load_f32(xr[c * s1]));
-  }
+  // Rows per task such that a task has about a chunk of elements.
+  const int64_t grain = std::max<int64_t>(1, kGrainChunks * kChunk / std::max<int64_t>(1, cols));
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* xr = x + r * s0;
+      float* yr = y + r * cols;
+      for (int64_t c = 0; c < cols; ++c) yr[c] = std::fabs(load_f32(xr[c * s1]));
+    }
+  });
 }
 
 template <typename T>

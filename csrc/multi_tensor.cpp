@@ -1,7 +1,5 @@
 #include "multi_tensor.h"
 
-#include <ATen/Parallel.h>
-
 #include <algorithm>
 #include <utility>
 
@@ -61,21 +59,12 @@ void finish(std::vector<Prepared>& prepared) {
   }
 }
 
-std::vector<Chunk> make_chunks(const std::vector<Prepared>& prepared) {
-  std::vector<Chunk> chunks;
-  int64_t total = 0;
-  for (const auto& p : prepared) total += (p.work.numel() + kChunk - 1) / kChunk;
-  chunks.reserve(static_cast<size_t>(total));
-  for (size_t i = 0; i < prepared.size(); ++i) {
-    const int64_t n = prepared[i].work.numel();
-    for (int64_t b = 0; b < n; b += kChunk) chunks.push_back({static_cast<int64_t>(i), b, std::min(n, b + kChunk)});
-  }
-  return chunks;
-}
-
-int threads_for(int64_t total) {
-  if (total < kParallelMin || at::in_parallel_region()) return 1;
-  return std::max(1, at::get_num_threads());
+WorkList::WorkList(const std::vector<Prepared>& prepared) {
+  offsets.reserve(prepared.size() + 1);
+  offsets.push_back(0);
+  for (const auto& p : prepared) offsets.push_back(offsets.back() + p.work.numel());
+  total = offsets.back();
+  n_chunks = (total + kChunk - 1) / kChunk;
 }
 
 bool cross_tensor_hazard(const std::vector<at::Tensor>& outs,

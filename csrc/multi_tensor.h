@@ -11,25 +11,27 @@
 #pragma once
 
 // Per-operator headers, not <ATen/ATen.h>: they cut the build time to a third.
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 namespace mas_kernels {
 
 // Elements per work item. Large enough that scheduling one costs nothing next
 // to streaming it (32K fp32 elements = 128 KiB per tensor read), small enough
-// that a ResNet-50's 25M elements give ~800 items to balance over threads and
-// that 161 tensors of very different sizes spread evenly.
+// that a ResNet-50's 25M elements give ~800 items to balance over threads.
 constexpr int64_t kChunk = int64_t(1) << 15;
 
-// Below this many elements in total, one thread: waking the OpenMP team costs
-// more than it saves.
-constexpr int64_t kParallelMin = int64_t(1) << 16;
+// Parallel only from this many chunks (64K elements) on: below, waking the
+// thread team costs more than it saves.
+constexpr int64_t kGrainChunks = 2;
 
 template <typename T>
 inline float load_f32(T x) {
@@ -42,13 +44,6 @@ template <typename T>
 inline T store_as(float x) {
   return static_cast<T>(x);
 }
-
-// One work item: elements [begin, end) of tensor `index`.
-struct Chunk {
-  int64_t index;
-  int64_t begin;
-  int64_t end;
-};
 
 // The output of tensor i as the kernels see it, and its inputs in its layout.
 struct Prepared {
@@ -64,12 +59,50 @@ Prepared prepare(const at::Tensor& out, const std::vector<at::Tensor>& ins);
 // Copy scratch outputs back into the caller's tensors.
 void finish(std::vector<Prepared>& prepared);
 
-// Split every non-empty tensor into chunks of at most kChunk elements.
-std::vector<Chunk> make_chunks(const std::vector<Prepared>& prepared);
+// The work list: all tensors laid end to end as one flat range of `total`
+// elements, cut into chunks of kChunk. A chunk may hold the tail of one tensor
+// and many small ones after it, so a list of 161 tensors of very different
+// sizes splits into equal pieces of work; and the chunks do not depend on the
+// thread count, so neither does a reduction that keeps one slot per chunk.
+struct WorkList {
+  std::vector<int64_t> offsets;  // offsets[i]: where tensor i starts; offsets.back() == total
+  int64_t total = 0;
+  int64_t n_chunks = 0;
 
-// Threads to use for `total` elements (1 when small, or when already inside a
-// parallel region: nested OpenMP teams would oversubscribe the cores).
-int threads_for(int64_t total);
+  explicit WorkList(const std::vector<Prepared>& prepared);
+
+  // Calls f(i, begin, end) for each piece [begin, end) of tensor i (indices
+  // within the tensor) that chunk c covers, in order.
+  template <typename F>
+  void for_each_piece(int64_t c, F&& f) const {
+    int64_t b = c * kChunk;
+    const int64_t e = std::min(total, b + kChunk);
+    // The last tensor starting at or before b (empty tensors start where the next one does).
+    auto i = static_cast<int64_t>(std::upper_bound(offsets.begin(), offsets.end(), b) - offsets.begin()) - 1;
+    while (b < e) {
+      const int64_t piece_end = std::min(e, offsets[i + 1]);
+      if (piece_end > b) f(i, b - offsets[i], piece_end - offsets[i]);
+      b = piece_end;
+      ++i;
+    }
+  }
+};
+
+// f(c0, c1) over ranges of chunk indices [0, n_chunks), on torch's intra-op
+// threads. at::parallel_for and not a raw `omp parallel for`: it runs on the
+// OpenMP team that torch's own kernels use, in the same way (thread count from
+// torch.set_num_threads, serial inside an enclosing parallel region). Raw
+// `omp parallel for schedule(dynamic)` regions alternating with torch's were
+// measured stalling for whole scheduler time slices on a busy 2-core machine.
+template <typename F>
+void parallel_chunks(int64_t n_chunks, F&& f) {
+  at::parallel_for(0, n_chunks, kGrainChunks, std::forward<F>(f));
+}
+
+template <typename F>
+void parallel_chunks(const WorkList& work, F&& f) {
+  parallel_chunks(work.n_chunks, std::forward<F>(f));
+}
 
 // True when processing all tensors at once could race or differ from doing
 // them one after another: some output's memory overlaps another output, or an

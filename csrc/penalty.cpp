@@ -77,23 +77,20 @@ double run_chunk(const Prepared& t, int64_t b, int64_t e, float two_lam) {
   }
 }
 
-// All chunks of `prepared`, shared by the threads; returns sum Omega d^2.
-// Each chunk's partial sum has its own slot and the slots are added in order
-// afterwards, so the value does not depend on the thread count or schedule.
+// All of `prepared`, shared by the threads; returns sum Omega d^2. Each chunk's
+// partial sum has its own slot and the slots are added in order afterwards,
+// so the value does not depend on the thread count.
 double run_all(const std::vector<Prepared>& prepared, float two_lam) {
-  const std::vector<Chunk> chunks = make_chunks(prepared);
-  const int64_t n_chunks = static_cast<int64_t>(chunks.size());
-  std::vector<double> partial(chunks.size(), 0.0);
-  int64_t total = 0;
-  for (const auto& t : prepared) total += t.work.numel();
-  const int n_threads = threads_for(total);
-  // A TORCH_CHECK thrown inside the team would terminate the process; the
-  // dtypes were checked above, so the loop body cannot throw.
-#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads) if (n_threads > 1)
-  for (int64_t c = 0; c < n_chunks; ++c) {
-    const Chunk& ch = chunks[c];
-    partial[c] = run_chunk(prepared[ch.index], ch.begin, ch.end, two_lam);
-  }
+  const WorkList work(prepared);
+  std::vector<double> partial(static_cast<size_t>(work.n_chunks), 0.0);
+  // The dtypes were checked before: nothing in the loop throws.
+  parallel_chunks(work, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      double s = 0.0;
+      work.for_each_piece(c, [&](int64_t i, int64_t b, int64_t e) { s += run_chunk(prepared[i], b, e, two_lam); });
+      partial[c] = s;
+    }
+  });
   double sum = 0.0;
   for (double v : partial) sum += v;
   return sum;

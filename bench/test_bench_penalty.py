@@ -5,8 +5,8 @@ import torch
 
 from mas_kernels.bench import penalty_case
 
-IMPLS = ["avalanche loop", "foreach", "torch.compile, flat", "ours", "ours, 1 flat tensor", "ours, torch path",
-         "copy bound"]
+IMPLS = ["avalanche loop", "foreach", "torch.compile, flat", "ours", "ours, torch.ops (as mk.MAS)",
+         "ours, 1 flat tensor", "ours, torch path", "copy bound"]
 
 
 @pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -11,12 +11,12 @@ namespace mas_kernels {
 namespace {
 
 template <typename T>
-void abs_add_range(const T* __restrict t, float* __restrict o, int64_t n, float alpha) {
+MAS_KERNELS_INLINE void abs_add_range(const T* __restrict t, float* __restrict o, int64_t n, float alpha) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) o[i] += alpha * std::fabs(load_f32(t[i]));
 }
 
-void run_chunk(const Prepared& p, int64_t b, int64_t e, float alpha) {
+MAS_KERNELS_CLONES void run_chunk(const Prepared& p, int64_t b, int64_t e, float alpha) {
   float* o = p.work.data_ptr<float>() + b;
   const at::Tensor& t = p.ins[0];
   switch (t.scalar_type()) {

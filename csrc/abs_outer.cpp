@@ -20,11 +20,21 @@ namespace mas_kernels {
 namespace {
 
 template <typename T>
-void abs_f32_flat(const T* __restrict x, float* __restrict y, int64_t n) {
-  parallel_chunks((n + kChunk - 1) / kChunk, [&](int64_t c0, int64_t c1) {
-    const int64_t e = std::min(n, c1 * kChunk);
+MAS_KERNELS_INLINE void abs_range(const T* __restrict x, float* __restrict y, int64_t n) {
 #pragma omp simd
-    for (int64_t i = c0 * kChunk; i < e; ++i) y[i] = std::fabs(load_f32(x[i]));
+  for (int64_t i = 0; i < n; ++i) y[i] = std::fabs(load_f32(x[i]));
+}
+
+// One entry point per dtype: target_clones takes functions, not templates.
+MAS_KERNELS_CLONES void abs_range_of(const float* x, float* y, int64_t n) { abs_range(x, y, n); }
+MAS_KERNELS_CLONES void abs_range_of(const at::BFloat16* x, float* y, int64_t n) { abs_range(x, y, n); }
+MAS_KERNELS_CLONES void abs_range_of(const at::Half* x, float* y, int64_t n) { abs_range(x, y, n); }
+
+template <typename T>
+void abs_f32_flat(const T* x, float* y, int64_t n) {
+  parallel_chunks((n + kChunk - 1) / kChunk, [&](int64_t c0, int64_t c1) {
+    const int64_t b = c0 * kChunk;
+    abs_range_of(x + b, y + b, std::min(n, c1 * kChunk) - b);
   });
 }
 

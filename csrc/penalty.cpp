@@ -20,7 +20,7 @@ namespace {
 // running sum of same-signed terms drifts by ~1e-5 relative, and the extra
 // cost (a widening add per element) hides under the memory traffic.
 template <typename P, typename A, typename G>
-double penalty_range(const P* __restrict p, const A* __restrict a, const float* __restrict o,
+MAS_KERNELS_INLINE double penalty_range(const P* __restrict p, const A* __restrict a, const float* __restrict o,
                      G* __restrict g, int64_t n, float two_lam) {
   double acc = 0.0;
 #pragma omp simd reduction(+ : acc)
@@ -34,7 +34,7 @@ double penalty_range(const P* __restrict p, const A* __restrict a, const float* 
 }
 
 template <typename P, typename A>
-double dispatch_grad(const Prepared& t, int64_t b, int64_t e, float two_lam) {
+MAS_KERNELS_INLINE double dispatch_grad(const Prepared& t, int64_t b, int64_t e, float two_lam) {
   const P* p = t.ins[0].const_data_ptr<P>() + b;
   const A* a = t.ins[1].const_data_ptr<A>() + b;
   const float* o = t.ins[2].const_data_ptr<float>() + b;
@@ -51,7 +51,7 @@ double dispatch_grad(const Prepared& t, int64_t b, int64_t e, float two_lam) {
 }
 
 template <typename P>
-double dispatch_anchor(const Prepared& t, int64_t b, int64_t e, float two_lam) {
+MAS_KERNELS_INLINE double dispatch_anchor(const Prepared& t, int64_t b, int64_t e, float two_lam) {
   switch (t.ins[1].scalar_type()) {
     case at::kFloat:
       return dispatch_grad<P, float>(t, b, e, two_lam);
@@ -64,7 +64,7 @@ double dispatch_anchor(const Prepared& t, int64_t b, int64_t e, float two_lam) {
   }
 }
 
-double run_chunk(const Prepared& t, int64_t b, int64_t e, float two_lam) {
+MAS_KERNELS_CLONES double run_chunk(const Prepared& t, int64_t b, int64_t e, float two_lam) {
   switch (t.ins[0].scalar_type()) {
     case at::kFloat:
       return dispatch_anchor<float>(t, b, e, two_lam);

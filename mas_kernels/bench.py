@@ -275,11 +275,18 @@ def penalty_case(width: float, dtype: torch.dtype, device: torch.device, use_com
     def ours():
         return _ops().penalty_grad_(params, anchors, omegas, lam, grads)
 
+    detached = [p.detach() for p in params]
+
+    def ours_op():
+        # What mk.MAS runs every step: the registered op on lists it validated once.
+        return torch.ops.mas_kernels.penalty_grad_(detached, anchors, omegas, lam, grads)
+
     def ours_flat():
         return _ops().penalty_grad_([p_flat], [a_flat], [o_flat], lam, [g_flat])
 
     bpe = 2 * dtype.itemsize + 4 + 2 * dtype.itemsize  # read p, anchor, Omega, grad; write grad
-    impls = {"avalanche loop": avalanche, "foreach": foreach, "ours": ours, "ours, 1 flat tensor": ours_flat}
+    impls = {"avalanche loop": avalanche, "foreach": foreach, "ours": ours, "ours, torch.ops (as mk.MAS)": ours_op,
+             "ours, 1 flat tensor": ours_flat}
     if ours_backend(device) != "torch":
         impls["ours, torch path"] = with_backend("torch", ours)
     notes = {}

@@ -201,6 +201,33 @@ def test_penalty_hypothesis(native, shapes, dtypes, layout, lam):
     check_penalty(*penalty_case(shapes, *dtypes, [layout] * len(shapes)), lam=lam)
 
 
+@needs_native
+@pytest.mark.parametrize("dtype", [F16, BF16])
+def test_conversions_bit_exact(native, dtype):
+    # The kernels convert fp16/bf16 with their own vectorisable bit tricks:
+    # loading must match PyTorch for every one of the 65536 bit patterns, and
+    # storing must round like PyTorch (to nearest even, overflow to inf).
+    t = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    o = torch.zeros(t.numel())
+    mk.abs_accumulate_([o], [t], 1.0)
+    expected = t.float().abs()
+    same = (o.view(torch.int32) == expected.view(torch.int32)) | (o.isnan() & expected.isnan())
+    assert same.all(), f"{int((~same).sum())} fp32 values of {dtype} bit patterns differ from PyTorch's"
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([
+        torch.randn(200_000, generator=gen) * 10.0 ** torch.randint(-9, 7, (200_000,), generator=gen).float(),
+        torch.randint(-(2**31), 2**31 - 1, (200_000,), generator=gen, dtype=torch.int32).view(F32),
+        torch.tensor([float("inf"), -float("inf"), float("nan"), 65504.0, 65519.99, 65520.0, 6.1e-5, 5.96e-8,
+                      2.98e-8, 2.99e-8, 1e-45, 3.4e38, -3.4e38, 1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8]),
+    ])
+    x = x[x != 0]  # 0 + (-0) is +0: a sign of zero the sum, not the conversion, decides
+    g = torch.zeros(x.numel(), dtype=dtype)
+    mk.penalty_grad_([x], [torch.zeros_like(x)], [torch.ones_like(x)], 0.5, [g])  # g = 0 + 2 * 0.5 * x
+    expected = x.to(dtype)
+    same = (g.view(torch.int16) == expected.view(torch.int16)) | (g.isnan() & expected.isnan())
+    assert same.all(), f"{int((~same).sum())} fp32 values rounded to {dtype} differ from PyTorch's"
+
+
 # ---------------------------------------------------------- abs_accumulate_
 def check_abs_accumulate(omegas, tensors, alpha=0.3):
     expected = ref.abs_accumulate(omegas, tensors, alpha)

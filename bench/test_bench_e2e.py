@@ -4,10 +4,10 @@ import pytest
 
 from mas_kernels.bench import inference_case, train_case
 
-MODELS = [("mlp-400", 64), ("mlp-1024", 128), ("cnn", 32)]
+MODELS = [("mlp-400", 64), ("mlp-400", 256), ("mlp-1024", 128), ("cnn", 32)]
 
 
-@pytest.fixture(scope="module", params=MODELS, ids=[m for m, _ in MODELS])
+@pytest.fixture(scope="module", params=MODELS, ids=[f"{m}-b{b}" for m, b in MODELS])
 def train(request, device):
     return train_case(*request.param, device)
 
@@ -18,7 +18,7 @@ def test_train_step(bench_case, train, impl):
     bench_case(train, impl)
 
 
-@pytest.fixture(scope="module", params=MODELS, ids=[m for m, _ in MODELS])
+@pytest.fixture(scope="module", params=MODELS, ids=[f"{m}-b{b}" for m, b in MODELS])
 def inference(request, device):
     case = inference_case(*request.param, device)
     yield case

@@ -20,8 +20,8 @@ namespace {
 // running sum of same-signed terms drifts by ~1e-5 relative, and the extra
 // cost (a widening add per element) hides under the memory traffic.
 template <typename P, typename A, typename G>
-MAS_KERNELS_INLINE double penalty_range(const P* __restrict p, const A* __restrict a, const float* __restrict o,
-                     G* __restrict g, int64_t n, float two_lam) {
+MAS_KERNELS_INLINE double penalty_range(const P* __restrict p, const A* __restrict a,
+                                        const float* __restrict o, G* __restrict g, int64_t n, float two_lam) {
   double acc = 0.0;
 #pragma omp simd reduction(+ : acc)
   for (int64_t i = 0; i < n; ++i) {

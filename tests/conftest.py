@@ -16,8 +16,8 @@ import pytest  # noqa: E402
 from mas_kernels import _backend  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-# (dtype, atol, rtol) for results accumulated in fp32 from inputs of that dtype.
-BACKENDS = ["torch"] + (["triton"] if _backend.has_triton() else [])
+BACKENDS = (["torch"] + (["triton"] if _backend.has_triton() else [])
+            + (["native"] if _backend.native_available() else []))
 
 
 @pytest.fixture(autouse=True)

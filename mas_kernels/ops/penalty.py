@@ -17,9 +17,26 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
-from ._checks import check_like, check_list, check_same_device, check_scalar, check_tensor
+from ._checks import FLOAT_DTYPES, check_like, check_list, check_same_device, check_scalar, check_tensor
 
 OP = "penalty_grad_"
+
+
+def _all_valid(params, anchors, omegas, grads) -> bool:
+    """One cheap pass for the common case (this runs on every training step)."""
+    if not params:
+        return True
+    fl, f32, Tensor = FLOAT_DTYPES, torch.float32, torch.Tensor
+    device = params[0].device if isinstance(params[0], Tensor) else None
+    for p, a, o, g in zip(params, anchors, omegas, grads if grads is not None else params):
+        if not (isinstance(p, Tensor) and isinstance(a, Tensor) and isinstance(o, Tensor) and isinstance(g, Tensor)):
+            return False
+        shape = p.shape
+        if (p.dtype not in fl or a.dtype not in fl or g.dtype not in fl or o.dtype != f32
+                or a.shape != shape or o.shape != shape or g.shape != shape
+                or p.device != device or a.device != device or o.device != device or g.device != device):
+            return False
+    return True
 
 
 def _check(op, params, anchors, omegas, lam, grads=None):
@@ -28,6 +45,9 @@ def _check(op, params, anchors, omegas, lam, grads=None):
     omegas = check_list(op, "omegas", omegas, len(params), "params")
     if grads is not None:
         grads = check_list(op, "grads", grads, len(params), "params")
+    if _all_valid(params, anchors, omegas, grads):
+        return params, anchors, omegas, check_scalar(op, "lam", lam), grads
+    # Something is off: the per-argument checks below say what, and where.
     for i, p in enumerate(params):
         check_tensor(op, "params", p, i)
         check_tensor(op, "anchors", anchors[i], i)

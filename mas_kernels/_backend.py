@@ -14,8 +14,8 @@ benchmarks can switch it):
            Triton on CUDA.
 =========  ==================================================================
 
-Triton reads ``TRITON_INTERPRET`` once, when it is first imported (which the
-first custom-op call does, through ``torch._dynamo``). So the interpreter must
+Triton reads ``TRITON_INTERPRET`` once, when it is first imported (which
+``torch._dynamo`` and ``torch.compile`` may do). So the interpreter must
 be chosen early: importing ``mas_kernels`` with ``MAS_KERNELS_BACKEND=triton``
 on a machine without CUDA sets ``TRITON_INTERPRET=1`` if triton is not yet
 imported; the test suite sets it in its conftest. The kernel modules
@@ -118,7 +118,7 @@ def autotune_configs(configs: list) -> list:
 
 
 def _interpret_if_forced_without_gpu() -> None:
-    # Runs at import: the first custom-op call imports triton (through
+    # Runs at import: torch may import triton at any later point (through
     # torch._dynamo), after which its interpreter mode can no longer change.
     try:
         forced = requested() == "triton"

@@ -1,7 +1,7 @@
 """Test setup: Triton runs under its interpreter when there is no GPU.
 
-This must happen before anything imports triton (torch._dynamo does, on the
-first custom-op call), hence at the top of conftest.
+This must happen before anything imports triton (torch._dynamo may), hence at
+the top of conftest.
 """
 
 import os

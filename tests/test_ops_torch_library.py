@@ -145,3 +145,64 @@ def _has_cxx() -> bool:
 def test_compile_training_step_inductor(monkeypatch):
     monkeypatch.setenv("MAS_KERNELS_BACKEND", "torch")
     _check_compiled_step("penalty", "inductor")
+
+
+# ------------------------------------------------- autograd and version counters
+def _mutating_calls():
+    """(name, call, the tensors it writes) for each in-place op, called through torch.ops."""
+    omega = torch.rand(3, 5)
+    omegas = [torch.rand(3, 5), torch.rand(7)]
+    grads = [torch.zeros(3, 5), torch.zeros(7, dtype=BF16)]
+    params = [torch.randn(3, 5, requires_grad=True), torch.randn(7, dtype=BF16, requires_grad=True)]
+    return [
+        ("abs_outer_accumulate_", lambda: OPS.abs_outer_accumulate_(omega, torch.randn(4, 3), torch.randn(4, 5), 0.5),
+         [omega]),
+        ("abs_accumulate_", lambda: OPS.abs_accumulate_(omegas, [torch.randn(3, 5), torch.randn(7)], 0.5), omegas),
+        ("penalty_grad_", lambda: OPS.penalty_grad_(params, [torch.randn(3, 5), torch.randn(7)],
+                                                    [torch.rand(3, 5), torch.rand(7)], 0.3, grads), grads),
+    ]
+
+
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["abs_outer", "abs_accumulate", "penalty_grad"])
+def test_inplace_ops_bump_version_and_record_no_graph(backend, which):
+    # Like a PyTorch in-place op: each written tensor's version counter moves
+    # (native and Triton write through raw pointers, which autograd cannot see),
+    # and, being non-differentiable, the op records nothing even when params
+    # require grad.
+    name, call, written = _mutating_calls()[which]
+    before = [t._version for t in written]
+    out = call()
+    assert all(t._version > v for t, v in zip(written, before)), name
+    assert all(t.grad_fn is None and not t.requires_grad for t in written), name
+    if out is not None:
+        assert not out.requires_grad and out.grad_fn is None
+
+
+def test_version_bump_catches_a_tensor_saved_for_backward():
+    # The point of the bump: autograd refuses a backward that would read a
+    # tensor changed in place since it was saved.
+    omega = torch.rand(3, 5)
+    x = torch.rand(3, 5, requires_grad=True)
+    y = (x * omega).sum()  # saves omega
+    OPS.abs_outer_accumulate_(omega, torch.randn(4, 3), torch.randn(4, 5), 1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+def test_outputs_requiring_grad_are_refused_under_grad_mode(backend):
+    leaf = torch.zeros(3, 5, requires_grad=True)
+    with pytest.raises(ValueError, match="omega requires grad"):
+        mk.abs_outer_accumulate_(leaf * 1, torch.randn(4, 3), torch.randn(4, 5))
+    with pytest.raises(ValueError, match=r"omegas\[1\] requires grad"):
+        mk.abs_accumulate_([torch.zeros(2), leaf[0] * 1], [torch.randn(2), torch.randn(5)])
+    p = [torch.randn(3, 5, requires_grad=True)]
+    with pytest.raises(ValueError, match=r"grads\[0\] requires grad"):
+        mk.penalty_grad_(p, [torch.randn(3, 5)], [torch.rand(3, 5)], 1.0, [leaf * 1])
+    p[0].grad = leaf * 1
+    with pytest.raises(ValueError, match=r"params\[0\]\.grad requires grad"):
+        mk.penalty_grad_(p, [torch.randn(3, 5)], [torch.rand(3, 5)], 1.0)
+    # Under no_grad the same calls are plain in-place updates (as for a PyTorch leaf).
+    with torch.no_grad():
+        omega = leaf * 1
+        mk.abs_outer_accumulate_(omega, torch.ones(4, 3), torch.ones(4, 5))
+    torch.testing.assert_close(omega.detach(), torch.full((3, 5), 4.0))

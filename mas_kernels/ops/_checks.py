@@ -63,3 +63,20 @@ def check_scalar(op: str, arg: str, x) -> float:
         return float(x)
     except (TypeError, ValueError):
         raise ValueError(f"{op}: {arg} must be a number, got {type(x).__name__}") from None
+
+
+def check_not_requiring_grad(op: str, arg: str, xs) -> None:
+    """The in-place accumulations are not differentiable: with grad mode on, what
+    they write into must not require grad (autograd would not see the update,
+    and gradients through it would be silently wrong)."""
+    if not torch.is_grad_enabled():
+        return
+    if isinstance(xs, torch.Tensor):
+        if xs.requires_grad:
+            raise ValueError(f"{op}: {arg} requires grad, but the op writes into it in place and is not "
+                             f"differentiable; pass {arg}.detach() or call it under torch.no_grad()")
+        return
+    for i, t in enumerate(xs):
+        if t.requires_grad:
+            raise ValueError(f"{op}: {arg}[{i}] requires grad, but the op writes into it in place and is not "
+                             f"differentiable; pass detached tensors or call it under torch.no_grad()")

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
-from ._checks import check_like, check_list, check_same_device, check_scalar, check_tensor
+from ._checks import check_like, check_list, check_not_requiring_grad, check_same_device, check_scalar, check_tensor
+from ._library import define
 
 OP = "abs_accumulate_"
 
@@ -27,6 +28,7 @@ def _check(omegas, tensors, alpha) -> tuple[list, list, float]:
         check_like(OP, "tensors", t, "omegas", o, i)
     if omegas:
         check_same_device(OP, "omegas", omegas, omegas[0].device)
+    check_not_requiring_grad(OP, "omegas", omegas)
     return omegas, tensors, check_scalar(OP, "alpha", alpha)
 
 
@@ -36,8 +38,7 @@ def abs_accumulate_torch(omegas: list[torch.Tensor], tensors: list[torch.Tensor]
         o.add_(t.abs().float(), alpha=alpha)
 
 
-@torch.library.custom_op("mas_kernels::abs_accumulate_", mutates_args=("omegas",))
-def _abs_accumulate_op(omegas: list[torch.Tensor], tensors: list[torch.Tensor], alpha: float) -> None:
+def _kernel(omegas: list[torch.Tensor], tensors: list[torch.Tensor], alpha: float) -> None:
     impl = _backend.choose(omegas[0].device)
     if impl == "triton":
         from .multi_tensor_triton import abs_accumulate_triton
@@ -51,9 +52,11 @@ def _abs_accumulate_op(omegas: list[torch.Tensor], tensors: list[torch.Tensor], 
         abs_accumulate_torch(omegas, tensors, alpha)
 
 
-@_abs_accumulate_op.register_fake
-def _(omegas, tensors, alpha) -> None:
+def _fake(omegas, tensors, alpha) -> None:
     return None
+
+
+define("abs_accumulate_(Tensor(a!)[] omegas, Tensor[] tensors, float alpha) -> ()", _kernel, _fake, mutated=(0,))
 
 
 def abs_accumulate_(omegas, tensors, alpha: float = 1.0) -> list[torch.Tensor]:
@@ -65,11 +68,12 @@ def abs_accumulate_(omegas, tensors, alpha: float = 1.0) -> list[torch.Tensor]:
             ``omegas[i]``'s shape and device.
         alpha: scale.
 
-    Raises ``ValueError`` naming the list and index at fault before any
+    Not differentiable. Raises ``ValueError`` naming the list and index at
+    fault (also when an ``omega`` requires grad with grad mode on) before any
     ``omega`` is touched. Empty lists and empty tensors are fine.
     """
     omegas, tensors, alpha = _check(omegas, tensors, alpha)
     if not omegas:
         return omegas
-    torch.ops.mas_kernels.abs_accumulate_(omegas, [t.detach() for t in tensors], alpha)
+    torch.ops.mas_kernels.abs_accumulate_(omegas, tensors, alpha)
     return omegas

@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
-from ._checks import check_scalar, check_tensor
+from ._checks import check_not_requiring_grad, check_scalar, check_tensor
+from ._library import define
 
 OP = "abs_outer_accumulate_"
 
@@ -41,6 +42,7 @@ def _check(omega, a, b, alpha) -> float:
     for name, t in (("a", a), ("b", b)):
         if t.device != omega.device:
             raise ValueError(f"{OP}: {name} is on {t.device} but omega is on {omega.device}")
+    check_not_requiring_grad(OP, "omega", omega)
     return check_scalar(OP, "alpha", alpha)
 
 
@@ -49,8 +51,7 @@ def abs_outer_torch(omega: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha
     omega.addmm_(a.abs().t().float(), b.abs().float(), alpha=alpha)
 
 
-@torch.library.custom_op("mas_kernels::abs_outer_accumulate_", mutates_args=("omega",))
-def _abs_outer_op(omega: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
+def _kernel(omega: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
     impl = _backend.choose(omega.device)
     if impl == "triton":
         from .abs_outer_triton import abs_outer_triton
@@ -64,9 +65,12 @@ def _abs_outer_op(omega: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: 
         abs_outer_torch(omega, a, b, alpha)
 
 
-@_abs_outer_op.register_fake
-def _(omega, a, b, alpha) -> None:
+def _fake(omega, a, b, alpha) -> None:
     return None
+
+
+define("abs_outer_accumulate_(Tensor(a!) omega, Tensor a, Tensor b, float alpha) -> ()", _kernel, _fake,
+       mutated=(0,))
 
 
 def abs_outer_accumulate_(omega: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
@@ -79,11 +83,12 @@ def abs_outer_accumulate_(omega: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
         alpha: scale, e.g. ``1/N`` for a mean over samples.
 
     The products are accumulated in float32 whatever the input dtype.
-    Raises ``ValueError`` (naming the argument) on a shape, dtype or device
-    mismatch, before ``omega`` is touched.
+    Not differentiable (no autograd graph is recorded). Raises ``ValueError``
+    (naming the argument) on a shape, dtype or device mismatch, or when
+    ``omega`` requires grad with grad mode on, before ``omega`` is touched.
     """
     alpha = _check(omega, a, b, alpha)
     if omega.numel() == 0 or a.shape[0] == 0:
         return omega
-    torch.ops.mas_kernels.abs_outer_accumulate_(omega, a.detach(), b.detach(), alpha)
+    torch.ops.mas_kernels.abs_outer_accumulate_(omega, a, b, alpha)
     return omega

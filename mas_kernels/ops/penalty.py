@@ -17,7 +17,9 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
-from ._checks import FLOAT_DTYPES, check_like, check_list, check_same_device, check_scalar, check_tensor
+from ._checks import (FLOAT_DTYPES, check_like, check_list, check_not_requiring_grad, check_same_device, check_scalar,
+                      check_tensor)
+from ._library import LIB, define
 
 OP = "penalty_grad_"
 
@@ -87,29 +89,20 @@ def _run(params, anchors, omegas, lam, grads) -> torch.Tensor:
     return penalty_grad_torch(params, anchors, omegas, lam, grads)
 
 
-@torch.library.custom_op("mas_kernels::penalty_grad_", mutates_args=("grads",))
-def _penalty_grad_op(
-    params: list[torch.Tensor], anchors: list[torch.Tensor], omegas: list[torch.Tensor],
-    lam: float, grads: list[torch.Tensor],
-) -> torch.Tensor:
-    return _run(params, anchors, omegas, lam, grads)
-
-
-@_penalty_grad_op.register_fake
-def _(params, anchors, omegas, lam, grads):
+def _penalty_grad_fake(params, anchors, omegas, lam, grads):
     return params[0].new_empty((), dtype=torch.float32)
 
 
-@torch.library.custom_op("mas_kernels::penalty", mutates_args=())
-def _penalty_op(
-    params: list[torch.Tensor], anchors: list[torch.Tensor], omegas: list[torch.Tensor], lam: float,
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
+define("penalty_grad_(Tensor[] params, Tensor[] anchors, Tensor[] omegas, float lam, Tensor(a!)[] grads) -> Tensor",
+       _run, _penalty_grad_fake, mutated=(4,))
+
+
+def _penalty_kernel(params, anchors, omegas, lam):
     grads = [torch.zeros_like(p) for p in params]
     return _run(params, anchors, omegas, lam, grads), grads
 
 
-@_penalty_op.register_fake
-def _(params, anchors, omegas, lam):
+def _penalty_fake(params, anchors, omegas, lam):
     return params[0].new_empty((), dtype=torch.float32), [torch.empty_like(p) for p in params]
 
 
@@ -124,7 +117,9 @@ def _penalty_backward(ctx, grad_value, grad_grads):
     return grads, none, list(none), None
 
 
-_penalty_op.register_autograd(_penalty_backward, setup_context=_penalty_setup_context)
+_PENALTY = define("penalty(Tensor[] params, Tensor[] anchors, Tensor[] omegas, float lam) -> (Tensor, Tensor[])",
+                  _penalty_kernel, _penalty_fake, differentiable=True)
+torch.library.register_autograd(_PENALTY, _penalty_backward, setup_context=_penalty_setup_context, lib=LIB)
 
 
 def penalty_grad_(params, anchors, omegas, lam: float, grads=None) -> torch.Tensor:
@@ -144,8 +139,10 @@ def penalty_grad_(params, anchors, omegas, lam: float, grads=None) -> torch.Tens
     Returns:
         A 0-dim float32 tensor on the params' device (0 for empty lists).
 
-    Raises ``ValueError`` naming the argument and index at fault; nothing is
-    written before all checks pass.
+    The value is not differentiable (see :func:`penalty` for that). Raises
+    ``ValueError`` naming the argument and index at fault (also when a
+    gradient buffer requires grad with grad mode on); nothing is written
+    before all checks pass.
     """
     params, anchors, omegas, lam, grads = _check(OP, params, anchors, omegas, lam, grads)
     into_dot_grad = grads is None
@@ -155,6 +152,9 @@ def penalty_grad_(params, anchors, omegas, lam: float, grads=None) -> torch.Tens
             if g is not None:
                 check_tensor(OP, f"params[{i}].grad", g)
                 check_like(OP, f"params[{i}].grad", g, f"params[{i}]", p)
+                check_not_requiring_grad(OP, f"params[{i}].grad", g)
+    else:
+        check_not_requiring_grad(OP, "grads", grads)
     if not params:
         return torch.zeros((), dtype=torch.float32)
     for i, p in enumerate(params):
@@ -162,10 +162,8 @@ def penalty_grad_(params, anchors, omegas, lam: float, grads=None) -> torch.Tens
             grads[i] = torch.zeros_like(p, memory_format=torch.contiguous_format)
             if into_dot_grad:
                 p.grad = grads[i]
-    # The value is not differentiable: detach every input, or anchors/omegas that
-    # require grad would attach it to an autograd node with no backward.
-    detach = lambda xs: [x.detach() for x in xs]  # noqa: E731
-    return torch.ops.mas_kernels.penalty_grad_(detach(params), detach(anchors), detach(omegas), lam, grads)
+    # Not differentiable (the op's Autograd key is a fallthrough): no detach needed.
+    return torch.ops.mas_kernels.penalty_grad_(params, anchors, omegas, lam, grads)
 
 
 def penalty(params, anchors, omegas, lam: float) -> torch.Tensor:

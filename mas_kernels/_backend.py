@@ -14,6 +14,11 @@ benchmarks can switch it):
            Triton on CUDA.
 =========  ==================================================================
 
+With the native extension built, the CPU kernels of the ops are its C++
+kernels (registered on the dispatcher, see ``ops/_library.py``), which apply
+the same rule to this variable in C++ and hand any other choice to the Python
+kernels, which ask :func:`choose`.
+
 Triton reads ``TRITON_INTERPRET`` once, when it is first imported (which
 ``torch._dynamo`` and ``torch.compile`` may do). So the interpreter must
 be chosen early: importing ``mas_kernels`` with ``MAS_KERNELS_BACKEND=triton``

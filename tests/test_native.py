@@ -11,7 +11,9 @@ missing (one warning, PyTorch path, same results).
 
 from __future__ import annotations
 
-import warnings
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -355,25 +357,79 @@ def test_module_built_for_other_torch_is_refused(monkeypatch):
     assert mod is None and "built against torch 0.0.1" in str(err)
 
 
-def test_missing_extension_falls_back_with_one_warning(monkeypatch):
-    monkeypatch.setattr(_native, "_load", lambda: (None, ImportError("No module named 'mas_kernels._C'")))
-    monkeypatch.setattr(_native, "_WARNED", False)
-    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert not _native.available()
-        assert _backend.choose(torch.device("cpu")) == "torch"
-        for _ in range(2):
-            params, anchors, omegas, grads = penalty_case([(5, 3), (0,), (4,)], BF16, F32, F32)
-            check_penalty(params, anchors, omegas, grads)
-            check_abs_accumulate([torch.rand(6)], [torch.randn(6)])
-            check_abs_outer(torch.rand(3, 4), torch.randn(5, 3), torch.randn(5, 4))
-    ours = [w for w in caught if issubclass(w.category, RuntimeWarning) and "native CPU kernels" in str(w.message)]
-    assert len(ours) == 1, [str(w.message) for w in caught]
-    assert "No module named 'mas_kernels._C'" in str(ours[0].message) and "PyTorch path" in str(ours[0].message)
-    with pytest.raises(RuntimeError, match="native CPU kernels unavailable"):
-        _native.lib()
-    # Forcing the native path without the module is an error that says why.
-    monkeypatch.setenv(_backend.ENV_VAR, "native")
-    with pytest.raises(RuntimeError, match="C\\+\\+ kernels are not available"):
-        _backend.choose(torch.device("cpu"))
+_WITHOUT_C = r"""
+import sys, warnings
+sys.modules["mas_kernels._C"] = None  # as if it was never built: importing it fails
+warnings.simplefilter("always")
+import torch
+import mas_kernels as mk
+from mas_kernels import _backend, _native, ops
+
+assert not ops.NATIVE_CPU_KERNELS  # nothing on the dispatcher's CPU key: the Python kernels serve CPU
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    # (importing the test module asks whether the kernels are available: the first warning)
+    from tests.test_native import BF16, F32, check_abs_accumulate, check_abs_outer, check_penalty, penalty_case
+
+    assert not _native.available()
+    assert _backend.choose(torch.device("cpu")) == "torch"
+    for _ in range(2):
+        params, anchors, omegas, grads = penalty_case([(5, 3), (0,), (4,)], BF16, F32, F32)
+        check_penalty(params, anchors, omegas, grads)
+        check_abs_accumulate([torch.rand(6)], [torch.randn(6)])
+        check_abs_outer(torch.rand(3, 4), torch.randn(5, 3), torch.randn(5, 4))
+ours = [w for w in caught if issubclass(w.category, RuntimeWarning) and "native CPU kernels" in str(w.message)]
+assert len(ours) == 1, [str(w.message) for w in caught]
+assert "mas_kernels._C" in str(ours[0].message) and "PyTorch path" in str(ours[0].message), str(ours[0].message)
+try:
+    _native.lib()
+    raise AssertionError("lib() without the module")
+except RuntimeError as exc:
+    assert "native CPU kernels unavailable" in str(exc)
+# Forcing the native path without the module is an error that says why.
+import os
+os.environ[_backend.ENV_VAR] = "native"
+try:
+    _backend.choose(torch.device("cpu"))
+    raise AssertionError("native forced without the module")
+except RuntimeError as exc:
+    assert "C++ kernels are not available" in str(exc)
+print("ok")
+"""
+
+
+def test_missing_extension_falls_back_with_one_warning():
+    # In a fresh interpreter where mas_kernels._C cannot be imported, as on a
+    # machine without a compiler (here the module is loaded and registered on
+    # the dispatcher, which cannot be undone).
+    env = {k: v for k, v in os.environ.items() if k != _backend.ENV_VAR}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_C], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
+
+
+@needs_native
+def test_cpu_calls_run_the_cpp_kernel_unless_the_backend_says_otherwise(monkeypatch):
+    # With the extension registered, a CPU call goes straight to the C++ kernel;
+    # MAS_KERNELS_BACKEND is still read on every call, and torch/triton reach
+    # the Python kernel (seen here through the PyTorch path it then runs).
+    import importlib
+
+    pen = importlib.import_module("mas_kernels.ops.penalty")
+    outer = importlib.import_module("mas_kernels.ops.abs_outer")
+    calls = []
+    monkeypatch.setattr(pen, "penalty_grad_torch", lambda *a: calls.append("penalty") or torch.zeros(()))
+    monkeypatch.setattr(outer, "abs_outer_torch", lambda *a: calls.append("abs_outer"))
+    args = ([torch.randn(3)], [torch.randn(3)], [torch.rand(3)], 1.0, [torch.zeros(3)])
+    omega, a, b = torch.zeros(2, 3), torch.randn(4, 2), torch.randn(4, 3)
+    for value, python in (("", False), ("auto", False), (" Native ", False), ("torch", True)):
+        monkeypatch.setenv(_backend.ENV_VAR, value)
+        calls.clear()
+        torch.ops.mas_kernels.penalty_grad_(*args)
+        torch.ops.mas_kernels.abs_outer_accumulate_(omega, a, b, 1.0)
+        assert calls == (["penalty", "abs_outer"] if python else []), value
+    monkeypatch.setenv(_backend.ENV_VAR, "bogus")
+    with pytest.raises(ValueError, match="MAS_KERNELS_BACKEND='bogus'"):
+        torch.ops.mas_kernels.penalty_grad_(*args)

@@ -105,8 +105,10 @@ def measure(impls: dict[str, Callable], device: torch.device, reps: int, warmup:
             budget_s: float = 3.0) -> dict[str, list[float]]:
     """Times of each callable, in interleaved rounds with a rotating order.
 
-    An implementation gets ``reps`` timings, or fewer (at least 3) when that
-    many would take more than ``budget_s`` (the slow per-sample loops).
+    An implementation gets as many timings as fit in ``budget_s``, at least 3
+    and at most ``reps``: fast calls get many rounds (on a shared machine a
+    few ms step needs a hundred or more for a stable median), the slow
+    per-sample loops few.
     """
     names = list(impls)
     single = {}
@@ -137,6 +139,23 @@ def summarize(ts: list[float]) -> tuple[float, float, float]:
     ts = sorted(ts)
     q = statistics.quantiles(ts, n=5, method="inclusive") if len(ts) > 1 else [ts[0]] * 4
     return statistics.median(ts), q[0], q[3]
+
+
+def ratio(ts: list[float], ref: list[float]) -> float:
+    """How many times ``ref``'s time ``ts`` takes.
+
+    When both ran in every round, the median over rounds of ``ts[r] / ref[r]``
+    (the two ran back to back): on a shared machine the load drifts over a
+    case's seconds, and a ratio within each round cancels the drift where a
+    ratio of medians does not (measured on the 2-core box, the MLP step
+    overhead over three runs of 2,400-2,900 rounds: 1.02-1.12 as a ratio of
+    medians, 1.078-1.088 paired). When one of them was cut short by the time
+    budget (the slow loops, which ran in the first rounds only), the ratio of
+    the medians: its few rounds are not a fair sample of the other's.
+    """
+    if len(ts) == len(ref):
+        return statistics.median(t / r for t, r in zip(ts, ref))
+    return statistics.median(ts) / statistics.median(ref)
 
 
 @contextlib.contextmanager
@@ -418,9 +437,17 @@ def _model(kind: str, device: torch.device, batch: int):
 
 
 def _optimizer(kind: str, model: nn.Module):
+    """Adam for the MLPs, SGD with momentum for the CNN, at learning rate 0.
+
+    The update is computed and applied in full (a zero step costs what any
+    step costs), but the models do not move: hundreds of timed steps on one
+    batch would otherwise drive the compared copies apart, and their costs
+    with them (measured here, MLP with and without the MAS penalty over
+    2,000-3,000 steps: the ratio read 0.76-0.97 at lr 1e-3, 1.08 at lr 0).
+    """
     if kind.startswith("mlp"):
-        return torch.optim.Adam(model.parameters(), lr=1e-3)
-    return torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+        return torch.optim.Adam(model.parameters(), lr=0.0)
+    return torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
 
 
 def _consolidated_mas(model: nn.Module, x: torch.Tensor):
@@ -519,21 +546,19 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def run_case(case: Case, device: torch.device, reps: int, info: dict, quick: bool = False) -> list[dict]:
-    times = measure(case.impls, device, reps, warmup=1 if quick else 2, budget_s=1.0 if quick else 3.0)
+    times = measure(case.impls, device, reps, warmup=1 if quick else 2, budget_s=1.0 if quick else 2.0)
     session = case.notes.pop("_session", None)
     if session is not None:
         session.close()
     stats = {k: summarize(v) for k, v in times.items()}
-    bound = stats[case.bound][0] if case.bound else None
-    base = stats[case.baseline][0] if case.baseline else None
     rows = []
     for impl, (med, q20, q80) in stats.items():
         row = {
             "op": case.op, "impl": impl, "device": device_label(info), "dtype": case.dtype, "size": case.size,
             "n": case.n, "seconds": med, "q20": q20, "q80": q80, "reps": len(times[impl]),
             case.unit: case.amount,
-            "ratio_to_bound": None if bound is None else med / bound,
-            "ratio_to_baseline": None if base is None else med / base,
+            "ratio_to_bound": ratio(times[impl], times[case.bound]) if case.bound else None,
+            "ratio_to_baseline": ratio(times[impl], times[case.baseline]) if case.baseline else None,
             "is_bound": impl == case.bound,
         }
         if case.notes:
@@ -684,12 +709,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="device to benchmark (default: cuda if available, else cpu)")
     parser.add_argument("--only", metavar="SECTIONS",
                         help="comma-separated subset of: penalty,abs_accumulate,abs_outer,conv,e2e")
-    parser.add_argument("--reps", type=int, help="timed rounds per case (default 5 with --quick, else 15)")
+    parser.add_argument("--reps", type=int, help="at most this many timed rounds per implementation, as many as "
+                        "fit in ~2 s (1 s with --quick) (default 20 with --quick, else 200)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
-    reps = args.reps or (5 if args.quick else 15)
+    reps = args.reps or (20 if args.quick else 200)
     use_compile = not args.quick and not args.no_compile
     sections = set(args.only.split(",")) if args.only else None
     info = machine_info(device)
@@ -698,7 +724,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{'yes' if info['native_kernels'] else 'no (' + _native.load_error() + ')'}; "
           f"load average {info['loadavg_start']}", flush=True)
     print(f"'ours' = the mas_kernels op with the default backend, here {info['ours_backend']}; "
-          "times are medians [20%, 80% quantiles]; x bound, x baseline: ratios of median times", flush=True)
+          "times are medians [20%, 80% quantiles]; x bound, x baseline: medians of the per-round ratios "
+          "(each round runs every implementation back to back), or ratios of medians where one side had fewer "
+          "rounds", flush=True)
     t_start = time.perf_counter()
     rows: list[dict] = []
     for section, build in plan(args.quick, device, use_compile):

@@ -1,0 +1,42 @@
+"""The bench's timing rules (``mas_kernels.bench.measure`` and ``ratio``), not its numbers."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from mas_kernels import bench
+
+
+def test_ratio_pairs_rounds_when_both_ran_in_all():
+    # The machine got 10x slower for the last rounds (load from elsewhere):
+    # per-round ratios see 1.1 throughout, a ratio of medians sees 11.
+    ref = [1.0, 1.0, 1.0, 10.0, 10.0]
+    ts = [1.1, 1.1, 11.0, 11.0, 11.0]
+    assert bench.ratio(ts, ref) == pytest.approx(1.1)
+    assert bench.ratio(ref, ref) == 1.0
+
+
+def test_ratio_of_medians_when_one_side_was_cut_short():
+    # A slow loop that ran in the first 3 rounds only is compared by medians.
+    assert bench.ratio([100.0, 120.0, 110.0], [1.0, 2.0, 10.0, 10.0, 1.0]) == pytest.approx(110.0 / 2.0)
+
+
+def test_measure_gives_fast_calls_many_rounds_and_slow_ones_at_least_three():
+    calls = []
+
+    def slow():
+        calls.append("slow")
+        time.sleep(0.02)
+
+    def fast():
+        calls.append("fast")
+
+    times = bench.measure({"slow": slow, "fast": fast}, torch.device("cpu"), reps=12, warmup=1, budget_s=0.03)
+    assert len(times["fast"]) == 12 and len(times["slow"]) == 3
+    assert all(t >= 0.02 for t in times["slow"])
+    # Interleaved: the slow one's timed rounds are the first three, alternating with the fast one.
+    timed = calls[2:]  # after one warm-up call each
+    assert timed[:6].count("slow") == 3 and timed[6:] == ["fast"] * 9

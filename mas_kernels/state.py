@@ -49,7 +49,18 @@ class FlatBuffers:
             b.zero_()
 
     def all_finite(self) -> bool:
-        return all(bool(torch.isfinite(b).all()) for b in self.buffers.values())
+        """Whether every element of every buffer is finite.
+
+        A sum with an inf or a NaN in it is inf or NaN, so a finite sum proves
+        every element finite: one reduction (~25 us for 0.5M fp32 on 2 cores,
+        where ``isfinite(b).all()`` took ~900 us). A non-finite sum is either a
+        non-finite element or a float32 overflow of finite ones; the sum in
+        float64 tells them apart (float32 values cannot overflow it).
+        """
+        for b in self.buffers.values():
+            if not bool(torch.isfinite(b.sum())) and not bool(torch.isfinite(b.sum(dtype=torch.float64))):
+                return False
+        return True
 
     def first_non_finite(self) -> str | None:
         for name, v in self.views.items():

@@ -206,3 +206,18 @@ def test_outputs_requiring_grad_are_refused_under_grad_mode(backend):
         omega = leaf * 1
         mk.abs_outer_accumulate_(omega, torch.ones(4, 3), torch.ones(4, 5))
     torch.testing.assert_close(omega.detach(), torch.full((3, 5), 4.0))
+
+
+def test_ops_work_on_inference_tensors(backend):
+    # Inference tensors have no version counter: the bump must skip them, not fail.
+    with torch.inference_mode():
+        omega = torch.zeros(3, 4)
+        mk.abs_outer_accumulate_(omega, torch.ones(2, 3), -torch.ones(2, 4))
+        grads = [torch.zeros(3)]
+        value = mk.penalty_grad_([torch.ones(3)], [torch.zeros(3)], [torch.full((3,), 2.0)], 0.5, grads)
+        omegas = [torch.zeros(3)]
+        mk.abs_accumulate_(omegas, [-torch.ones(3)], 2.0)
+        pen = mk.penalty([torch.ones(3)], [torch.zeros(3)], [torch.full((3,), 2.0)], 0.5)
+    assert torch.equal(omega, torch.full((3, 4), 2.0))
+    assert value.item() == 3.0 and pen.item() == 3.0 and grads[0].tolist() == [2.0] * 3
+    assert omegas[0].tolist() == [2.0] * 3

@@ -219,6 +219,24 @@ def resnet50_shapes(width: float = 1.0) -> list[tuple[int, ...]]:
     return shapes
 
 
+def transformer_shapes(width: float = 1.0) -> list[tuple[int, ...]]:
+    """The 199 parameter shapes of a BERT-base-like encoder (109,482,240 elements at width 1).
+
+    12 layers, hidden 768, FFN 3072, 30,522-word vocabulary, 512 positions,
+    and a pooler. ``width`` scales the hidden and FFN sizes (the vocabulary
+    and positions stay), for smaller lists with the same structure.
+    """
+    d, f = max(1, int(round(768 * width))), max(1, int(round(3072 * width)))
+    shapes = [(30522, d), (512, d), (2, d), (d,), (d,)]
+    for _ in range(12):
+        shapes += [(d, d), (d,)] * 4 + [(d,), (d,), (f, d), (f,), (d, f), (d,), (d,), (d,)]
+    shapes += [(d, d), (d,)]
+    return shapes
+
+
+PARAM_LISTS = {"resnet50": resnet50_shapes, "transformer": transformer_shapes}
+
+
 def _views(flat: torch.Tensor, shapes) -> list[torch.Tensor]:
     out, off = [], 0
     for s in shapes:
@@ -257,9 +275,9 @@ def _penalty_flat(p, a, o, g, lam: float):
 
 
 def penalty_case(width: float, dtype: torch.dtype, device: torch.device, use_compile: bool,
-                 quick: bool) -> Case:
-    """penalty+grad over the ResNet-50-like list at ``width``; params, anchors, grads in ``dtype``."""
-    shapes = resnet50_shapes(width)
+                 quick: bool, model: str = "resnet50") -> Case:
+    """penalty+grad over the ``model``-like list (see ``PARAM_LISTS``) at ``width``; params, anchors, grads in ``dtype``."""
+    shapes = PARAM_LISTS[model](width)
     n = sum(math.prod(s) for s in shapes)
     gen = torch.Generator(device="cpu").manual_seed(0)
     p_flat = torch.randn(n, generator=gen).to(device=device, dtype=dtype)
@@ -331,7 +349,7 @@ def penalty_case(width: float, dtype: torch.dtype, device: torch.device, use_com
     else:
         notes["compile"] = "skipped under --quick (compiling takes seconds)" if quick else "skipped (--no-compile)"
     impls["copy bound"] = _copy_bound(n * bpe, device)
-    return Case("penalty_grad", _dtype_name(dtype), f"resnet50 x{width:g} ({len(shapes)} tensors, {n / 1e6:.2f}M)",
+    return Case("penalty_grad", _dtype_name(dtype), f"{model} x{width:g} ({len(shapes)} tensors, {n / 1e6:.2f}M)",
                 n, "bytes", n * bpe, impls, bound="copy bound", baseline="avalanche loop", notes=notes)
 
 
@@ -585,9 +603,13 @@ def plan(quick: bool, device: torch.device, use_compile: bool) -> list[tuple[str
         convs = ((16, 32, 32, 16), (64, 64, 64, 32))
         # The demo's MLP at its batch size and at 4x; a wider MLP; a small CNN.
         e2e = (("mlp-400", 64), ("mlp-400", 256), ("mlp-1024", 128), ("cnn", 32))
+    penalty = [("resnet50", d, w) for d, w in penalty]
+    if device.type == "cuda" and not quick:
+        # The transformer-like list (109M elements, 1.75 GB of fp32 p/theta*/Omega/grad) on a GPU only.
+        penalty += [("transformer", fp32, 1.0), ("transformer", bf16, 1.0)]
     cases: list[tuple[str, Callable[[], Case]]] = []
-    for dtype, w in penalty:
-        cases.append(("penalty", lambda w=w, d=dtype: penalty_case(w, d, device, use_compile, quick)))
+    for model, dtype, w in penalty:
+        cases.append(("penalty", lambda m=model, w=w, d=dtype: penalty_case(w, d, device, use_compile, quick, m)))
     for w in accumulate:
         cases.append(("abs_accumulate", lambda w=w: abs_accumulate_case(w, fp32, device)))
     for dtype, (n, j, i) in outer:

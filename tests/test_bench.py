@@ -1,7 +1,8 @@
-"""The bench's timing rules (``mas_kernels.bench.measure`` and ``ratio``), not its numbers."""
+"""The bench's timing rules (``measure``, ``ratio``) and its cases, not its numbers."""
 
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
@@ -40,3 +41,24 @@ def test_measure_gives_fast_calls_many_rounds_and_slow_ones_at_least_three():
     # Interleaved: the slow one's timed rounds are the first three, alternating with the fast one.
     timed = calls[2:]  # after one warm-up call each
     assert timed[:6].count("slow") == 3 and timed[6:] == ["fast"] * 9
+
+
+def test_param_lists_have_their_models_sizes():
+    # torchvision's ResNet-50 and BERT-base (with pooler): tensors and elements.
+    for shapes_of, tensors, elements in ((bench.resnet50_shapes, 161, 25_557_032),
+                                         (bench.transformer_shapes, 199, 109_482_240)):
+        shapes = shapes_of(1.0)
+        assert len(shapes) == tensors and sum(math.prod(s) for s in shapes) == elements
+        assert len(shapes_of(0.125)) == tensors
+
+
+@pytest.mark.parametrize("model", ["resnet50", "transformer"])
+def test_penalty_case_implementations_compute_the_same_value(model):
+    # A side-by-side timing means something only if every row computes the same penalty.
+    case = bench.penalty_case(1 / 64, torch.float32, torch.device("cpu"), use_compile=False, quick=True, model=model)
+    values = {name: float(case.impls[name]().detach()) for name in
+              ("avalanche loop", "foreach", "ours", "ours, torch.ops (as mk.MAS)", "ours, 1 flat tensor")}
+    want = values.pop("avalanche loop")
+    assert want > 0
+    for name, v in values.items():
+        assert v == pytest.approx(want, rel=1e-4), name

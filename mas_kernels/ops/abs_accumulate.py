@@ -44,11 +44,7 @@ def _kernel(omegas: list[torch.Tensor], tensors: list[torch.Tensor], alpha: floa
         from .multi_tensor_triton import abs_accumulate_triton
 
         abs_accumulate_triton(omegas, tensors, alpha)
-    elif impl == "native":
-        from .. import _native
-
-        _native.lib().abs_accumulate_(omegas, tensors, alpha)
-    else:
+    else:  # "torch": "native" never gets here, its C++ kernels are the CPU kernels (see _library)
         abs_accumulate_torch(omegas, tensors, alpha)
 
 

@@ -57,11 +57,7 @@ def _kernel(omega: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float)
         from .abs_outer_triton import abs_outer_triton
 
         abs_outer_triton(omega, a, b, alpha)
-    elif impl == "native":
-        from .. import _native
-
-        _native.lib().abs_outer_accumulate_(omega, a, b, alpha)
-    else:
+    else:  # "torch": "native" never gets here, its C++ kernels are the CPU kernels (see _library)
         abs_outer_torch(omega, a, b, alpha)
 
 

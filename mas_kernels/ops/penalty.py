@@ -82,10 +82,7 @@ def _run(params, anchors, omegas, lam, grads) -> torch.Tensor:
         from .multi_tensor_triton import penalty_grad_triton
 
         return penalty_grad_triton(params, anchors, omegas, lam, grads)
-    if impl == "native":
-        from .. import _native
-
-        return _native.lib().penalty_grad_(params, anchors, omegas, lam, grads)
+    # "torch": "native" never gets here, its C++ kernels are the CPU kernels (see _library)
     return penalty_grad_torch(params, anchors, omegas, lam, grads)
 
 

@@ -463,6 +463,18 @@ def test_penalty_gradient_scales_with_loss(backend, scale, dtype):
         assert_close(p.grad, scale * new_grads[i], abs(scale) * scales[i], atol=atol, rtol=rtol, name=f"params[{i}].grad")
 
 
+def test_penalty_backward_twice_with_retained_graph(backend):
+    # The backward scales a copy of the saved gradient: a second backward sees it unchanged.
+    params, anchors, omegas, _ = penalty_inputs([(6, 2), (3,)], F32)
+    params = [p.requires_grad_() for p in params]
+    _, new_grads, scales = expected_penalty(params, anchors, omegas, 0.5, [torch.zeros_like(p) for p in params])
+    value = mk.penalty(params, anchors, omegas, 0.5)
+    (2.0 * value).backward(retain_graph=True)
+    value.backward()
+    for i, p in enumerate(params):
+        assert_close(p.grad, 3.0 * new_grads[i], 3.0 * scales[i], name=f"params[{i}].grad")
+
+
 def test_penalty_accumulates_and_leaves_anchors_alone(backend):
     params, anchors, omegas, _ = penalty_inputs([(4, 4), (3,)], F32)
     params = [p.requires_grad_() for p in params]

@@ -105,11 +105,13 @@ def _penalty_fake(params, anchors, omegas, lam):
 
 def _penalty_setup_context(ctx, inputs, output):
     ctx.save_for_backward(*output[1])
+    ctx.mark_non_differentiable(*output[1])  # the gradient output is data, not a function to differentiate
 
 
 def _penalty_backward(ctx, grad_value, grad_grads):
-    # The gradient was computed in the forward's fused pass; scale it by the incoming grad.
-    grads = [g * grad_value.to(g.dtype) for g in ctx.saved_tensors]
+    # The gradient was computed in the forward's fused pass; scale it by the incoming grad
+    # (one multi-tensor call; the saved tensors stay as they are, for a second backward).
+    grads = list(torch._foreach_mul(list(ctx.saved_tensors), grad_value))
     none = [None] * len(grads)
     return grads, none, list(none), None
 

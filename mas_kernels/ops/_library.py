@@ -9,11 +9,11 @@ call plus about 0.5 us per tensor in list arguments (0.37 ms for a
 by itself. Here an op costs one Python kernel (21 us and 0.1 ms on the same
 calls):
 
-* ``CompositeExplicitAutograd``: the kernel for every device. It runs the
-  backend's implementation (Triton, native CPU or PyTorch; see
+* ``CompositeExplicitAutograd``: the Python kernel, for every device without
+  a kernel of its own. It runs the Triton or the PyTorch implementation (see
   ``_backend.choose``) under ``no_grad`` and bumps the version counter of each
-  mutated tensor, as an in-place PyTorch op does (the native and Triton kernels
-  write through data pointers, which autograd cannot see).
+  mutated tensor, as an in-place PyTorch op does (Triton writes through data
+  pointers, which autograd cannot see).
 * ``Autograd``: a fallthrough for the non-differentiable ops (the in-place
   accumulations, and ``penalty_grad_``, whose value is not differentiable):
   no graph is recorded, and none of their outputs requires grad. The one

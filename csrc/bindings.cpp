@@ -9,9 +9,9 @@
 #include <string>
 
 namespace mas_kernels {
-// dispatch.cpp: the C++ kernels on the dispatcher's CPU key (Python kernels as the fallback).
-void register_cpu_kernels(pybind11::object abs_outer, pybind11::object abs_accumulate, pybind11::object penalty_grad,
-                          pybind11::object penalty);
+// dispatch.cpp: the C++ kernels on (and off) the dispatcher's CPU key.
+void register_cpu_kernels();
+void unregister_cpu_kernels();
 }  // namespace mas_kernels
 
 namespace {
@@ -36,10 +36,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("penalty_grad_", &mas_kernels::penalty_grad_, py::arg("params"), py::arg("anchors"), py::arg("omegas"),
         py::arg("lam"), py::arg("grads"), py::call_guard<py::gil_scoped_release>(),
         "returns lam * sum_i sum omega_i (p_i - a_i)^2 (0-dim fp32); grads[i] += 2 lam omega_i (p_i - a_i)");
-  m.def("register_cpu_kernels", &mas_kernels::register_cpu_kernels, py::arg("abs_outer_accumulate_"),
-        py::arg("abs_accumulate_"), py::arg("penalty_grad_"), py::arg("penalty"),
-        "make the C++ kernels the CPU kernels of the mas_kernels:: ops; the given Python kernels run when "
-        "MAS_KERNELS_BACKEND asks for another backend");
+  m.def("register_cpu_kernels", &mas_kernels::register_cpu_kernels,
+        "make the C++ kernels the CPU kernels of the mas_kernels:: ops (mas_kernels._backend calls it)");
+  m.def("unregister_cpu_kernels", &mas_kernels::unregister_cpu_kernels,
+        "take the C++ kernels off the ops' CPU key again");
   m.def("torch_version", &torch_version, "the torch release this module was built against");
   m.def("has_openmp", []() {
 #ifdef _OPENMP

@@ -4,10 +4,12 @@ __version__ = "0.1.0"
 
 from .ops import abs_accumulate_, abs_outer_accumulate_, penalty, penalty_grad_
 from .mas import MAS
+from ._backend import use as use_backend
 
 __all__ = [
     "__version__",
     "MAS",
+    "use_backend",
     "abs_outer_accumulate_",
     "abs_accumulate_",
     "penalty_grad_",

@@ -1,51 +1,64 @@
-"""Which implementation of an op runs: chosen per call from the tensors' device.
+"""Which implementation of the ops runs on each device: one kernel per dispatch key.
 
-``MAS_KERNELS_BACKEND`` overrides the choice (read on every call, so tests and
-benchmarks can switch it):
+The choice is made once, at ``import mas_kernels``, from ``MAS_KERNELS_BACKEND``,
+and put on the dispatcher: each op gets the chosen kernel on its ``CPU`` and
+``CUDA`` keys, so a call goes straight to it (nothing is decided per call).
+:func:`use` changes the choice later (tests and benchmarks do).
 
 =========  ==================================================================
-``auto``   (default) CUDA -> Triton; CPU -> native C++ kernels if built, else
-           the PyTorch path.
+``auto``   (default) CUDA -> Triton (the PyTorch path, with one warning, when
+           Triton is not installed); CPU -> native C++ kernels if built, else
+           the PyTorch path (with one warning saying why).
 ``torch``  the PyTorch path everywhere (the readable definition).
 ``triton`` Triton everywhere; on CPU tensors the kernels run under the Triton
            interpreter (``TRITON_INTERPRET=1``), which is how the test suite
            checks the real kernels on a machine without a GPU.
-``native`` the C++ kernels on CPU tensors (error if they are not built);
+``native`` the C++ kernels on CPU tensors (an error if they are not built);
            Triton on CUDA.
 =========  ==================================================================
 
-With the native extension built, the CPU kernels of the ops are its C++
-kernels (registered on the dispatcher, see ``ops/_library.py``), which apply
-the same rule to this variable in C++ and hand any other choice to the Python
-kernels, which ask :func:`choose`.
+Other devices (and every device when nothing more specific is registered)
+get the PyTorch path through the ops' ``CompositeExplicitAutograd`` kernel.
 
 Triton reads ``TRITON_INTERPRET`` once, when it is first imported (which
-``torch._dynamo`` and ``torch.compile`` may do). So the interpreter must
-be chosen early: importing ``mas_kernels`` with ``MAS_KERNELS_BACKEND=triton``
-on a machine without CUDA sets ``TRITON_INTERPRET=1`` if triton is not yet
+``torch._dynamo`` and ``torch.compile`` may do). So the interpreter must be
+chosen early: importing ``mas_kernels`` with ``MAS_KERNELS_BACKEND=triton`` on
+a machine without CUDA sets ``TRITON_INTERPRET=1`` if triton is not yet
 imported; the test suite sets it in its conftest. The kernel modules
-themselves are imported lazily, on first use.
+themselves are imported on their first call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
 import sys
 import warnings
+from typing import Callable, Iterator
 
 import torch
 
 ENV_VAR = "MAS_KERNELS_BACKEND"
 CHOICES = ("auto", "torch", "triton", "native")
+KEYS = ("CPU", "CUDA")
+
+_choice: str | None = None          # what use() was last given
+_selected: dict[str, str] = {}      # dispatch key -> backend running there
+_libs: dict[str, torch.library.Library] = {}  # dispatch key -> the Python kernels registered on it
+
+
+def _check_choice(value: str, source: str) -> str:
+    value = (value or "auto").strip().lower() or "auto"
+    if value not in CHOICES:
+        raise ValueError(f"{source}={value!r} is not one of {', '.join(CHOICES)}")
+    return value
 
 
 def requested() -> str:
-    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
-    if value not in CHOICES:
-        raise ValueError(f"{ENV_VAR}={value!r} is not one of {', '.join(CHOICES)}")
-    return value
+    """The choice ``MAS_KERNELS_BACKEND`` asks for (``auto`` when unset)."""
+    return _check_choice(os.environ.get(ENV_VAR, "auto"), ENV_VAR)
 
 
 @functools.lru_cache(maxsize=None)
@@ -59,26 +72,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
-def _prepare_triton(device: torch.device) -> None:
+def _interpret_on_cpu() -> None:
     """Turn the interpreter on for CPU tensors, which only works before triton is imported."""
-    if device.type == "cuda" or interpreting():
+    if interpreting():
         return
     if "triton" in sys.modules:
         raise RuntimeError(
-            f"mas_kernels: Triton kernels on {device.type} tensors need its interpreter, but triton "
-            "was imported without it; set TRITON_INTERPRET=1 before importing triton or mas_kernels"
+            "mas_kernels: Triton kernels on CPU tensors need its interpreter, but triton was imported "
+            "without it; set TRITON_INTERPRET=1 before importing triton or mas_kernels"
         )
     os.environ["TRITON_INTERPRET"] = "1"
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_no_triton() -> None:
-    warnings.warn(
-        "mas_kernels: Triton is not installed; CUDA tensors use the PyTorch path "
-        "(pip install triton for the fused kernels)",
-        RuntimeWarning,
-        stacklevel=3,
-    )
 
 
 def native_available() -> bool:
@@ -87,34 +90,106 @@ def native_available() -> bool:
     return _native.available()
 
 
-def choose(device: torch.device) -> str:
-    """Return ``"torch"``, ``"triton"`` or ``"native"`` for tensors on ``device``."""
-    req = requested()
-    if req == "torch" or device.type == "meta":
-        return "torch"
-    if device.type == "cuda":
-        if has_triton():
-            _prepare_triton(device)
-            return "triton"
-        if req == "triton":
-            raise RuntimeError(f"{ENV_VAR}=triton but Triton is not installed (pip install triton)")
-        _warn_no_triton()
-        return "torch"
-    if req == "triton":
-        if not has_triton():
-            raise RuntimeError(f"{ENV_VAR}=triton but Triton is not installed (pip install triton)")
-        if device.type != "cpu":
-            raise RuntimeError(f"{ENV_VAR}=triton: Triton cannot run on {device.type} tensors")
-        _prepare_triton(device)
-        return "triton"
-    if device.type == "cpu":
-        if native_available():
-            return "native"
-        if req == "native":
-            from . import _native
+def plan(choice: str) -> dict[str, str]:
+    """The backend each dispatch key gets for ``choice``; raises, changing nothing, if it cannot run."""
+    choice = _check_choice(choice, "backend")
+    if choice == "torch":
+        return {"CPU": "torch", "CUDA": "torch"}
+    if choice == "triton" and not has_triton():
+        raise RuntimeError(f"{ENV_VAR}=triton but Triton is not installed (pip install triton)")
+    if choice == "triton":
+        if "triton" in sys.modules and not interpreting() and not torch.cuda.is_available():
+            _interpret_on_cpu()  # raises the worded error: the interpreter can no longer be turned on
+        return {"CPU": "triton", "CUDA": "triton"}
+    from . import _native
 
-            raise RuntimeError(f"{ENV_VAR}=native but the C++ kernels are not available: {_native.load_error()}")
-    return "torch"
+    built = _native.built()
+    if choice == "native" and not built:
+        raise RuntimeError(f"{ENV_VAR}=native but the C++ kernels are not available: {_native.load_error()}")
+    return {"CPU": "native" if built else "torch", "CUDA": "triton" if has_triton() else "torch"}
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_no_triton() -> None:
+    warnings.warn(
+        "mas_kernels: Triton is not installed; CUDA tensors use the PyTorch path "
+        "(pip install triton for the fused kernels)",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def _python_kernels(key: str, backend: str, fallback: bool) -> dict[str, Callable]:
+    """The Python kernels for ``key``; ``fallback``: the PyTorch path standing in for a faster
+    backend that is missing here, which says so once, on the first call."""
+    from . import _native
+    from .ops._library import OPS
+
+    if backend == "triton":
+        before = _interpret_on_cpu if key == "CPU" else None
+        return {name: op.kernel("triton", before) for name, op in OPS.items()}
+    before = None
+    if fallback:
+        before = _warn_no_triton if key == "CUDA" else _native.available  # available() warns once, saying why
+    return {name: op.kernel("torch", before) for name, op in OPS.items()}
+
+
+def _register(key: str, backend: str, fallback: bool = False) -> None:
+    from . import _native
+    from .ops._library import NAMESPACE
+
+    old = _libs.pop(key, None)
+    if old is not None:
+        old._destroy()
+    if key == "CPU" and _selected.get("CPU") == "native":
+        _native.lib().unregister_cpu_kernels()
+    _selected.pop(key, None)
+    if backend == "native":
+        _native.lib().register_cpu_kernels()
+    else:
+        lib = torch.library.Library(NAMESPACE, "IMPL", key)
+        for name, kernel in _python_kernels(key, backend, fallback).items():
+            lib.impl(name, kernel)
+        _libs[key] = lib
+    _selected[key] = backend
+
+
+def use(choice: str | None = None) -> str:
+    """Put the kernels of ``choice`` (default: ``MAS_KERNELS_BACKEND``) on the dispatcher; return the old choice.
+
+    Raises ``ValueError`` for an unknown choice and ``RuntimeError`` when the
+    backend cannot run here (Triton not installed, native kernels not built),
+    in both cases before anything changes.
+    """
+    global _choice
+    choice = requested() if choice is None else _check_choice(choice, "mas_kernels.use_backend")
+    where = plan(choice)
+    for key, backend in where.items():
+        # Under auto, the PyTorch path on a key stands in for the missing native or Triton kernels.
+        _register(key, backend, fallback=choice == "auto" and backend == "torch")
+    old, _choice = _choice, choice
+    return old or "auto"
+
+
+@contextlib.contextmanager
+def using(choice: str) -> Iterator[None]:
+    """``use(choice)`` for the block, then the previous choice again."""
+    old = use(choice)
+    try:
+        yield
+    finally:
+        use(old)
+
+
+def current() -> str:
+    """The choice in effect (``auto``, ``torch``, ``triton`` or ``native``)."""
+    return _choice or "auto"
+
+
+def choose(device: torch.device) -> str:
+    """The backend that runs for tensors on ``device``: ``"torch"``, ``"triton"`` or ``"native"``."""
+    device = torch.device(device)
+    return _selected.get(device.type.upper(), "torch")
 
 
 def autotune_configs(configs: list) -> list:
@@ -128,7 +203,7 @@ def _interpret_if_forced_without_gpu() -> None:
     try:
         forced = requested() == "triton"
     except ValueError:
-        return  # reported on the first op call
+        return  # reported by use() when the ops are registered
     if forced and "triton" not in sys.modules and not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -79,3 +79,8 @@ def load_error() -> str:
     """Why the native kernels are unavailable (``""`` when they are available)."""
     err = _load()[1]
     return "" if err is None else f"{type(err).__name__}: {err}"
+
+
+def built() -> bool:
+    """True when ``_C`` loaded and matches the running torch (no warning)."""
+    return _load()[0] is not None

@@ -158,24 +158,11 @@ def ratio(ts: list[float], ref: list[float]) -> float:
     return statistics.median(ts) / statistics.median(ref)
 
 
-@contextlib.contextmanager
-def backend(name: str):
-    """Force ``MAS_KERNELS_BACKEND`` for the calls inside."""
-    old = os.environ.get(_backend.ENV_VAR)
-    os.environ[_backend.ENV_VAR] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[_backend.ENV_VAR]
-        else:
-            os.environ[_backend.ENV_VAR] = old
-
-
-def with_backend(name: str, fn: Callable) -> Callable:
-    def run():
-        with backend(name):
-            return fn()
+def torch_path(fn: Callable) -> Callable:
+    """``fn`` (an op's PyTorch implementation) as the ops' Python kernels run it: under ``no_grad``."""
+    def run(*args):
+        with torch.no_grad():
+            return fn(*args)
 
     return run
 
@@ -325,7 +312,9 @@ def penalty_case(width: float, dtype: torch.dtype, device: torch.device, use_com
     impls = {"avalanche loop": avalanche, "foreach": foreach, "ours": ours, "ours, torch.ops (as mk.MAS)": ours_op,
              "ours, 1 flat tensor": ours_flat}
     if ours_backend(device) != "torch":
-        impls["ours, torch path"] = with_backend("torch", ours)
+        from mas_kernels.ops.penalty import penalty_grad_torch
+
+        impls["ours, torch path"] = lambda: torch_path(penalty_grad_torch)(params, anchors, omegas, lam, grads)
     notes = {}
     if use_compile:
         key = (str(dtype), str(device))
@@ -368,7 +357,10 @@ def abs_accumulate_case(width: float, dtype: torch.dtype, device: torch.device) 
     def ours():
         _ops().abs_accumulate_(omegas, tensors, alpha)
 
-    impls = {"torch loop": with_backend("torch", ours), "foreach": foreach, "ours": ours}
+    from mas_kernels.ops.abs_accumulate import abs_accumulate_torch
+
+    impls = {"torch loop": lambda: torch_path(abs_accumulate_torch)(omegas, tensors, alpha), "foreach": foreach,
+             "ours": ours}
     bpe = dtype.itemsize + 8  # read t, read Omega, write Omega
     impls["copy bound"] = _copy_bound(n * bpe, device)
     return Case("abs_accumulate", _dtype_name(dtype), f"resnet50 x{width:g} ({len(shapes)} tensors, {n / 1e6:.2f}M)",
@@ -555,8 +547,7 @@ def _ops():
 
 def ours_backend(device: torch.device) -> str:
     """What "ours" runs on ``device`` under the default backend: native, triton or torch."""
-    with backend("auto"):
-        return _backend.choose(device)
+    return _backend.choose(device)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -20,16 +20,21 @@ BACKENDS = (["torch"] + (["triton"] if _backend.has_triton() else [])
             + (["native"] if _backend.native_available() else []))
 
 
+def backend_in_use(device="cpu") -> str:
+    """The implementation serving ``device`` now: ``torch``, ``triton`` or ``native``."""
+    return _backend.choose(torch.device(device))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
 
 
 @pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch):
-    """Force one implementation for the test (``MAS_KERNELS_BACKEND``)."""
-    monkeypatch.setenv(_backend.ENV_VAR, request.param)
-    return request.param
+def backend(request):
+    """Put one implementation on the dispatcher for the test (``mk.use_backend``)."""
+    with _backend.using(request.param):
+        yield request.param
 
 
 @pytest.fixture(params=DEVICES)

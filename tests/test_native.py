@@ -39,9 +39,10 @@ needs_native = pytest.mark.skipif(
 
 
 @pytest.fixture
-def native(monkeypatch):
-    monkeypatch.setenv(_backend.ENV_VAR, "native")
-    assert _backend.choose(torch.device("cpu")) == "native"
+def native():
+    with _backend.using("native"):
+        assert _backend.choose(torch.device("cpu")) == "native"
+        yield
 
 
 # ------------------------------------------------------------------- helpers
@@ -166,8 +167,8 @@ def test_penalty_aliased_lists_match_sequential_torch_path(native, monkeypatch):
         return value, grads
 
     value_native, grads_native = run()
-    monkeypatch.setenv(_backend.ENV_VAR, "torch")
-    value_torch, grads_torch = run()
+    with _backend.using("torch"):
+        value_torch, grads_torch = run()
     assert_close(value_native, value_torch.to(F64), rtol=1e-5, name="value")
     for i, (x, y) in enumerate(zip(grads_native, grads_torch)):
         assert_close(x, y.to(F64), y.abs().to(F64) + 1.0, name=f"grads[{i}]")
@@ -361,18 +362,17 @@ _WITHOUT_C = r"""
 import sys, warnings
 sys.modules["mas_kernels._C"] = None  # as if it was never built: importing it fails
 warnings.simplefilter("always")
-import torch
-import mas_kernels as mk
-from mas_kernels import _backend, _native, ops
-
-assert not ops.NATIVE_CPU_KERNELS  # nothing on the dispatcher's CPU key: the Python kernels serve CPU
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    # (importing the test module asks whether the kernels are available: the first warning)
+    import torch
+    import mas_kernels as mk
+    from mas_kernels import _backend, _native
+
+    # nothing native on the dispatcher's CPU key: the PyTorch kernels serve CPU
+    assert _backend.choose(torch.device("cpu")) == "torch"
     from tests.test_native import BF16, F32, check_abs_accumulate, check_abs_outer, check_penalty, penalty_case
 
     assert not _native.available()
-    assert _backend.choose(torch.device("cpu")) == "torch"
     for _ in range(2):
         params, anchors, omegas, grads = penalty_case([(5, 3), (0,), (4,)], BF16, F32, F32)
         check_penalty(params, anchors, omegas, grads)
@@ -386,22 +386,20 @@ try:
     raise AssertionError("lib() without the module")
 except RuntimeError as exc:
     assert "native CPU kernels unavailable" in str(exc)
-# Forcing the native path without the module is an error that says why.
-import os
-os.environ[_backend.ENV_VAR] = "native"
+# Forcing the native path without the module is an error that says why, and changes nothing.
 try:
-    _backend.choose(torch.device("cpu"))
+    mk.use_backend("native")
     raise AssertionError("native forced without the module")
 except RuntimeError as exc:
     assert "C++ kernels are not available" in str(exc)
+assert _backend.choose(torch.device("cpu")) == "torch" and _backend.current() == "auto"
 print("ok")
 """
 
 
 def test_missing_extension_falls_back_with_one_warning():
     # In a fresh interpreter where mas_kernels._C cannot be imported, as on a
-    # machine without a compiler (here the module is loaded and registered on
-    # the dispatcher, which cannot be undone).
+    # machine without a compiler.
     env = {k: v for k, v in os.environ.items() if k != _backend.ENV_VAR}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
@@ -411,10 +409,10 @@ def test_missing_extension_falls_back_with_one_warning():
 
 
 @needs_native
-def test_cpu_calls_run_the_cpp_kernel_unless_the_backend_says_otherwise(monkeypatch):
-    # With the extension registered, a CPU call goes straight to the C++ kernel;
-    # MAS_KERNELS_BACKEND is still read on every call, and torch/triton reach
-    # the Python kernel (seen here through the PyTorch path it then runs).
+def test_the_dispatcher_picks_the_kernel_and_nothing_is_chosen_per_call(monkeypatch):
+    # The native C++ kernels sit on the CPU key; use_backend("torch") puts the
+    # Python kernels there instead (seen through the PyTorch path they run), and
+    # back. The environment is read once, at import: changing it later does nothing.
     import importlib
 
     pen = importlib.import_module("mas_kernels.ops.penalty")
@@ -424,12 +422,24 @@ def test_cpu_calls_run_the_cpp_kernel_unless_the_backend_says_otherwise(monkeypa
     monkeypatch.setattr(outer, "abs_outer_torch", lambda *a: calls.append("abs_outer"))
     args = ([torch.randn(3)], [torch.randn(3)], [torch.rand(3)], 1.0, [torch.zeros(3)])
     omega, a, b = torch.zeros(2, 3), torch.randn(4, 2), torch.randn(4, 3)
-    for value, python in (("", False), ("auto", False), (" Native ", False), ("torch", True)):
-        monkeypatch.setenv(_backend.ENV_VAR, value)
-        calls.clear()
-        torch.ops.mas_kernels.penalty_grad_(*args)
-        torch.ops.mas_kernels.abs_outer_accumulate_(omega, a, b, 1.0)
-        assert calls == (["penalty", "abs_outer"] if python else []), value
-    monkeypatch.setenv(_backend.ENV_VAR, "bogus")
-    with pytest.raises(ValueError, match="MAS_KERNELS_BACKEND='bogus'"):
-        torch.ops.mas_kernels.penalty_grad_(*args)
+    assert _backend.choose(torch.device("cpu")) == "native"
+    for choice, python in (("native", False), ("auto", False), (" Native ", False), ("torch", True), ("auto", False)):
+        with _backend.using(choice):
+            calls.clear()
+            torch.ops.mas_kernels.penalty_grad_(*args)
+            torch.ops.mas_kernels.abs_outer_accumulate_(omega, a, b, 1.0)
+            assert calls == (["penalty", "abs_outer"] if python else []), choice
+    monkeypatch.setenv(_backend.ENV_VAR, "torch")
+    calls.clear()
+    torch.ops.mas_kernels.penalty_grad_(*args)
+    assert calls == []
+    with pytest.raises(ValueError, match="'bogus'"):
+        mk.use_backend("bogus")
+    assert _backend.choose(torch.device("cpu")) == "native"
+
+
+def test_an_invalid_backend_in_the_environment_fails_at_import():
+    env = {**os.environ, _backend.ENV_VAR: "bogus"}
+    proc = subprocess.run([sys.executable, "-c", "import mas_kernels"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and "MAS_KERNELS_BACKEND='bogus'" in proc.stderr, proc.stderr

@@ -15,6 +15,7 @@ import torch._dynamo
 from torch._dynamo.backends.registry import lookup_backend
 
 import mas_kernels as mk
+from mas_kernels import _backend
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 OPS = torch.ops.mas_kernels
@@ -142,9 +143,9 @@ def _has_cxx() -> bool:
 
 
 @pytest.mark.skipif(not _has_cxx(), reason="inductor on CPU needs a C++ compiler")
-def test_compile_training_step_inductor(monkeypatch):
-    monkeypatch.setenv("MAS_KERNELS_BACKEND", "torch")
-    _check_compiled_step("penalty", "inductor")
+def test_compile_training_step_inductor():
+    with _backend.using("torch"):
+        _check_compiled_step("penalty", "inductor")
 
 
 # ------------------------------------------------- autograd and version counters

@@ -1,34 +1,40 @@
-"""The ``mas_kernels::`` operator namespace: schemas, kernels and fake kernels.
+"""The ``mas_kernels::`` operator namespace: each op defined once, one kernel per dispatch key.
 
-The ops are defined with the low-level ``torch.library.Library`` API rather
-than ``torch.library.custom_op``. Why: ``custom_op`` wraps every call in three
-Python dispatcher kernels (autograd, a version-counter bump, and a backend
-wrapper that checks aliasing), measured on a 2-core CPU at about 50 us per
-call plus about 0.5 us per tensor in list arguments (0.37 ms for a
-161-tensor ``penalty_grad_``). On a 3 ms training step that is a few percent
-by itself. Here an op costs one Python kernel (21 us and 0.1 ms on the same
-calls):
+An op is declared here with its schema, its fake (meta) kernel and its
+implementations by backend name (``"torch"``, ``"triton"``). What runs for a
+device is the kernel registered on that device's dispatch key, so the
+dispatcher picks, and nothing chooses per call (bitsandbytes' shape):
 
-* ``CompositeExplicitAutograd``: the Python kernel, for every device without
-  a kernel of its own. It runs the Triton or the PyTorch implementation (see
-  ``_backend.choose``) under ``no_grad`` and bumps the version counter of each
-  mutated tensor, as an in-place PyTorch op does (Triton writes through data
-  pointers, which autograd cannot see).
+* ``CompositeExplicitAutograd``: the PyTorch implementation, the readable
+  definition; it serves every device without a kernel of its own (and CPU
+  or CUDA when ``torch`` is the chosen backend).
+* ``CPU`` and ``CUDA``: the chosen backend's kernel, put there by
+  :func:`mas_kernels._backend.use` (the native C++ kernels on ``CPU``
+  register themselves from ``csrc/dispatch.cpp``).
 * ``Autograd``: a fallthrough for the non-differentiable ops (the in-place
   accumulations, and ``penalty_grad_``, whose value is not differentiable):
-  no graph is recorded, and none of their outputs requires grad. The one
+  no graph is recorded and none of their outputs requires grad. The one
   differentiable op, ``penalty``, registers its formula with
   ``torch.library.register_autograd``.
-* A fake (meta) kernel, for ``torch.compile``, ``torch.export`` and ``opcheck``.
-* ``CPU``, where the native extension is built: its C++ kernels
-  (``csrc/dispatch.cpp``, see :func:`register_native_cpu_kernels`), so a CPU
-  call runs no Python at all. In a training step, with a cold cache, the
-  Python kernel's own work cost ~0.13 ms per call, as much as the penalty's
-  memory pass over a 0.5M-parameter MLP.
+* A fake kernel, for ``torch.compile``, ``torch.export`` and ``opcheck``.
+
+Every Python kernel runs its implementation under ``no_grad`` and then bumps
+the version counter of each tensor it wrote, as an in-place PyTorch op does
+(Triton writes through data pointers, which autograd cannot see).
+
+Why the low-level ``torch.library.Library`` API and not ``custom_op``:
+``custom_op`` wraps every call in three Python dispatcher kernels (autograd, a
+version-counter bump, and a backend wrapper that checks aliasing), measured on
+a 2-core CPU at about 50 us per call plus about 0.5 us per tensor in list
+arguments (0.37 ms for a 161-tensor ``penalty_grad_``). Here a Python-served
+op costs one Python kernel (21 us and 0.1 ms on the same calls) and a
+native-served CPU op none.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 from typing import Callable
 
 import torch
@@ -36,50 +42,64 @@ from torch.autograd.graph import increment_version
 
 NAMESPACE = "mas_kernels"
 LIB = torch.library.Library(NAMESPACE, "DEF")
-KERNELS: dict[str, Callable] = {}  # op name -> its Python kernel
 
 
-def define(schema: str, kernel: Callable, fake: Callable, *, mutated: tuple[int, ...] = (),
+@dataclasses.dataclass(frozen=True)
+class Op:
+    """One op: where its implementations live and which arguments it writes."""
+
+    name: str
+    impls: dict[str, str]   # backend -> "module:function" (imported on first call)
+    mutated: tuple[int, ...]
+
+    def load(self, backend: str) -> Callable:
+        module, _, fn = self.impls[backend].partition(":")
+        return getattr(importlib.import_module(module), fn)
+
+    def kernel(self, backend: str, before: Callable[[], None] | None = None) -> Callable:
+        """The Python kernel for ``backend``: the implementation under ``no_grad``, then the version bumps.
+
+        The implementation is imported on the first call (Triton's modules
+        import triton, which must wait: see ``_backend``); ``before`` runs
+        once, just before that import.
+        """
+        impl: list[Callable] = []
+        mutated = self.mutated
+
+        def run(*args):
+            if not impl:
+                if before is not None:
+                    before()
+                impl.append(self.load(backend))
+            with torch.no_grad():
+                out = impl[0](*args)
+            for i in mutated:
+                increment_version(args[i])
+            return out
+
+        run.__name__ = run.__qualname__ = f"{self.name}_{backend}_kernel"
+        return run
+
+
+OPS: dict[str, Op] = {}
+
+
+def define(schema: str, fake: Callable, impls: dict[str, str], *, mutated: tuple[int, ...] = (),
            differentiable: bool = False) -> str:
-    """Define ``mas_kernels::<schema>`` with ``kernel`` for all devices and ``fake`` for tracing.
+    """Define ``mas_kernels::<schema>``; returns the qualified name.
 
+    ``impls`` maps backend names to ``"module:function"``; ``"torch"`` is
+    required and becomes the ``CompositeExplicitAutograd`` kernel.
     ``mutated``: positions of the arguments written in place (a tensor or a
-    list of tensors); their version counters are bumped after the kernel.
-    Returns the qualified name.
+    list of tensors).
     """
     name = schema.split("(", 1)[0]
     qualname = f"{NAMESPACE}::{name}"
+    op = Op(name, dict(impls), tuple(mutated))
     LIB.define(schema)
-
-    def run(*args):
-        with torch.no_grad():
-            out = kernel(*args)
-        for i in mutated:
-            increment_version(args[i])
-        return out
-
-    run.__name__ = run.__qualname__ = f"{name}_kernel"
-    KERNELS[name] = run
-    LIB.impl(name, run, "CompositeExplicitAutograd")
+    LIB.impl(name, op.kernel("torch"), "CompositeExplicitAutograd")
     torch.library.register_fake(qualname, fake, lib=LIB)
     if not differentiable:
         LIB.impl(name, torch.library.fallthrough_kernel, "Autograd")
+    OPS[name] = op
     return qualname
-
-
-def register_native_cpu_kernels() -> bool:
-    """Put the C++ kernels of ``mas_kernels._C`` on the ops' CPU dispatch key, when it loaded.
-
-    Then a CPU call runs no Python: the C++ kernel reads ``MAS_KERNELS_BACKEND``
-    itself (``auto``/``native``: the C++ kernel; anything else: the Python
-    kernel above, which follows ``_backend.choose``). Without the module the
-    Python kernels serve CPU tensors too. Returns whether it registered.
-    """
-    from .. import _native
-
-    mod, _ = _native._load()  # no warning here: that is for the first CPU op under auto
-    if mod is None:
-        return False
-    mod.register_cpu_kernels(KERNELS["abs_outer_accumulate_"], KERNELS["abs_accumulate_"],
-                             KERNELS["penalty_grad_"], KERNELS["penalty"])
-    return True

@@ -5,14 +5,13 @@ r"""``abs_accumulate_``: ``omega_i += alpha * |t_i|`` for lists of tensors.
 Serves batch-level global MAS (``t = grad`` of ``||F(x)||^2`` for a batch, the
 paper's released code), and any parameter without a factorized rule. On CUDA
 all tensors are done in one launch per input dtype (an address table, see
-``_multi_tensor``).
+``ops/triton/_table.py``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .. import _backend
 from ._checks import check_like, check_list, check_not_requiring_grad, check_same_device, check_scalar, check_tensor
 from ._library import define
 
@@ -38,21 +37,14 @@ def abs_accumulate_torch(omegas: list[torch.Tensor], tensors: list[torch.Tensor]
         o.add_(t.abs().float(), alpha=alpha)
 
 
-def _kernel(omegas: list[torch.Tensor], tensors: list[torch.Tensor], alpha: float) -> None:
-    impl = _backend.choose(omegas[0].device)
-    if impl == "triton":
-        from .multi_tensor_triton import abs_accumulate_triton
-
-        abs_accumulate_triton(omegas, tensors, alpha)
-    else:  # "torch": "native" never gets here, its C++ kernels are the CPU kernels (see _library)
-        abs_accumulate_torch(omegas, tensors, alpha)
-
-
 def _fake(omegas, tensors, alpha) -> None:
     return None
 
 
-define("abs_accumulate_(Tensor(a!)[] omegas, Tensor[] tensors, float alpha) -> ()", _kernel, _fake, mutated=(0,))
+define("abs_accumulate_(Tensor(a!)[] omegas, Tensor[] tensors, float alpha) -> ()", _fake,
+       {"torch": f"{__name__}:abs_accumulate_torch",
+        "triton": "mas_kernels.ops.triton.multi_tensor:abs_accumulate_triton"},
+       mutated=(0,))
 
 
 def abs_accumulate_(omegas, tensors, alpha: float = 1.0) -> list[torch.Tensor]:

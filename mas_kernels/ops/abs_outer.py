@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backend
 from ._checks import check_not_requiring_grad, check_scalar, check_tensor
 from ._library import define
 
@@ -51,21 +50,12 @@ def abs_outer_torch(omega: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha
     omega.addmm_(a.abs().t().float(), b.abs().float(), alpha=alpha)
 
 
-def _kernel(omega: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
-    impl = _backend.choose(omega.device)
-    if impl == "triton":
-        from .abs_outer_triton import abs_outer_triton
-
-        abs_outer_triton(omega, a, b, alpha)
-    else:  # "torch": "native" never gets here, its C++ kernels are the CPU kernels (see _library)
-        abs_outer_torch(omega, a, b, alpha)
-
-
 def _fake(omega, a, b, alpha) -> None:
     return None
 
 
-define("abs_outer_accumulate_(Tensor(a!) omega, Tensor a, Tensor b, float alpha) -> ()", _kernel, _fake,
+define("abs_outer_accumulate_(Tensor(a!) omega, Tensor a, Tensor b, float alpha) -> ()", _fake,
+       {"torch": f"{__name__}:abs_outer_torch", "triton": "mas_kernels.ops.triton.abs_outer:abs_outer_triton"},
        mutated=(0,))
 
 

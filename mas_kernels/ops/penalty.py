@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backend
 from ._checks import (FLOAT_DTYPES, check_like, check_list, check_not_requiring_grad, check_same_device, check_scalar,
                       check_tensor)
 from ._library import LIB, define
@@ -76,27 +75,25 @@ def penalty_grad_torch(params, anchors, omegas, lam: float, grads) -> torch.Tens
     return total * lam
 
 
-def _run(params, anchors, omegas, lam, grads) -> torch.Tensor:
-    impl = _backend.choose(params[0].device)
-    if impl == "triton":
-        from .multi_tensor_triton import penalty_grad_triton
-
-        return penalty_grad_triton(params, anchors, omegas, lam, grads)
-    # "torch": "native" never gets here, its C++ kernels are the CPU kernels (see _library)
-    return penalty_grad_torch(params, anchors, omegas, lam, grads)
-
-
 def _penalty_grad_fake(params, anchors, omegas, lam, grads):
     return params[0].new_empty((), dtype=torch.float32)
 
 
+def with_grads(penalty_grad_impl):
+    """The ``penalty`` op from a ``penalty_grad_`` implementation: the gradient into fresh zeros."""
+    def penalty_impl(params, anchors, omegas, lam):
+        grads = [torch.zeros_like(p) for p in params]
+        return penalty_grad_impl(params, anchors, omegas, lam, grads), grads
+
+    return penalty_impl
+
+
+penalty_torch = with_grads(penalty_grad_torch)
+
 define("penalty_grad_(Tensor[] params, Tensor[] anchors, Tensor[] omegas, float lam, Tensor(a!)[] grads) -> Tensor",
-       _run, _penalty_grad_fake, mutated=(4,))
-
-
-def _penalty_kernel(params, anchors, omegas, lam):
-    grads = [torch.zeros_like(p) for p in params]
-    return _run(params, anchors, omegas, lam, grads), grads
+       _penalty_grad_fake,
+       {"torch": f"{__name__}:penalty_grad_torch", "triton": "mas_kernels.ops.triton.multi_tensor:penalty_grad_triton"},
+       mutated=(4,))
 
 
 def _penalty_fake(params, anchors, omegas, lam):
@@ -117,7 +114,9 @@ def _penalty_backward(ctx, grad_value, grad_grads):
 
 
 _PENALTY = define("penalty(Tensor[] params, Tensor[] anchors, Tensor[] omegas, float lam) -> (Tensor, Tensor[])",
-                  _penalty_kernel, _penalty_fake, differentiable=True)
+                  _penalty_fake,
+                  {"torch": f"{__name__}:penalty_torch", "triton": "mas_kernels.ops.triton.multi_tensor:penalty_triton"},
+                  differentiable=True)
 torch.library.register_autograd(_PENALTY, _penalty_backward, setup_context=_penalty_setup_context, lib=LIB)
 
 

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _backend
+from ... import _backend
 
 
 def _configs():

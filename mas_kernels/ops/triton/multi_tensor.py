@@ -1,7 +1,7 @@
 """Triton kernels over many tensors at once: ``abs_accumulate_`` and ``penalty_grad_``.
 
 Both are elementwise over lists of tensors, so both use the address table of
-``_multi_tensor``: one launch per group of tensors that share dtypes (a
+``_table``: one launch per group of tensors that share dtypes (a
 pointer's element type is a compile-time property; and one more per repeat
 of an output tensor), whatever the number of tensors. Outputs that are not contiguous are computed in a contiguous scratch
 copy and copied back; inputs that are not contiguous are read from a copy.
@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import build_table, dense, launch_groups
+from ..penalty import with_grads
+from ._table import build_table, dense, launch_groups
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -128,3 +129,6 @@ def penalty_grad_triton(params, anchors, omegas, lam: float, grads) -> torch.Ten
     if not partial_sums:
         return torch.zeros((), dtype=torch.float32, device=device)
     return torch.stack(partial_sums).sum() * lam
+
+
+penalty_triton = with_grads(penalty_grad_triton)

@@ -24,11 +24,8 @@ import mas_kernels as mk
 from mas_kernels import _backend, _native
 from tests import reference as ref
 
-F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
-DTYPES = [F32, F16, BF16]
-# Relative tolerance for a result stored in dtype: fp32 slack plus half an ulp of the dtype.
-RTOL = {F32: 1e-5, F16: 2.0**-11 + 1e-5, BF16: 2.0**-8 + 1e-5}
-ATOL = 1e-6
+from tests.helpers import BF16, DTYPES, F16, F32, F64, assert_close, make
+
 # Around the kernels' thresholds: 2**15 elements per chunk, threads from 2**16.
 BIG = 2**16 + 2**15 + 3
 HYPOTHESIS = dict(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -46,37 +43,6 @@ def native():
 
 
 # ------------------------------------------------------------------- helpers
-def assert_close(actual, expected, scale=None, *, rtol=None, name="result"):
-    """``|actual - expected| <= ATOL + rtol * scale`` elementwise; prints the worst elements on failure."""
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    rtol = RTOL[actual.dtype] if rtol is None else rtol
-    actual, expected = actual.detach().to(F64), expected.detach().to(F64)
-    scale = expected.abs() if scale is None else scale.to(F64)
-    err = (actual - expected).abs()
-    bad = ~(err <= ATOL + rtol * scale)
-    if bad.any():
-        order = (err - rtol * scale).flatten().argsort(descending=True)[:5]
-        rows = "\n".join(
-            f"  flat index {int(i)}: got {actual.flatten()[i].item()!r}, expected {expected.flatten()[i].item()!r}"
-            for i in order
-        )
-        raise AssertionError(f"{name}: {int(bad.sum())} of {bad.numel()} elements differ:\n{rows}")
-
-
-def make(shape, dtype, layout="contiguous", fill="randn"):
-    """A tensor of ``shape`` laid out as asked: contiguous, a transposed view, every other element, or at an offset."""
-    gen = torch.randn if fill == "randn" else torch.rand
-    if layout == "contiguous" or len(shape) == 0:
-        return gen(shape).to(dtype)
-    if layout == "transposed":
-        return gen(tuple(reversed(shape))).to(dtype).permute(*reversed(range(len(shape))))
-    if layout == "step2":
-        return gen(*shape[:-1], 2 * shape[-1]).to(dtype)[..., ::2]
-    if layout == "offset":
-        return gen(shape[0] + 1, *shape[1:]).to(dtype)[1:]
-    raise ValueError(layout)
-
-
 def penalty_case(shapes, p_dtype=F32, a_dtype=F32, g_dtype=F32, layouts=None):
     layouts = layouts or ["contiguous"] * len(shapes)
     params = [make(s, p_dtype, lay) for s, lay in zip(shapes, layouts)]

@@ -2,13 +2,18 @@
 
 __version__ = "0.1.0"
 
-from .ops import abs_accumulate_, abs_outer_accumulate_, penalty, penalty_grad_
-from .mas import MAS
+from . import _backend
 from ._backend import use as use_backend
+from .mas import MAS
+from .ops import abs_accumulate_, abs_outer_accumulate_, penalty, penalty_grad_
+from .sharded import ShardedPenalty
+
+_backend.use()  # the kernels MAS_KERNELS_BACKEND asks for (default: auto) go on the dispatcher
 
 __all__ = [
     "__version__",
     "MAS",
+    "ShardedPenalty",
     "use_backend",
     "abs_outer_accumulate_",
     "abs_accumulate_",

@@ -40,6 +40,9 @@ from typing import Callable, Iterator
 
 import torch
 
+from . import _native
+from .ops._library import NAMESPACE, OPS
+
 ENV_VAR = "MAS_KERNELS_BACKEND"
 CHOICES = ("auto", "torch", "triton", "native")
 KEYS = ("CPU", "CUDA")
@@ -85,8 +88,6 @@ def _interpret_on_cpu() -> None:
 
 
 def native_available() -> bool:
-    from . import _native
-
     return _native.available()
 
 
@@ -101,8 +102,6 @@ def plan(choice: str) -> dict[str, str]:
         if "triton" in sys.modules and not interpreting() and not torch.cuda.is_available():
             _interpret_on_cpu()  # raises the worded error: the interpreter can no longer be turned on
         return {"CPU": "triton", "CUDA": "triton"}
-    from . import _native
-
     built = _native.built()
     if choice == "native" and not built:
         raise RuntimeError(f"{ENV_VAR}=native but the C++ kernels are not available: {_native.load_error()}")
@@ -122,9 +121,6 @@ def _warn_no_triton() -> None:
 def _python_kernels(key: str, backend: str, fallback: bool) -> dict[str, Callable]:
     """The Python kernels for ``key``; ``fallback``: the PyTorch path standing in for a faster
     backend that is missing here, which says so once, on the first call."""
-    from . import _native
-    from .ops._library import OPS
-
     if backend == "triton":
         before = _interpret_on_cpu if key == "CPU" else None
         return {name: op.kernel("triton", before) for name, op in OPS.items()}
@@ -135,9 +131,6 @@ def _python_kernels(key: str, backend: str, fallback: bool) -> dict[str, Callabl
 
 
 def _register(key: str, backend: str, fallback: bool = False) -> None:
-    from . import _native
-    from .ops._library import NAMESPACE
-
     old = _libs.pop(key, None)
     if old is not None:
         old._destroy()

@@ -14,6 +14,8 @@ import functools
 import threading
 import warnings
 
+import torch
+
 _WARNED = False
 _WARN_LOCK = threading.Lock()
 
@@ -30,7 +32,6 @@ def _load():
         from . import _C  # type: ignore[attr-defined]
     except Exception as exc:  # noqa: BLE001 - not built (ImportError), or a broken .so (OSError, undefined symbol)
         return None, exc
-    import torch
 
     try:
         built = _C.torch_version()

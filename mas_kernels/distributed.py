@@ -15,16 +15,18 @@ DDP (and any data-parallel setup where every rank holds the whole model)
 FSDP2 (``torch.distributed.fsdp.fully_shard``, DTensor parameters)
     The ``MAS`` wrapper does not estimate on sharded parameters. What works:
     estimate on an unsharded replica (one process or DDP), ``save()`` the
-    state, then train under FSDP2 with :class:`ShardedPenalty`, which keeps
-    Omega and theta* for this rank's local shards only and applies the fused
-    penalty to them (the gradient is exact; the value is this rank's part of
-    the sum). See ``docs/distributed.md``.
+    state, then train under FSDP2 with ``mas_kernels.ShardedPenalty``
+    (``sharded.py``), which keeps Omega and theta* for this rank's
+    local shards only and applies the fused penalty to them. See
+    ``docs/distributed.md``.
+
+This module holds collectives and sharding checks only; it imports nothing
+from the wrapper.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import zlib
 from typing import Any, Callable
@@ -33,7 +35,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import ops
 from .state import FlatBuffers
 
 
@@ -249,125 +250,3 @@ def local_shard(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     except TypeError:  # older torch: no src_data_rank; scatters from rank 0 (same values, every rank must call)
         return distribute_tensor(full, like.device_mesh, like.placements).to_local()
 
-
-def _read_state(state) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
-    """(omega, anchors, metadata) from a ``MAS.save`` file or a ``MAS.state_dict()``."""
-    if isinstance(state, dict):
-        if "omega" not in state or "anchors" not in state:
-            raise ValueError("ShardedPenalty: state must be a MAS.state_dict() (entries 'omega' and 'anchors') "
-                             "or the path of a file written by MAS.save()")
-        meta = {k: v for k, v in state.items() if k not in ("omega", "anchors", "accumulator")}
-        return dict(state["omega"]), dict(state["anchors"]), meta
-    from safetensors import safe_open
-
-    path = os.fspath(state)
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            raw = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith(("omega/", "anchors/"))}
-    except FileNotFoundError:
-        raise
-    except Exception as exc:  # safetensors raises its own error types on bad headers / sizes
-        raise ValueError(f"ShardedPenalty: {path} is not a readable safetensors file ({exc})") from exc
-    if "format" not in raw or not json.loads(raw["format"]).startswith("mas_kernels.MAS/"):
-        raise ValueError(f"ShardedPenalty: {path} was not written by mas_kernels.MAS.save")
-    meta = {k: json.loads(v) for k, v in raw.items()}
-    omega = {k[len("omega/"):]: t for k, t in tensors.items() if k.startswith("omega/")}
-    anchors = {k[len("anchors/"):]: t for k, t in tensors.items() if k.startswith("anchors/")}
-    return omega, anchors, meta
-
-
-class ShardedPenalty:
-    r"""The MAS penalty ``lam * sum Omega (theta - theta*)^2`` on this rank's shards of a sharded model.
-
-    For models whose parameters are DTensors (FSDP2 ``fully_shard``; plain
-    parameters work too, taken whole). Omega and theta* come from a MAS state
-    computed on an unsharded replica: a file written by ``MAS.save()`` or a
-    ``MAS.state_dict()``; each rank keeps only its local shards (flat fp32
-    Omega, theta* in the parameter's dtype), sliced locally without
-    communication.
-
-    Each rank's penalty is the sum over its own shards, so the gradient it
-    gives each local shard is exactly that of the full penalty, and no
-    communication is needed; the *value* is this rank's part (``all_reduce``
-    it, SUM, if you want to log the total). Build it after ``fully_shard``,
-    from the sharded model; it holds the sharded parameters, so it may be
-    called before or after the forward pass.
-
-    Args:
-        model: the (sharded) model; parameter names as in ``named_parameters()``.
-        state: path of a ``MAS.save()`` file, or a ``MAS.state_dict()``.
-        lam: penalty strength; default: the ``lam`` stored in ``state`` (else 1).
-        include_frozen: also penalize parameters with ``requires_grad=False``.
-
-    Parameters the state has no entry for (e.g. a new head) get no penalty and
-    are listed in ``self.skipped``; a name the model lacks, or a shape that
-    differs, raises ``ValueError``.
-    """
-
-    def __init__(self, model: nn.Module, state, lam: float | None = None, *, include_frozen: bool = False):
-        from .mas import unwrap
-
-        omega, anchors, meta = _read_state(state)
-        params = {n: p for n, p in unwrap(model).named_parameters() if p.requires_grad or include_frozen}
-        for name in omega:
-            if name not in params:
-                raise ValueError(f"ShardedPenalty: the state has parameter {name!r}, which the model lacks")
-        for name, p in params.items():
-            if name in omega and (name not in anchors or tuple(omega[name].shape) != tuple(p.shape)
-                                  or tuple(anchors[name].shape) != tuple(p.shape)):
-                shape = tuple(omega[name].shape)
-                raise ValueError(f"ShardedPenalty: state entry for {name!r} has shape {shape} or no theta*, "
-                                 f"the model's parameter has {tuple(p.shape)}")
-        self.names = [n for n in params if n in omega]
-        self.skipped = [n for n in params if n not in omega]
-        self.lam = float(meta.get("lam", 1.0) if lam is None else lam)
-        self._params = [params[n] for n in self.names]
-        locals_ = {n: local_tensor(params[n].detach()) for n in self.names}
-        specs = [(n, t.shape, t.device, t.dtype) for n, t in locals_.items()]
-        self._omega = FlatBuffers(specs, dtype=torch.float32)
-        self._anchors = FlatBuffers(specs)
-        with torch.no_grad():
-            for n in self.names:
-                self._omega[n].copy_(local_shard(omega[n].float(), params[n]))
-                self._anchors[n].copy_(local_shard(anchors[n], params[n]))
-        self._omegas = [self._omega[n] for n in self.names]
-        self._anchor_list = [self._anchors[n] for n in self.names]
-
-    @property
-    def omega(self) -> dict[str, torch.Tensor]:
-        """This rank's shard of Omega, by parameter name."""
-        return self._omega.views
-
-    @property
-    def anchors(self) -> dict[str, torch.Tensor]:
-        """This rank's shard of theta*, by parameter name."""
-        return self._anchors.views
-
-    def _device(self) -> torch.device:
-        return self._omegas[0].device if self._omegas else torch.device("cpu")
-
-    def penalty(self) -> torch.Tensor:
-        """This rank's part of the penalty, differentiable w.r.t. the local shards (one fused op)."""
-        if not self._params:
-            return torch.zeros((), dtype=torch.float32, device=self._device())
-        shards = [local_tensor(p) for p in self._params]
-        return ops.penalty(shards, self._anchor_list, self._omegas, self.lam)
-
-    def add_penalty_grad_(self) -> torch.Tensor:
-        """Add ``2 lam Omega (theta - theta*)`` to each local gradient shard (after ``backward()``).
-
-        Returns this rank's part of the penalty. Parameters without a ``.grad``
-        get a zero one first.
-        """
-        if not self._params:
-            return torch.zeros((), dtype=torch.float32, device=self._device())
-        for p in self._params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        shards = [local_tensor(p.detach()) for p in self._params]
-        grads = [local_tensor(p.grad) for p in self._params]
-        return ops.penalty_grad_(shards, self._anchor_list, self._omegas, self.lam, grads)
-
-    def __repr__(self) -> str:
-        return f"ShardedPenalty(lam={self.lam}, params={len(self.names)}, skipped={len(self.skipped)})"

@@ -8,6 +8,7 @@ buffers instead of one tensor per parameter.
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable
 
 import torch
@@ -82,3 +83,154 @@ class FlatBuffers:
 
     def items(self):
         return self.views.items()
+
+
+COMBINE = ("sum", "mean")
+
+
+def check_combine(combine, who: str = "MAS") -> str | float:
+    """``"sum"``, ``"mean"`` or a float alpha in [0, 1]."""
+    if isinstance(combine, str):
+        if combine not in COMBINE:
+            raise ValueError(f"{who}: combine={combine!r} must be 'sum', 'mean' or a float alpha in [0, 1]")
+        return combine
+    alpha = float(combine)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"{who}: combine alpha={alpha} must lie in [0, 1]")
+    return alpha
+
+
+class ImportanceState:
+    r"""What a MAS wrapper knows about its parameters, by name.
+
+    * ``omega``: the importance Omega after the consolidated tasks (fp32);
+    * ``anchors``: theta*, the parameters at the last consolidation (their dtype);
+    * ``acc``: the open task's importance numerators (sums over samples, fp32);
+    * ``staging``: one batch's numerators, added to ``acc`` only when all finite;
+    * ``num_samples`` (open task), ``samples_consolidated``, ``num_tasks``.
+
+    Args:
+        params: the tracked parameters, by name.
+        old: a previous state whose values carry over by name (same shape), as
+            do the counts; a parameter whose shape changed starts from zero,
+            with a warning.
+    """
+
+    PARTS = ("omega", "anchors", "accumulator")
+
+    def __init__(self, params: dict[str, torch.Tensor], old: "ImportanceState | None" = None):
+        specs = [(n, p.shape, p.device, p.dtype) for n, p in params.items()]
+        self.omega = FlatBuffers(specs, dtype=torch.float32)
+        self.anchors = FlatBuffers(specs)
+        self.acc = FlatBuffers(specs, dtype=torch.float32)
+        self.staging = FlatBuffers(specs, dtype=torch.float32)
+        self.num_samples = 0
+        self.samples_consolidated = 0
+        self.num_tasks = 0
+        with torch.no_grad():
+            for name, p in params.items():
+                self.anchors[name].copy_(p)
+            if old is not None:
+                self.num_samples, self.samples_consolidated, self.num_tasks = (
+                    old.num_samples, old.samples_consolidated, old.num_tasks)
+                for name, p in params.items():
+                    if name not in old.omega:
+                        continue
+                    if old.omega[name].shape != p.shape:
+                        warnings.warn(f"MAS: parameter {name!r} changed shape; its importance starts from zero",
+                                      stacklevel=4)
+                        continue
+                    self.omega[name].copy_(old.omega[name])
+                    self.anchors[name].copy_(old.anchors[name])
+                    self.acc[name].copy_(old.acc[name])
+
+    def stores(self) -> dict[str, FlatBuffers]:
+        """The per-parameter stores by their ``state_dict`` name."""
+        return {"omega": self.omega, "anchors": self.anchors, "accumulator": self.acc}
+
+    # ------------------------------------------------------------- batches
+    def begin_batch(self) -> None:
+        self.staging.zero_()
+
+    def commit_batch(self, n: int) -> None:
+        """Move the batch's numerators into the accumulator and count its ``n`` samples, unless any is not finite."""
+        if not self.staging.all_finite():
+            bad = self.staging.first_non_finite()
+            layer = bad.rsplit(".", 1)[0] if "." in bad else bad
+            raise FloatingPointError(
+                f"MAS: non-finite activations or gradients in layer {layer!r} (parameter {bad!r}); "
+                "this batch was not added to the importance"
+            )
+        for key, buf in self.staging.buffers.items():
+            self.acc.buffers[key].add_(buf)
+        self.num_samples += n
+
+    # --------------------------------------------------------------- tasks
+    def fold(self, n: int, combine: str | float) -> None:
+        """Omega <- combine(Omega, acc / n); the accumulator is emptied and the counts move on.
+
+        ``n``: the task's sample count (summed over ranks by the caller when distributed).
+        """
+        with torch.no_grad():
+            for key, omega in self.omega.buffers.items():
+                new = self.acc.buffers[key].div_(n)
+                if self.num_tasks == 0:
+                    omega.copy_(new)
+                elif combine == "sum":
+                    omega.add_(new)
+                elif combine == "mean":
+                    old_n = self.samples_consolidated
+                    omega.mul_(old_n / (old_n + n)).add_(new, alpha=n / (old_n + n))
+                else:
+                    omega.mul_(combine).add_(new, alpha=1.0 - combine)
+        self.acc.zero_()
+        self.samples_consolidated += n
+        self.num_samples = 0
+        self.num_tasks += 1
+
+    def snapshot(self, params: dict[str, torch.Tensor]) -> None:
+        """theta* <- theta."""
+        with torch.no_grad():
+            for name, p in params.items():
+                self.anchors[name].copy_(p)
+
+    # ------------------------------------------------------------- state_dict
+    COUNTS = ("num_samples", "samples_consolidated", "num_tasks")
+
+    def state_dict(self) -> dict:
+        """Copies of Omega, anchors and the accumulator by parameter name, and the counts."""
+        out: dict = {part: {n: t.detach().clone() for n, t in store.items()} for part, store in self.stores().items()}
+        out.update({k: getattr(self, k) for k in self.COUNTS})
+        return out
+
+    def check(self, state: dict, who: str) -> None:
+        """Raise ``ValueError`` naming the entry at fault unless ``state`` fits these parameters exactly."""
+        for key in self.PARTS + self.COUNTS:
+            if key not in state:
+                raise ValueError(f"{who}: missing entry {key!r}")
+        for part, store in self.stores().items():
+            given = state[part]
+            for name in store:
+                if name not in given:
+                    raise ValueError(f"{who}: {part} has no entry for parameter {name!r}")
+                t = given[name]
+                if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(store[name].shape):
+                    shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                    raise ValueError(
+                        f"{who}: {part}[{name!r}] has shape {shape}, the model's parameter has {tuple(store[name].shape)}"
+                    )
+                if not t.dtype.is_floating_point:
+                    raise ValueError(f"{who}: {part}[{name!r}] has dtype {t.dtype}")
+            for name in given:
+                if name not in store:
+                    raise ValueError(f"{who}: {part} has parameter {name!r}, which the model lacks")
+
+    def load_state_dict(self, state: dict, who: str = "MAS.load_state_dict") -> None:
+        """Load what :meth:`state_dict` gave; everything is checked before anything changes."""
+        self.check(state, who)
+        with torch.no_grad():
+            for part, store in self.stores().items():
+                for name, view in store.items():
+                    view.copy_(state[part][name])
+        for key in self.COUNTS:
+            setattr(self, key, int(state[key]))

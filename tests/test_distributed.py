@@ -28,6 +28,7 @@ from torch import nn
 
 import mas_kernels as mk
 from mas_kernels import distributed as mkd
+from mas_kernels.state import FlatBuffers
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
@@ -422,7 +423,7 @@ def _w_fsdp2(rank: int, tmp: Path, device: torch.device) -> None:
         mkd.check_unsharded(fsdp1, dict(fsdp1.named_parameters()))
 
     path = tmp / "state.safetensors"
-    pen = mkd.ShardedPenalty(model, path)
+    pen = mk.ShardedPenalty(model, path)
     assert pen.lam == 0.7 and pen.skipped == []
     state = load_file(path)
     omega = {n: state[f"omega/{n}"] for n in pen.names}
@@ -487,8 +488,8 @@ def test_helpers_without_torch_distributed():
     assert not mkd.active() and mkd.is_main_process()
     mkd.barrier()
     assert mkd.main_process_only(lambda: 3) == 3
-    mas = mk.MAS(make_model(), importance="local")
-    assert mkd.all_reduce_importance(mas._acc, 5) == 5
+    acc = FlatBuffers([(n, p.shape, p.device, p.dtype) for n, p in make_model().named_parameters()])
+    assert mkd.all_reduce_importance(acc, 5) == 5
     assert mkd.first_dtensor(dict(make_model().named_parameters())) is None
     model = make_model()
     mkd.check_unsharded(model, dict(model.named_parameters()))
@@ -507,7 +508,7 @@ def test_sharded_penalty_on_a_plain_model_equals_mas(tmp_path):
             p.add_(0.05)
     mas.save(tmp_path / "s.safetensors")
     for state in (mas.state_dict(), tmp_path / "s.safetensors", str(tmp_path / "s.safetensors")):
-        pen = mkd.ShardedPenalty(model, state)
+        pen = mk.ShardedPenalty(model, state)
         assert pen.lam == 0.3
         torch.testing.assert_close(pen.penalty(), mas.penalty())
         model.zero_grad()
@@ -523,13 +524,13 @@ def test_sharded_penalty_on_a_plain_model_equals_mas(tmp_path):
         for a, b in zip(g1, (p.grad for p in model.parameters())):
             torch.testing.assert_close(a, b)
     grown = nn.Sequential(*model, nn.Linear(3, 2))  # a new head: no state, no penalty
-    pen = mkd.ShardedPenalty(grown, mas.state_dict(), lam=2.0)
+    pen = mk.ShardedPenalty(grown, mas.state_dict(), lam=2.0)
     assert pen.skipped == ["4.weight", "4.bias"] and pen.lam == 2.0
     with pytest.raises(ValueError, match="'0.weight'.*shape"):
-        mkd.ShardedPenalty(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.BatchNorm1d(12), nn.Linear(12, 3)),
+        mk.ShardedPenalty(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.BatchNorm1d(12), nn.Linear(12, 3)),
                            mas.state_dict())
     with pytest.raises(ValueError, match="model lacks"):
-        mkd.ShardedPenalty(nn.Sequential(nn.Linear(6, 12)), mas.state_dict())
+        mk.ShardedPenalty(nn.Sequential(nn.Linear(6, 12)), mas.state_dict())
     (tmp_path / "junk").write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match="not a readable safetensors"):
-        mkd.ShardedPenalty(model, tmp_path / "junk")
+        mk.ShardedPenalty(model, tmp_path / "junk")

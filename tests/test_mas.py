@@ -431,13 +431,13 @@ def test_non_finite_batch_rejected_whole(importance):
     model = mlp()
     mas = mk.MAS(model, importance=importance)
     mas.estimate([torch.randn(4, 6)])
-    acc = {n: t.clone() for n, t in mas._acc.items()}
+    acc = mas.state_dict()["accumulator"]
     bad = torch.randn(3, 6)
     bad[1, 2] = float("nan")
     with pytest.raises(FloatingPointError, match="'0'"):
         mas.estimate([bad])
     assert mas.num_samples == 4
-    for n, t in mas._acc.items():
+    for n, t in mas.state_dict()["accumulator"].items():
         assert torch.equal(t, acc[n])
     mas.consolidate()
     assert all(torch.isfinite(t).all() for t in mas.omega.values())

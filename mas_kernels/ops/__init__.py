@@ -1,14 +1,12 @@
 """The primitive ops, registered with ``torch.library`` under ``mas_kernels::``.
 
-Importing this package defines them and puts the chosen backend's kernels on
-the dispatcher (``MAS_KERNELS_BACKEND``; see ``mas_kernels._backend``).
+Importing this package defines them; ``import mas_kernels`` then puts the
+chosen backend's kernels on the dispatcher (``MAS_KERNELS_BACKEND``; see
+``mas_kernels._backend``).
 """
 
-from .. import _backend
 from .abs_accumulate import abs_accumulate_
 from .abs_outer import abs_outer_accumulate_
 from .penalty import penalty, penalty_grad_
-
-_backend.use()
 
 __all__ = ["abs_outer_accumulate_", "abs_accumulate_", "penalty_grad_", "penalty"]

@@ -1,0 +1,38 @@
+r"""The batch-level global rule of the paper's released code.
+
+``(1/N) sum_b |sum_{k in b} g_k|``: the absolute value of each batch's
+gradient of ``sum_k ||F(x_k)||^2``, one ``abs_accumulate_`` over all
+parameters per batch. It under-estimates the exact form, more so as batches
+grow (``|sum g_k| <= sum |g_k|``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..ops import abs_accumulate_
+
+
+def squared_norm(out: torch.Tensor) -> torch.Tensor:
+    """``sum_k ||F(x_k)||_2^2`` over the batch, in fp32."""
+    return out.float().pow(2).sum()
+
+
+class BatchRule:
+    """One batch-level gradient per batch, its absolute value added into the staging buffers."""
+
+    def __init__(self, module: nn.Module, params: dict[str, nn.Parameter], output_fn: Callable):
+        self.module = module
+        self.params = params
+        self.output_fn = output_fn
+
+    def run(self, x: torch.Tensor, staging) -> None:
+        names = list(self.params)
+        with torch.enable_grad():  # also inside a user's torch.no_grad() (accumulating)
+            loss = squared_norm(self.output_fn(self.module(x)))
+            grads = torch.autograd.grad(loss, [self.params[n] for n in names], allow_unused=True,
+                                        materialize_grads=True)
+        abs_accumulate_([staging[n] for n in names], list(grads))

@@ -100,31 +100,37 @@ def _layout(acc: FlatBuffers) -> int:
     return zlib.crc32(text.encode())
 
 
-def all_reduce_importance(acc: FlatBuffers, num_samples: int, group=None) -> int:
-    """Sum the accumulators and sample counts over ranks in place; return the total N.
+def all_reduce_importance(acc: FlatBuffers, counts: int | tuple[int, ...], group=None) -> int | tuple[int, ...]:
+    """Sum the accumulators and the counts over ranks in place; return the total count(s).
 
-    One ``all_gather`` of four integers per rank (sample count, number of
-    buffers, elements, layout checksum) checks that every rank tracks the same
+    ``counts``: the sample count N, or a tuple of counts (e.g. samples and
+    batches); the same kind comes back. One ``all_gather`` of a few integers
+    per rank (the counts, number of buffers, elements, layout checksum)
+    checks that every rank tracks the same
     parameters, so a mismatch raises the same clear error on every rank
     instead of hanging in, or silently mis-adding, the buffer all-reduces;
     then one ``all_reduce`` (sum) per flat buffer. Every rank of ``group``
     must call it (``MAS.consolidate()`` does), whatever its number of samples,
     zero included.
     """
+    single = not isinstance(counts, tuple)
+    counts = (counts,) if single else counts
     if not active(group):
-        return int(num_samples)
+        return int(counts[0]) if single else tuple(int(c) for c in counts)
     device = _comm_device(group)
     numel = sum(b.numel() for b in acc.buffers.values())
-    mine = torch.tensor([int(num_samples), len(acc.buffers), numel, _layout(acc)], dtype=torch.int64, device=device)
+    k = len(counts)
+    mine = torch.tensor([*map(int, counts), len(acc.buffers), numel, _layout(acc)], dtype=torch.int64,
+                        device=device)
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(every, mine, group=group)
     table = torch.stack(every).cpu()
-    if not bool((table[:, 1:] == table[0, 1:]).all()):
-        bad = int((table[:, 1:] != table[0, 1:]).any(dim=1).nonzero()[0, 0])
+    if not bool((table[:, k:] == table[0, k:]).all()):
+        bad = int((table[:, k:] != table[0, k:]).any(dim=1).nonzero()[0, 0])
         raise RuntimeError(
             "MAS.consolidate: ranks track different parameters (rank 0: "
-            f"{int(table[0, 1])} buffers, {int(table[0, 2])} elements; rank {bad}: "
-            f"{int(table[bad, 1])} buffers, {int(table[bad, 2])} elements, or other names/shapes/dtypes); "
+            f"{int(table[0, k])} buffers, {int(table[0, k + 1])} elements; rank {bad}: "
+            f"{int(table[bad, k])} buffers, {int(table[bad, k + 1])} elements, or other names/shapes/dtypes); "
             "every rank must wrap the same model with the same MAS options"
         )
     for buf in acc.buffers.values():
@@ -134,12 +140,13 @@ def all_reduce_importance(acc: FlatBuffers, num_samples: int, group=None) -> int
             buf.copy_(tmp)
         else:
             dist.all_reduce(buf, group=group)
-    return int(table[:, 0].sum())
+    totals = tuple(int(c) for c in table[:, :k].sum(0))
+    return totals[0] if single else totals
 
 
-def summed_over_ranks(named: dict[str, torch.Tensor], num_samples: int, group=None
-                      ) -> tuple[dict[str, torch.Tensor], int]:
-    """Per-name tensors and a count summed over ranks, as new tensors (the inputs are not changed).
+def summed_over_ranks(named: dict[str, torch.Tensor], counts: int | tuple[int, ...], group=None
+                      ) -> tuple[dict[str, torch.Tensor], int | tuple[int, ...]]:
+    """Per-name tensors and count(s) summed over ranks, as new tensors (the inputs are not changed).
 
     For ``MAS.save()`` mid-task: each rank's open accumulator holds its own
     samples, and the file gets their sum, what one process would hold. Same
@@ -147,12 +154,12 @@ def summed_over_ranks(named: dict[str, torch.Tensor], num_samples: int, group=No
     inputs come back unchanged.
     """
     if not active(group):
-        return named, int(num_samples)
+        return named, counts
     flat = FlatBuffers([(n, t.shape, t.device, t.dtype) for n, t in named.items()])
     with torch.no_grad():
         for n, t in named.items():
             flat[n].copy_(t)
-    total = all_reduce_importance(flat, num_samples, group)
+    total = all_reduce_importance(flat, counts, group)
     return dict(flat.items()), total
 
 

@@ -46,6 +46,7 @@ from .state import ImportanceState, check_combine
 
 IMPORTANCE = ("local", "global", "global_batch")
 UNCOVERED = ("global", "skip", "error")
+NORMALIZATION = ("samples", "avalanche")
 
 
 class MAS:
@@ -72,6 +73,11 @@ class MAS:
         process_group: for ``torch.distributed``: ``consolidate()`` all-reduces
             importance numerators and sample counts over it (default group when
             initialized).
+        normalization: how a task's numerators become its importance:
+            ``"samples"`` (default): ``(1/N) sum_k`` over the task's N samples;
+            ``"avalanche"``: the mean over batches of each batch's mean,
+            ``(1/n_b) sum_b (1/B_b) sum_{k in b}`` (Avalanche's MASPlugin; the
+            two differ when batches differ in size, e.g. a short last batch).
     """
 
     def __init__(
@@ -87,6 +93,7 @@ class MAS:
         include_frozen: bool = False,
         chunk_size: int | None = None,
         process_group=None,
+        normalization: str = "samples",
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"MAS: model must be an nn.Module, got {type(model).__name__}")
@@ -94,6 +101,9 @@ class MAS:
             raise ValueError(f"MAS: importance={importance!r} is not one of {IMPORTANCE}")
         if uncovered not in UNCOVERED:
             raise ValueError(f"MAS: uncovered={uncovered!r} is not one of {UNCOVERED}")
+        if normalization not in NORMALIZATION:
+            raise ValueError(f"MAS: normalization={normalization!r} is not one of {NORMALIZATION}")
+        self.normalization = normalization
         self.combine = check_combine(combine)
         self._lam = float(lam)
         self.importance = importance
@@ -207,7 +217,8 @@ class MAS:
         ``accumulating()`` keep their effect.
         """
         state = self._state
-        return Session(self.module, self._params, state, self._rule(), self._extra(), self._handles)
+        return Session(self.module, self._params, state, self._rule(), self._extra(), self._handles,
+                       per_batch_mean=self.normalization == "avalanche")
 
     @contextlib.contextmanager
     def accumulating(self):
@@ -259,13 +270,14 @@ class MAS:
         first, so every rank gets the Omega of the union of the data.
         """
         state = self._state
-        n = distributed.all_reduce_importance(state.acc, state.num_samples, self.process_group)
+        n, n_batches = distributed.all_reduce_importance(state.acc, (state.num_samples, state.num_batches),
+                                                         self.process_group)
         if n == 0:
             raise RuntimeError(
                 "MAS.consolidate(): no samples seen since the last consolidate; call estimate() "
                 "or run forward passes inside accumulating() first"
             )
-        state.fold(n, self.combine)
+        state.fold(n, self.combine, divisor=n_batches if self.normalization == "avalanche" else n)
         state.snapshot(self._params)
         return self
 
@@ -287,8 +299,8 @@ class MAS:
         state = self._state
         return {
             "version": __version__, "importance": self.importance, "combine": self.combine, "lam": self.lam,
-            "num_samples": state.num_samples, "samples_consolidated": state.samples_consolidated,
-            "num_tasks": state.num_tasks,
+            "normalization": self.normalization, "num_samples": state.num_samples, "num_batches": state.num_batches,
+            "samples_consolidated": state.samples_consolidated, "num_tasks": state.num_tasks,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -298,7 +310,7 @@ class MAS:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Load a ``state_dict()``; every name and shape is checked before anything changes."""
         self._state.check(state, "MAS.load_state_dict")
-        for key in ("importance", "combine"):
+        for key in ("importance", "combine", "normalization"):
             if key in state and state[key] != getattr(self, key):
                 warnings.warn(f"MAS.load_state_dict: state was made with {key}={state[key]!r}, "
                               f"this wrapper uses {getattr(self, key)!r}", stacklevel=2)
@@ -313,10 +325,10 @@ class MAS:
         others wait, and an error on rank 0 is raised on every rank.
         """
         sd = self.state_dict()
-        sd["accumulator"], num_samples = distributed.summed_over_ranks(sd["accumulator"], self.num_samples,
-                                                                       self.process_group)
+        sd["accumulator"], (num_samples, num_batches) = distributed.summed_over_ranks(
+            sd["accumulator"], (sd["num_samples"], sd["num_batches"]), self.process_group)
         parts = {part: sd[part] for part in checkpoint.PARTS}
-        meta = {**self._meta(), "num_samples": num_samples}
+        meta = {**self._meta(), "num_samples": num_samples, "num_batches": num_batches}
         distributed.main_process_only(lambda: checkpoint.write(path, parts, meta), self.process_group, "MAS.save")
 
     def load(self, path: str | os.PathLike) -> None:
@@ -333,7 +345,7 @@ class MAS:
             # holds it, so the next consolidate() counts those samples once.
             state = self._state
             state.acc.zero_()
-            state.num_samples = 0
+            state.num_samples = state.num_batches = 0
 
     # ----------------------------------------------------------------- hooks
     def remove(self) -> None:

@@ -33,16 +33,19 @@ class Session:
             (the parameters no local rule covers), or None.
         handles: the list the hooks' handles go in (the owner removes them if
             it is garbage-collected mid-session).
+        per_batch_mean: weight each batch's numerators by ``1/B`` (its sample
+            count), for importance as a mean over batches of batch means.
     """
 
     def __init__(self, module: nn.Module, params: dict[str, nn.Parameter], state: ImportanceState, rule,
-                 extra: tuple[ExactRule, list[str]] | None, handles: list):
+                 extra: tuple[ExactRule, list[str]] | None, handles: list, per_batch_mean: bool = False):
         self.module = module
         self.params = params
         self.state = state
         self.rule = rule
         self.extra = extra
         self.handles = handles
+        self.per_batch_mean = per_batch_mean
         self.busy = False  # inside the rule's own passes: hooks stay quiet
         self._grad = contextlib.ExitStack()
 
@@ -103,7 +106,10 @@ class Session:
                     exact.run(x, self.state.staging, names)
             finally:
                 self.busy = False
-        self.state.commit_batch(int(x.shape[0]))
+        self.commit(int(x.shape[0]))
+
+    def commit(self, n: int) -> None:
+        self.state.commit_batch(n, 1.0 / n if self.per_batch_mean and n else 1.0)
 
     def observe(self, x: torch.Tensor, eval_mode: bool = True) -> None:
         """One batch for a rule that runs its own passes (in eval mode unless told otherwise)."""
@@ -112,6 +118,6 @@ class Session:
             with modes(self.module, False if eval_mode else None):
                 self.state.begin_batch()
                 self.rule.run(x, self.state.staging)
-                self.state.commit_batch(int(x.shape[0]))
+                self.commit(int(x.shape[0]))
         finally:
             self.busy = False

@@ -107,7 +107,7 @@ class ImportanceState:
     * ``anchors``: theta*, the parameters at the last consolidation (their dtype);
     * ``acc``: the open task's importance numerators (sums over samples, fp32);
     * ``staging``: one batch's numerators, added to ``acc`` only when all finite;
-    * ``num_samples`` (open task), ``samples_consolidated``, ``num_tasks``.
+    * ``num_samples`` and ``num_batches`` (open task), ``samples_consolidated``, ``num_tasks``.
 
     Args:
         params: the tracked parameters, by name.
@@ -125,14 +125,15 @@ class ImportanceState:
         self.acc = FlatBuffers(specs, dtype=torch.float32)
         self.staging = FlatBuffers(specs, dtype=torch.float32)
         self.num_samples = 0
+        self.num_batches = 0
         self.samples_consolidated = 0
         self.num_tasks = 0
         with torch.no_grad():
             for name, p in params.items():
                 self.anchors[name].copy_(p)
             if old is not None:
-                self.num_samples, self.samples_consolidated, self.num_tasks = (
-                    old.num_samples, old.samples_consolidated, old.num_tasks)
+                for key in self.COUNTS:
+                    setattr(self, key, getattr(old, key))
                 for name, p in params.items():
                     if name not in old.omega:
                         continue
@@ -152,8 +153,9 @@ class ImportanceState:
     def begin_batch(self) -> None:
         self.staging.zero_()
 
-    def commit_batch(self, n: int) -> None:
-        """Move the batch's numerators into the accumulator and count its ``n`` samples, unless any is not finite."""
+    def commit_batch(self, n: int, weight: float = 1.0) -> None:
+        """Move the batch's numerators (times ``weight``) into the accumulator and count the batch and its
+        ``n`` samples, unless any numerator is not finite."""
         if not self.staging.all_finite():
             bad = self.staging.first_non_finite()
             layer = bad.rsplit(".", 1)[0] if "." in bad else bad
@@ -162,18 +164,21 @@ class ImportanceState:
                 "this batch was not added to the importance"
             )
         for key, buf in self.staging.buffers.items():
-            self.acc.buffers[key].add_(buf)
+            self.acc.buffers[key].add_(buf, alpha=weight)
         self.num_samples += n
+        self.num_batches += 1
 
     # --------------------------------------------------------------- tasks
-    def fold(self, n: int, combine: str | float) -> None:
-        """Omega <- combine(Omega, acc / n); the accumulator is emptied and the counts move on.
+    def fold(self, n: int, combine: str | float, divisor: float | None = None) -> None:
+        """Omega <- combine(Omega, acc / divisor); the accumulator is emptied and the counts move on.
 
-        ``n``: the task's sample count (summed over ranks by the caller when distributed).
+        ``n``: the task's sample count (summed over ranks by the caller when
+        distributed); ``divisor``: what the accumulator is divided by (default
+        ``n``; the number of batches for per-batch means).
         """
         with torch.no_grad():
             for key, omega in self.omega.buffers.items():
-                new = self.acc.buffers[key].div_(n)
+                new = self.acc.buffers[key].div_(n if divisor is None else divisor)
                 if self.num_tasks == 0:
                     omega.copy_(new)
                 elif combine == "sum":
@@ -185,7 +190,7 @@ class ImportanceState:
                     omega.mul_(combine).add_(new, alpha=1.0 - combine)
         self.acc.zero_()
         self.samples_consolidated += n
-        self.num_samples = 0
+        self.num_samples = self.num_batches = 0
         self.num_tasks += 1
 
     def snapshot(self, params: dict[str, torch.Tensor]) -> None:
@@ -195,7 +200,8 @@ class ImportanceState:
                 self.anchors[name].copy_(p)
 
     # ------------------------------------------------------------- state_dict
-    COUNTS = ("num_samples", "samples_consolidated", "num_tasks")
+    COUNTS = ("num_samples", "num_batches", "samples_consolidated", "num_tasks")
+    OPTIONAL = {"num_batches": 0}  # files written before it was kept
 
     def state_dict(self) -> dict:
         """Copies of Omega, anchors and the accumulator by parameter name, and the counts."""
@@ -206,7 +212,7 @@ class ImportanceState:
     def check(self, state: dict, who: str) -> None:
         """Raise ``ValueError`` naming the entry at fault unless ``state`` fits these parameters exactly."""
         for key in self.PARTS + self.COUNTS:
-            if key not in state:
+            if key not in state and key not in self.OPTIONAL:
                 raise ValueError(f"{who}: missing entry {key!r}")
         for part, store in self.stores().items():
             given = state[part]
@@ -233,4 +239,4 @@ class ImportanceState:
                 for name, view in store.items():
                     view.copy_(state[part][name])
         for key in self.COUNTS:
-            setattr(self, key, int(state[key]))
+            setattr(self, key, int(state.get(key, self.OPTIONAL.get(key))))

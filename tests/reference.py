@@ -71,6 +71,19 @@ def global_batch(model, xs, output_fn=lambda o: o):
     return {k: v / n for k, v in omega.items()}
 
 
+def global_batch_avalanche(model, xs, output_fn=lambda o: o):
+    """Avalanche's MASPlugin: (1/n_b) sum_b |sum_{k in b} g_k| / B_b, a mean over batches of batch means."""
+    params = _named(model)
+    omega = {n: torch.zeros_like(p, dtype=F64) for n, p in params.items()}
+    for x in xs:
+        out = output_fn(model(x))
+        grads = torch.autograd.grad(out.double().pow(2).sum(), list(params.values()), allow_unused=True)
+        for (name, _), g in zip(params.items(), grads):
+            if g is not None:
+                omega[name] += g.double().abs() / x.shape[0]
+    return {k: v / len(xs) for k, v in omega.items()}
+
+
 def local_linear(x, y):
     """(sum_k |y_k| |x_k|^T, sum_k |y_k|) for one Linear call; rows of extra dims are positions."""
     x = x.reshape(-1, x.shape[-1]).double()

@@ -102,6 +102,19 @@ def test_global_batch_convention(backend):
     close(mas.omega, ref.global_batch(model, batches))
 
 
+def test_global_batch_avalanche_normalization_on_ragged_batches(backend):
+    model = mlp()
+    x = torch.randn(11, 6)
+    batches = split(x, 4)  # 4, 4, 3: the short last batch is where the two normalizations differ
+    avalanche = mk.MAS(model, importance="global_batch", normalization="avalanche").estimate(batches).consolidate()
+    close(avalanche.omega, ref.global_batch_avalanche(model, batches))
+    samples = mk.MAS(model, importance="global_batch").estimate(batches).consolidate()
+    assert any(not torch.allclose(avalanche.omega[n], samples.omega[n], rtol=1e-3) for n in samples.omega)
+    assert avalanche.samples_consolidated == 11
+    with pytest.raises(ValueError, match="normalization"):
+        mk.MAS(model, normalization="batches")
+
+
 def test_output_fn_picks_tensor():
     class Two(nn.Module):
         def __init__(self):

@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from . import __version__, checkpoint, distributed
 from ._model import TrackedParams, default_output, modes, remove_handles, unwrap
@@ -68,8 +69,14 @@ class MAS:
             before the rule (e.g. ``torch.relu``): one callable for every layer,
             or ``{module_name: callable}``.
         include_frozen: also track parameters with ``requires_grad=False``.
-        chunk_size: samples per chunk for per-sample gradients (memory bound);
-            ``None`` picks one that keeps them under ~256 MiB.
+        chunk_size: at most this many samples per chunk of per-sample scratch
+            (``None``: as many as ``memory_budget`` allows).
+        memory_budget: bytes of per-sample scratch the exact rule may hold at
+            once (default 256 MiB): per-sample gradients, unfolded conv patches.
+        forward: ``forward(model, batch) -> output`` runs the model on one of
+            ``estimate()``'s batches (e.g. ``lambda m, b: m(b[0], b[2])`` for a
+            task label); default: a tensor ``model(batch)``, a tuple or list
+            ``model(batch[0])`` (labels ignored), a dict ``model(**batch)``.
         process_group: for ``torch.distributed``: ``consolidate()`` all-reduces
             importance numerators and sample counts over it (default group when
             initialized).
@@ -94,6 +101,8 @@ class MAS:
         chunk_size: int | None = None,
         process_group=None,
         normalization: str = "samples",
+        memory_budget: int | None = None,
+        forward: Callable | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"MAS: model must be an nn.Module, got {type(model).__name__}")
@@ -111,6 +120,8 @@ class MAS:
         self.uncovered_policy = uncovered
         self.post_activation = post_activation
         self.chunk_size = chunk_size
+        self.memory_budget = memory_budget
+        self.forward = forward
         self.process_group = process_group
         self.wrapper = model
         self.module = unwrap(model)
@@ -190,12 +201,15 @@ class MAS:
     def _device(self) -> torch.device:
         return next(iter(self._params.values())).device if self._params else torch.device("cpu")
 
+    def _exact(self) -> ExactRule:
+        return ExactRule(self.module, self._params, self._plan, self.output_fn, self.memory_budget, self.chunk_size)
+
     def _rule(self):
         if self.importance == "local":
             return LocalRule(self._plan, self.post_activation)
         if self.importance == "global_batch":
-            return BatchRule(self.module, self._params, self.output_fn)
-        return ExactRule(self.module, self._params, self._plan, self.output_fn, self.chunk_size)
+            return BatchRule(self.module, self._params, self._plan, self.output_fn)
+        return self._exact()
 
     def _extra(self) -> tuple[ExactRule, list[str]] | None:
         """For ``"local"``: the exact rule for the parameters no local rule covers, as ``uncovered=`` says."""
@@ -206,8 +220,7 @@ class MAS:
                 f"MAS(importance='local', uncovered='error'): no local rule covers {self._plan.uncovered}; "
                 "pass uncovered='global' (exact per-sample rule) or 'skip' (zero importance)"
             )
-        exact = ExactRule(self.module, self._params, self._plan, self.output_fn, self.chunk_size)
-        return exact, self._plan.uncovered
+        return self._exact(), self._plan.uncovered
 
     def _session(self) -> Session:
         """Hooks for one estimation session; ``requires_grad`` restored after.
@@ -232,15 +245,39 @@ class MAS:
         with self._session():
             yield self
 
-    def estimate(self, batches: Iterable, progress: bool = False, *, train_mode: bool = False) -> "MAS":
-        """Accumulate importance over ``batches`` (inputs, or tuples/lists whose first item is the input).
+    def _call(self, batch) -> Callable[[nn.Module], Any]:
+        """How to run the model on one of ``estimate()``'s batches (on the parameters' device)."""
+        device = self._device()
+        batch = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)
+        if self.forward is not None:
+            return lambda m: self.forward(m, batch)
+        if isinstance(batch, torch.Tensor):
+            return lambda m: m(batch)
+        if isinstance(batch, dict):
+            return lambda m: m(**batch)
+        if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+            return lambda m: m(batch[0])
+        raise TypeError(
+            f"MAS.estimate: a batch is a tensor, a tuple/list whose first item is the input tensor, or a dict "
+            f"of keyword arguments; got {type(batch).__name__}. Pass forward=lambda model, batch: ... to say "
+            "how to run the model on it"
+        )
 
-        Runs the model in eval mode unless ``train_mode``; labels are ignored.
-        The model's mode and every ``.grad`` are restored afterwards.
+    def estimate(self, batches: Iterable, progress: bool = False, *, train_mode: bool = False) -> "MAS":
+        """Accumulate importance over ``batches``, an iterable of batches (e.g. a DataLoader).
+
+        Each batch is run as ``forward=`` says (default: a tensor, the first
+        item of a tuple/list, labels ignored, or a dict of keyword arguments).
+        Runs the model in eval mode unless ``train_mode``. The model's mode and
+        every ``.grad`` are restored afterwards.
         """
         from tqdm.auto import tqdm
 
-        device = self._device()
+        if isinstance(batches, torch.Tensor):
+            raise TypeError(
+                f"MAS.estimate: got a tensor of shape {tuple(batches.shape)}; pass an iterable of batches, "
+                "e.g. [x] for one batch, or a DataLoader"
+            )
         try:
             total = len(batches)  # type: ignore[arg-type]
         except TypeError:
@@ -248,15 +285,7 @@ class MAS:
         with self._session() as session, modes(self.module, train_mode):
             for batch in tqdm(batches, total=total, disable=not progress, desc=f"MAS {self.importance}",
                               unit="batch"):
-                x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                if not isinstance(x, torch.Tensor):
-                    raise TypeError(f"MAS.estimate: expected a tensor input, got {type(x).__name__}")
-                x = x.to(device)
-                if session.local:
-                    with torch.no_grad():
-                        self.module(x)
-                else:
-                    session.observe(x, eval_mode=not train_mode)
+                session.run(self._call(batch), eval_mode=not train_mode)
         return self
 
     # --------------------------------------------------------- across tasks

@@ -4,20 +4,63 @@ Data flows one way: a hook sees a batch -> the rule adds the batch's
 numerators into the staging buffers -> :meth:`ImportanceState.commit_batch`
 checks them and moves them into the task's accumulator (or rejects the whole
 batch). Hooks exist only while the session is open, so training pays nothing
-for them; the rule's own forward passes (the global rules) run with the hooks
-muted, so they are not counted twice.
+for them.
+
+What a batch is, and N: see ``estimators/batch.py`` (one call of the model;
+dim 0 of its first tensor argument, or 1 for an unbatched sample).
+
+The rules that run their own passes (the global rules, and the exact rule for
+the parameters the local rule leaves uncovered) replay the model's call with
+the same arguments; while any session runs such a pass, every session's hooks
+stay quiet, so two wrappers on one model never count each other's passes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
+import weakref
+from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from ._model import modes, remove_handles, requiring_grad
 from .estimators import ExactRule, LocalRule
+from .estimators.batch import Batch, count_samples, first_tensor
 from .state import ImportanceState
+
+_QUIET = threading.local()  # depth of own passes in this thread: hooks of every session stay quiet
+
+
+def _quiet() -> bool:
+    return getattr(_QUIET, "depth", 0) > 0
+
+
+@contextlib.contextmanager
+def own_passes():
+    """The block's forward passes are a rule's own: no session's hooks count them."""
+    _QUIET.depth = getattr(_QUIET, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _QUIET.depth -= 1
+
+
+def _own_hook(module: nn.Module, fn: Callable) -> Callable:
+    """``fn`` as a hook of ``module`` only: on a copy of the module (``copy.deepcopy``) it removes itself."""
+    home = weakref.ref(module)
+
+    def hook(mod, *rest):
+        if mod is not home():
+            for d in (mod._forward_hooks, mod._forward_pre_hooks):
+                for key in [k for k, h in d.items() if h is hook]:
+                    del d[key]
+            return None
+        return fn(mod, *rest)
+
+    return hook
 
 
 class Session:
@@ -28,7 +71,7 @@ class Session:
         params: the tracked parameters (``requires_grad`` is on for all of them while open).
         state: where batches go.
         rule: a :class:`LocalRule` (runs inside the model's own forward) or a
-            rule with ``run(x, staging)`` (runs its own passes on each batch's input).
+            rule with ``run(forward, count, staging, ...)`` (runs its own passes).
         extra: for the local rule, the exact rule and the names it estimates
             (the parameters no local rule covers), or None.
         handles: the list the hooks' handles go in (the owner removes them if
@@ -46,25 +89,32 @@ class Session:
         self.extra = extra
         self.handles = handles
         self.per_batch_mean = per_batch_mean
-        self.busy = False  # inside the rule's own passes: hooks stay quiet
-        self._grad = contextlib.ExitStack()
+        self._stack = contextlib.ExitStack()
+        self._root: tuple[tuple, dict] | None = None  # the model's call being recorded
+        self._reader: nn.Module | None = None  # the first layer that read its input
 
     @property
     def local(self) -> bool:
         return isinstance(self.rule, LocalRule)
 
-    def _active(self) -> bool:
-        return not self.busy
-
     def open(self) -> "Session":
         if self.handles:
             raise RuntimeError("MAS: estimate()/accumulating() is already active on this wrapper")
-        self._grad.enter_context(requiring_grad(self.params))
+        self._stack.enter_context(requiring_grad(self.params))
         try:
+            if hasattr(torch.backends, "mha") and hasattr(torch.backends.mha, "set_fastpath_enabled"):
+                # The fast path of nn.TransformerEncoderLayer / MultiheadAttention under no_grad bypasses
+                # the submodules' forwards: their hooks would never see the batch.
+                was = torch.backends.mha.get_fastpath_enabled()
+                torch.backends.mha.set_fastpath_enabled(False)
+                self._stack.callback(torch.backends.mha.set_fastpath_enabled, was)
+            m = self.module
+            self.handles.append(m.register_forward_pre_hook(_own_hook(m, self._pre), with_kwargs=True))
+            for lm in self.rule.plan.modules():
+                self.handles.append(lm.register_forward_pre_hook(_own_hook(lm, self._layer_pre)))
             if self.local:
-                self.handles.extend(self.rule.hooks(self.state.staging, self._active))
-                self.handles.append(self.module.register_forward_pre_hook(self._pre))
-            self.handles.append(self.module.register_forward_hook(self._post))
+                self.handles.extend(self.rule.hooks(self.state.staging, lambda: not _quiet()))
+            self.handles.append(m.register_forward_hook(_own_hook(m, self._post), with_kwargs=True))
         except BaseException:
             self.close()
             raise
@@ -72,7 +122,7 @@ class Session:
 
     def close(self) -> None:
         remove_handles(self.handles)
-        self._grad.close()
+        self._stack.close()
 
     def __enter__(self) -> "Session":
         return self.open()
@@ -81,43 +131,62 @@ class Session:
         self.close()
 
     # ------------------------------------------------------------------ hooks
-    def _pre(self, module, args) -> None:
-        if not self.busy:
+    def _pre(self, module, args, kwargs) -> None:
+        if self._root is not None or _quiet():
+            return  # a nested call of the model inside its own forward, or a rule's own pass
+        self._root = (args, kwargs)
+        self._reader = None
+        if self.local:
             self.state.begin_batch()
 
-    def _post(self, module, args, output) -> None:
-        if self.busy or not args:
+    def _layer_pre(self, module, args) -> None:
+        """Notes the first layer that reads the model's input (it tells an unbatched sample)."""
+        if self._root is not None and self._reader is None and args and args[0] is first_tensor(*self._root):
+            self._reader = module
+
+    def _post(self, module, args, kwargs, output) -> None:
+        if self._root is None or self._root[0] is not args or _quiet():
             return
-        x = args[0].detach()
+        (args, kwargs), reader = self._root, self._reader
+        self._root = self._reader = None
+        n = count_samples(args, kwargs, reader)
+        args, kwargs = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, (args, kwargs))
+        batch = Batch.of_call(self.module, args, kwargs, n)
         if self.local:
-            self.finish_local(x)
+            self._finish_local(batch)
         else:
-            self.observe(x)
+            self.state.begin_batch()
+            self._run(self.rule, batch, eval_mode=True)
+            self.commit(n)
 
     # ---------------------------------------------------------------- batches
-    def finish_local(self, x: torch.Tensor) -> None:
+    def _run(self, rule, batch: Batch, eval_mode: bool, names: list[str] | None = None) -> None:
+        with own_passes(), modes(self.module, False if eval_mode else None):
+            rule.run(batch, self.state.staging, names)
+
+    def _finish_local(self, batch: Batch) -> None:
         """End a batch of the local rule: the uncovered parameters' exact rule, then the commit."""
         if self.extra is not None:
             exact, names = self.extra
             # Per-sample gradients need sample independence: eval mode, like the global rules.
-            self.busy = True
-            try:
-                with modes(self.module, False):
-                    exact.run(x, self.state.staging, names)
-            finally:
-                self.busy = False
-        self.commit(int(x.shape[0]))
+            self._run(exact, batch, eval_mode=True, names=names)
+        self.commit(batch.n)
 
     def commit(self, n: int) -> None:
         self.state.commit_batch(n, 1.0 / n if self.per_batch_mean and n else 1.0)
 
-    def observe(self, x: torch.Tensor, eval_mode: bool = True) -> None:
-        """One batch for a rule that runs its own passes (in eval mode unless told otherwise)."""
-        self.busy = True
-        try:
-            with modes(self.module, False if eval_mode else None):
-                self.state.begin_batch()
-                self.rule.run(x, self.state.staging)
-                self.commit(int(x.shape[0]))
-        finally:
-            self.busy = False
+    def run(self, call: Callable[[nn.Module], Any], eval_mode: bool = True) -> None:
+        """One batch of ``estimate()``: ``call(model)`` runs the model on it.
+
+        The local rule sees the model's own forward (under ``no_grad``); the
+        other rules run their own passes on it (in eval mode unless told otherwise).
+        """
+        if self.local:
+            with torch.no_grad():
+                call(self.module)
+            return
+        self.rule.check()
+        batch = Batch(self.module, call)
+        self.state.begin_batch()
+        self._run(self.rule, batch, eval_mode)
+        self.commit(batch.n)

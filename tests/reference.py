@@ -112,3 +112,27 @@ def local_conv2d(conv, x, y):
         xc = cols[:, gi * c_per_g * kk:(gi + 1) * c_per_g * kk]
         w[gi * o_per_g:(gi + 1) * o_per_g] = torch.einsum("nol,ncl->oc", yc, xc).view(o_per_g, *w.shape[1:])
     return w, ya.sum((0, 2))
+
+
+def local_norm(norm, x):
+    """Hebbian numerators of a norm layer: sum |y * x_hat| (weight), sum |y| (bias), over samples and positions.
+
+    ``x_hat`` comes from torch.nn.functional without the affine part (running statistics for a
+    BatchNorm in eval mode, batch statistics in train mode).
+    """
+    import torch.nn.functional as F
+
+    x = x.double()
+    y = norm(x.to(norm.weight.dtype)).double().abs()
+    if isinstance(norm, torch.nn.LayerNorm):
+        xh = F.layer_norm(x, norm.normalized_shape, eps=norm.eps)
+        red = lambda t: t.reshape(-1, *norm.normalized_shape).sum(0)  # noqa: E731
+    elif isinstance(norm, torch.nn.GroupNorm):
+        xh = F.group_norm(x, norm.num_groups, eps=norm.eps)
+        red = lambda t: t.sum([d for d in range(t.dim()) if d != 1])  # noqa: E731
+    else:  # BatchNorm
+        rm = None if norm.training else norm.running_mean.double()
+        rv = None if norm.training else norm.running_var.double()
+        xh = F.batch_norm(x, rm, rv, training=norm.training, eps=norm.eps)
+        red = lambda t: t.sum([d for d in range(t.dim()) if d != 1])  # noqa: E731
+    return red(y * xh.abs()), red(y)

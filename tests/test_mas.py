@@ -205,21 +205,63 @@ def test_local_post_activation():
     close({"2.weight": mas.omega["2.weight"]}, {"2.weight": w2 / 6})
 
 
-def test_local_uncovered_policies():
+class Scaled(nn.Module):
+    """A layer with a raw parameter and no rule of its own: y = x * s."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.s = nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, x):
+        return x * self.s
+
+
+class ScaledNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 5)
+        self.sc = Scaled(5)
+        self.out = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.sc(self.fc(x))))
+
+
+def test_local_norms_match_reference():
     model = ConvNet().eval()
     x = torch.randn(5, 2, 6, 6)
-    names = ["bn.weight", "bn.bias", "ln.weight", "ln.bias"]
-    with pytest.raises(ValueError, match="bn.weight"):
+    mas = mk.MAS(model, importance="local").estimate([x]).consolidate()
+    assert mas.uncovered == []
+    h_bn = model.c1(x)
+    wb, bb = ref.local_norm(model.bn, h_bn)
+    h_ln = model.fc(torch.relu(model.c2(torch.relu(model.bn(h_bn)))).flatten(1))
+    wl, bl = ref.local_norm(model.ln, h_ln)
+    close({n: mas.omega[n] for n in ("bn.weight", "bn.bias", "ln.weight", "ln.bias")},
+          {"bn.weight": wb / 5, "bn.bias": bb / 5, "ln.weight": wl / 5, "ln.bias": bl / 5})
+    gn = nn.GroupNorm(2, 4)
+    with torch.no_grad():
+        gn.weight.uniform_(0.5, 1.5)
+        gn.bias.uniform_(-1, 1)
+    xg = torch.randn(3, 4, 5)
+    g = mk.MAS(gn, importance="local").estimate([xg]).consolidate()
+    wg, bg = ref.local_norm(gn, xg)
+    close(g.omega, {"weight": wg / 3, "bias": bg / 3})
+
+
+def test_local_uncovered_policies():
+    model = ScaledNet()
+    x = torch.randn(5, 6)
+    with pytest.raises(ValueError, match="sc.s"):
         mk.MAS(model, importance="local", uncovered="error").estimate([x])
     skip = mk.MAS(model, importance="local", uncovered="skip").estimate([x]).consolidate()
-    assert skip.uncovered == names
-    assert all(skip.omega[n].abs().sum() == 0 for n in names)
+    assert skip.uncovered == ["sc.s"]
+    assert skip.omega["sc.s"].abs().sum() == 0
     glob = mk.MAS(model, importance="local", uncovered="global").estimate(split(x, 2)).consolidate()
     expected = ref.global_exact(model, [x])
-    close({n: glob.omega[n] for n in names}, {n: expected[n] for n in names})
+    close({"sc.s": glob.omega["sc.s"]}, {"sc.s": expected["sc.s"]})
     # the covered ones follow the local rule, not the global one
-    w, _ = ref.local_conv2d(model.c1, x, model.c1(x))
-    close({"c1.weight": glob.omega["c1.weight"]}, {"c1.weight": w / 5})
+    w, _ = ref.local_linear(x, model.fc(x))
+    close({"fc.weight": glob.omega["fc.weight"]}, {"fc.weight": w / 5})
 
 
 def test_accumulating_online_equals_estimate_local(backend):
@@ -384,14 +426,17 @@ def test_tied_parameters_and_module_called_twice():
     mas = mk.MAS(model, importance="global").estimate(split(x, 4)).consolidate()
     assert list(mas.omega) == ["a.weight", "a.bias", "b.bias"]  # one entry for the tied weight
     close(mas.omega, ref.global_exact(model, [x]))
-    # local: a tied weight has no single layer, so it is "uncovered"; a's bias sums both calls.
-    loc = mk.MAS(model, importance="local", uncovered="skip")
-    assert loc.uncovered == ["a.weight"]
+    # local: a tied weight adds the Hebbian numerators of every use; a's bias sums both calls.
+    loc = mk.MAS(model, importance="local", uncovered="error")
+    assert loc.uncovered == []
     loc.estimate([x]).consolidate()
     h = model.a(x)
-    _, b1 = ref.local_linear(x, h)
-    _, b2 = ref.local_linear(h, model.a(h))
-    close({"a.bias": loc.omega["a.bias"]}, {"a.bias": (b1 + b2) / 6})
+    h2 = model.a(h)
+    w1, b1 = ref.local_linear(x, h)
+    w2, b2 = ref.local_linear(h, h2)
+    w3, _ = ref.local_linear(torch.tanh(h2), model.b(torch.tanh(h2)))
+    close({"a.bias": loc.omega["a.bias"], "a.weight": loc.omega["a.weight"]},
+          {"a.bias": (b1 + b2) / 6, "a.weight": (w1 + w2 + w3) / 6})
 
 
 def test_two_wrappers_on_one_model_are_independent():
@@ -611,12 +656,12 @@ def test_accumulating_under_no_grad_and_train_mode_norms():
             model.train()
         assert mas.num_samples == 6 and model.training
         assert all(torch.isfinite(t).all() for t in mas.consolidate().omega.values())
-    # local's uncovered (BatchNorm) parameters: exact rule in eval mode even while the user trains
+    # local's BatchNorm rule sees what the layer normalized with: batch statistics while the user trains
     mas = mk.MAS(model, importance="local")
+    stats_before = model.bn.running_mean.clone()
     with torch.no_grad(), mas.accumulating():
         model(x)
-    stats_after_user = model.bn.running_mean.clone()
-    assert not torch.equal(stats_after_user, stats)  # the user's own train-mode forward updates stats
-    model.eval()
-    expected = ref.global_exact(model, [x])
-    close({"bn.weight": mas.consolidate().omega["bn.weight"]}, {"bn.weight": expected["bn.weight"]})
+    assert not torch.equal(model.bn.running_mean, stats_before)  # the user's own train-mode forward updates stats
+    wb, bb = ref.local_norm(model.bn.train(), model.c1(x))
+    close({"bn.weight": mas.consolidate().omega["bn.weight"], "bn.bias": mas.omega["bn.bias"]},
+          {"bn.weight": wb / 6, "bn.bias": bb / 6})

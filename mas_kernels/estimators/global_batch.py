@@ -24,15 +24,19 @@ def squared_norm(out: torch.Tensor) -> torch.Tensor:
 class BatchRule:
     """One batch-level gradient per batch, its absolute value added into the staging buffers."""
 
-    def __init__(self, module: nn.Module, params: dict[str, nn.Parameter], output_fn: Callable):
+    def __init__(self, module: nn.Module, params: dict[str, nn.Parameter], plan, output_fn: Callable):
         self.module = module
         self.params = params
+        self.plan = plan
         self.output_fn = output_fn
 
-    def run(self, x: torch.Tensor, staging) -> None:
+    def check(self) -> None:
+        """Nothing to refuse: the batch gradient is defined for every model."""
+
+    def run(self, batch, staging, names=None) -> None:
         names = list(self.params)
         with torch.enable_grad():  # also inside a user's torch.no_grad() (accumulating)
-            loss = squared_norm(self.output_fn(self.module(x)))
-            grads = torch.autograd.grad(loss, [self.params[n] for n in names], allow_unused=True,
+            loss = squared_norm(self.output_fn(batch.forward(self.plan.modules())))
+            grads = torch.autograd.grad(loss, [self.params[k] for k in names], allow_unused=True,
                                         materialize_grads=True)
-        abs_accumulate_([staging[n] for n in names], list(grads))
+        abs_accumulate_([staging[k] for k in names], list(grads))

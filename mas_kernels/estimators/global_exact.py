@@ -1,120 +1,176 @@
 r"""The exact global rule (the paper, Eq. 2): ``Omega = (1/N) sum_k |d ||F(x_k)||_2^2 / d theta|``.
 
-The absolute value of each sample's gradient. For a Linear layer called once
-per forward on 2-D inputs the per-sample weight gradient is ``delta_k x_k^T``
-(delta = dL/dy), so its absolute value is ``|delta_k| |x_k|^T``: one
-``abs_outer_accumulate_`` after one backward pass. Every other parameter gets
-its exact per-sample gradient from ``torch.func`` (vmap of grad) in chunks of
-samples, so memory stays bounded.
+One forward and one backward per batch. The forward records each layer's
+calls (``capture``); the backward of ``sum_k ||F(x_k)||^2`` gives the loss
+gradient w.r.t. each call's output; each layer's rule turns (input, output
+gradient) into ``sum_k |g_k|``, the sum over samples of the absolute
+per-sample gradient (``rules``): an abs-GEMM per sample for Linear, Conv1D and
+conv layers, unique-id row sums for embeddings, per-sample sums for norms, a
+module-local per-sample vjp for everything else. Parameters with several uses
+(tied weights) get the per-sample sum of all uses before the absolute value.
+The whole model's per-sample gradients are never formed.
+
+A parameter whose layer was not called although the loss depends on it (the
+model reads it outside that layer's forward) gets its exact per-sample
+gradient from a whole-model ``torch.func`` pass, with a warning naming it.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
 from torch import nn
 
 from ..ops import abs_outer_accumulate_
+from .batch import Batch
+from .capture import backward, capture
 from .global_batch import squared_norm
 from .plan import Plan
+from .rules import Context
+from .rules._bmm import abs_bmm
 
-_CHUNK_BYTES = 256 << 20  # per-sample gradients of one chunk, when chunk_size is not given
-
-
-def global_linear(acc_w: torch.Tensor, acc_b: torch.Tensor | None, x: torch.Tensor, delta: torch.Tensor) -> None:
-    """Exact per-sample rule for a Linear layer on 2-D input: |delta_k| |x_k|^T summed."""
-    abs_outer_accumulate_(acc_w, delta, x)
-    if acc_b is not None:
-        acc_b.add_(delta.abs().sum(0, dtype=torch.float32))
+DEFAULT_BUDGET = 256 << 20  # bytes of per-sample scratch at once
 
 
-def per_sample_exact(module: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, output_fn: Callable,
-                     accs: dict[str, torch.Tensor], chunk_size: int) -> None:
-    """Add ``sum_k |d ||F(x_k)||^2 / d theta|`` for the parameters in ``params``.
+def _graph_params(loss: torch.Tensor) -> set[int]:
+    """ids of the leaf tensors the loss's autograd graph reaches."""
+    found, seen, stack = set(), set(), [loss.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)
+        if var is not None:
+            found.add(id(var))
+        stack.extend(f for f, _ in fn.next_functions)
+    return found
 
-    Per-sample gradients come from ``torch.func.vmap(grad(...))`` over chunks
-    of ``chunk_size`` samples; parameters not in ``params`` are constants.
+
+def per_sample_exact(module: nn.Module, params: dict[str, torch.Tensor], forward_one: Callable, n: int,
+                     output_fn: Callable, accs: dict[str, torch.Tensor], chunk_size: int) -> None:
+    """``sum_k |d ||F(x_k)||^2 / d theta|`` for ``params`` from a whole-model ``vmap(grad)`` over samples.
+
+    ``forward_one(k)`` runs the model on sample k alone (a batch of one).
     """
     from torch.func import functional_call, grad, vmap
 
     detached = {name: p.detach() for name, p in params.items()}
 
-    def one_sample(ps, xk):
-        out = functional_call(module, ps, (xk.unsqueeze(0),), strict=False)
-        return squared_norm(output_fn(out))
+    def loss_of(ps, k):
+        return squared_norm(output_fn(forward_one(lambda *a, **kw: functional_call(module, ps, a, kw,
+                                                                                    strict=False), k)))
 
-    per_sample_grad = vmap(grad(one_sample), in_dims=(None, 0), randomness="different")
-    for start in range(0, x.shape[0], chunk_size):
-        grads = per_sample_grad(detached, x[start:start + chunk_size])
+    for lo in range(0, n, chunk_size):
+        ks = torch.arange(lo, min(n, lo + chunk_size))
+        grads = vmap(grad(loss_of), in_dims=(None, 0), randomness="different")(detached, ks)
         with torch.no_grad():
             for name, g in grads.items():
                 accs[name].add_(g.abs().sum(0, dtype=torch.float32))
 
 
 class ExactRule:
-    """Exact per-sample importance of chosen parameters for one batch, into the staging buffers.
+    """Exact per-sample importance of the tracked parameters for one batch, into the staging buffers.
 
     Args:
         module: the model.
         params: the tracked parameters.
-        plan: its layers (the Linear fast path applies to the Linear layers there).
+        plan: which layer's rule covers which parameter.
         output_fn: picks the output tensor.
-        chunk_size: samples per chunk of per-sample gradients (``None``: ~256 MiB of them).
+        memory_budget: bytes of per-sample scratch a rule may hold at once.
+        max_chunk: at most this many samples per chunk of scratch.
     """
 
     def __init__(self, module: nn.Module, params: dict[str, nn.Parameter], plan: Plan, output_fn: Callable,
-                 chunk_size: int | None = None):
+                 memory_budget: int | None = None, max_chunk: int | None = None):
         self.module = module
         self.params = params
         self.plan = plan
         self.output_fn = output_fn
-        self.chunk_size = chunk_size
+        self.budget = int(memory_budget or DEFAULT_BUDGET)
+        self.max_chunk = max_chunk
+        self._warned: set[str] = set()
 
-    def _chunk(self, names: list[str]) -> int:
-        if self.chunk_size is not None:
-            return max(1, int(self.chunk_size))
-        per_sample = 4 * sum(self.params[n].numel() for n in names) or 1
-        return max(1, _CHUNK_BYTES // per_sample)
-
-    def run(self, x: torch.Tensor, staging, names: list[str] | None = None) -> None:
-        """Add the batch's numerators of ``names`` (default: every tracked parameter) into ``staging``."""
-        names = list(self.params) if names is None else names
-        wanted = set(names)
-        fast = {}  # layer -> the (input, output) of each call
-        handles = []
+    def check(self) -> None:
+        """Worded errors for layers the rule cannot serve as they are, before any forward pass."""
         for layer in self.plan.layers:
-            if isinstance(layer.module, nn.Linear) and wanted & set(layer.names()):
-                calls: list = []
-                fast[layer] = calls
-                handles.append(layer.module.register_forward_hook(
-                    lambda mod, args, out, calls=calls: calls.append((args[0], out))))
-        covered = {n for layer in fast for n in layer.names() if n in wanted}
-        generic = [n for n in names if n not in covered]
-        if fast:
-            try:
-                with torch.enable_grad():
-                    loss = squared_norm(self.output_fn(self.module(x)))
-            finally:
-                for h in handles:
-                    h.remove()
-            usable = {layer: calls for layer, calls in fast.items()
-                      if len(calls) == 1 and calls[0][0].dim() == 2 and calls[0][1].requires_grad}
-            for layer, calls in fast.items():
-                # Called several times, on N-D input, or off the output's path: per-sample rule.
-                # (Never called: no gradient, so nothing to add.)
-                if layer not in usable and calls:
-                    generic += [n for n in layer.names() if n in wanted]
-            if usable:
-                ys = [calls[0][1] for calls in usable.values()]
-                deltas = torch.autograd.grad(loss, ys, allow_unused=True, materialize_grads=True)
-                for (layer, calls), delta in zip(usable.items(), deltas):
-                    w = layer.weight if layer.weight in wanted else None
-                    b = layer.bias if layer.bias in wanted else None
-                    acc_w = staging[w] if w is not None else torch.zeros_like(layer.module.weight,
-                                                                                dtype=torch.float32)
-                    global_linear(acc_w, staging[b] if b is not None else None, calls[0][0].detach(), delta)
-            del loss
-        if generic:
-            per_sample_exact(self.module, {n: self.params[n] for n in generic}, x, self.output_fn,
-                             {n: staging[n] for n in generic}, self._chunk(generic))
+            layer.rule.check(layer)
+
+    def run(self, batch: Batch, staging, names: list[str] | None = None) -> None:
+        """Add the batch's numerators of ``names`` (default: every tracked parameter) into ``staging``."""
+        wanted = set(self.params if names is None else names)
+        self.check()
+        layers = [layer for layer in self.plan.layers if wanted & set(layer.names())]
+        modules = list({id(layer.module): layer.module for layer in layers}.values())
+        with torch.enable_grad():
+            with capture(modules) as rec:
+                out = batch.forward(self.plan.modules())
+            loss = squared_norm(self.output_fn(out))
+            backward(loss, rec)
+        n = batch.n
+        ctx = Context(n, self.budget, self.max_chunk)
+        with torch.no_grad():
+            uncalled = [layer for layer in layers if not rec.calls[layer.module]]
+            stray: list[str] = []
+            if uncalled:
+                reached = _graph_params(loss)
+                stray = [name for layer in uncalled for name in layer.names()
+                         if name in wanted and id(self.params[name]) in reached]
+            del loss, out
+            for layer in layers:
+                calls = rec.calls[layer.module]
+                accs = {a: staging[name] for a, name in layer.attrs.items()
+                        if name in wanted and name not in self.plan.shared and calls}
+                if accs:
+                    layer.rule.exact(layer, calls, ctx, accs)
+            for name in self.plan.shared:
+                if name in wanted and name not in stray:
+                    self._shared(name, rec.calls, ctx, staging[name])
+        if stray:
+            self._stray(stray, batch, staging)
+
+    def _shared(self, name: str, calls: dict, ctx: Context, acc: torch.Tensor) -> None:
+        """One parameter, several layers: their per-sample contributions summed, then the absolute value."""
+        uses = [(layer, attr) for layer, attr in self.plan.uses[name] if calls[layer.module]]
+        if not uses:
+            return
+        if len(uses) == 1:
+            layer, attr = uses[0]
+            layer.rule.exact(layer, calls[layer.module], ctx, {attr: acc})
+            return
+        factors = [layer.rule.factors(layer, calls[layer.module], ctx, attr) for layer, attr in uses]
+        if all(f is not None for f in factors):
+            a = torch.cat([f[0].float() for f in factors], 1)
+            b = torch.cat([f[1].float() for f in factors], 1)
+            if a.shape[1] == 1:
+                abs_outer_accumulate_(acc, a[:, 0], b[:, 0])
+            else:
+                abs_bmm(acc, a, b, budget=ctx.budget)
+            return
+        step = max(1, min(ctx.n, ctx.max_chunk or ctx.n, ctx.budget // (4 * acc.numel() * len(uses) or 1)))
+        for lo in range(0, ctx.n, step):
+            hi = min(ctx.n, lo + step)
+            total = None
+            for layer, attr in uses:
+                g = layer.rule.per_sample(layer, calls[layer.module], ctx, [attr], lo, hi)[attr]
+                total = g if total is None else total + g
+            acc.add_(total.abs().sum(0))
+
+    def _stray(self, names: list[str], batch: Batch, staging) -> None:
+        new = [nm for nm in names if nm not in self._warned]
+        if new:
+            self._warned.update(new)
+            warnings.warn(
+                f"MAS: parameters {new} are used by the model outside the forward of the layers that own "
+                "them (those layers were not called), so no per-layer rule sees the use; their exact "
+                "importance comes from a slower whole-model per-sample pass. Register a rule for the module "
+                "that uses them (mas_kernels.register_rule) to make it fast.",
+                RuntimeWarning, stacklevel=5,
+            )
+        per_sample = 4 * sum(self.params[nm].numel() for nm in names) or 1
+        chunk = max(1, min(batch.n, self.max_chunk or batch.n, self.budget // per_sample))
+        with torch.enable_grad():
+            per_sample_exact(self.module, {nm: self.params[nm] for nm in names}, batch.forward_one, batch.n,
+                             self.output_fn, {nm: staging[nm] for nm in names}, chunk)

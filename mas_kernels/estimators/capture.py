@@ -1,0 +1,120 @@
+"""One recorded forward and backward: each layer's inputs and the gradient w.r.t. its outputs.
+
+:func:`capture` runs the model once with forward hooks on the layers that
+have rules; each call of a layer is a :class:`Call` (its positional and keyword
+arguments and its output). A tensor hook on each output, registered before
+anything downstream can overwrite it in place (``ReLU(inplace=True)`` after a
+Linear), receives the gradient of the loss w.r.t. that output as it was when
+the layer returned it. :func:`backward` then runs one backward pass of the
+loss that reaches every recorded layer and computes no parameter gradient it
+does not have to: it asks for the gradients w.r.t. the layers' inputs (or,
+for a layer whose inputs need no gradient, w.r.t. its output, or one of its
+parameters when that output was overwritten in place).
+
+The per-layer rules turn ``(call.args, call.delta)`` into per-sample
+gradients; the whole model's per-sample gradients are never formed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+
+@dataclasses.dataclass
+class Call:
+    """One call of a layer: what it got, what it returned, the loss gradient w.r.t. what it returned."""
+
+    args: tuple
+    kwargs: dict
+    output: Any
+    deltas: list  # per output tensor (in tree_flatten order): the gradient, None until backward gives one
+    versions: list  # the output tensors' version counters when the layer returned them
+
+    @property
+    def outputs(self) -> list[torch.Tensor]:
+        return [t for t in tree_flatten(self.output)[0] if isinstance(t, torch.Tensor)]
+
+    @property
+    def x(self) -> torch.Tensor:
+        """The first positional argument (a layer's input)."""
+        return self.args[0]
+
+    @property
+    def delta(self) -> torch.Tensor:
+        """The gradient w.r.t. the (first) output; zeros when the output did not reach the loss."""
+        d = self.deltas[0]
+        return torch.zeros_like(self.outputs[0]) if d is None else d
+
+
+class Recorder:
+    """Forward hooks that record every call of ``modules`` (a dict of module -> list of calls)."""
+
+    def __init__(self, modules: list[nn.Module], grads: bool):
+        self.calls: dict[nn.Module, list[Call]] = {m: [] for m in modules}
+        self.grads = grads
+        self.handles: list = []
+
+    def _hook(self, module, args, kwargs, output) -> None:
+        outs = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
+        call = Call(args, kwargs, output, [None] * len(outs), [t._version for t in outs])
+        if self.grads:
+            for i, t in enumerate(outs):
+                if t.requires_grad:
+                    t.register_hook(_store(call.deltas, i))
+        self.calls[module].append(call)
+
+    def __enter__(self) -> "Recorder":
+        for m in self.calls:
+            self.handles.append(m.register_forward_hook(self._hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+def _store(slots: list, i: int) -> Callable:
+    def hook(grad):
+        slots[i] = grad
+    return hook
+
+
+@contextlib.contextmanager
+def capture(modules: list[nn.Module], grads: bool = True) -> Iterator[Recorder]:
+    """Record the calls of ``modules`` during the block (with output gradients when ``grads``)."""
+    with Recorder(modules, grads) as rec:
+        yield rec
+
+
+def backward(loss: torch.Tensor, rec: Recorder) -> None:
+    """One backward pass of ``loss`` that fills the recorded calls' ``deltas``, writing no ``.grad``."""
+    targets: dict[int, torch.Tensor] = {}
+    for module, calls in rec.calls.items():
+        for call in calls:
+            ins = [t for t in tree_flatten((call.args, call.kwargs))[0]
+                   if isinstance(t, torch.Tensor) and t.requires_grad]
+            if ins:
+                for t in ins:
+                    targets[id(t)] = t
+                continue
+            outs = call.outputs
+            if any(t.requires_grad and t._version == v for t, v in zip(outs, call.versions)):
+                for t, v in zip(outs, call.versions):
+                    if t.requires_grad and t._version == v:
+                        targets[id(t)] = t
+            else:
+                # Every output was overwritten in place downstream: asking for its gradient would give
+                # that of the overwriting op. A parameter of the layer sits behind the original output.
+                ps = [p for p in module.parameters() if p.requires_grad]
+                if ps:
+                    p = min(ps, key=lambda q: q.numel())
+                    targets[id(p)] = p
+    if targets and loss.requires_grad:
+        torch.autograd.grad(loss, list(targets.values()), allow_unused=True)

@@ -1,0 +1,119 @@
+r"""Convolutions ``nn.Conv1d/2d/3d`` (any stride, dilation, groups, padding mode).
+
+Per sample k, with output positions l and the input patch ``p_kl`` that
+position l sees (``C/groups * prod(kernel)`` values per group):
+``g_W[group] = sum_l delta_kl p_kl^T``, ``g_b = sum_l delta_kl``. Exact:
+the patches come from the padded input (the layer's own padding mode), so
+``sum_k |g_W|`` is one ``abs_bmm`` over (N, L, O) x (N, L, C*K) per group
+(samples in chunks so the patches stay within the memory budget); with
+several groups the per-sample gradients of each chunk are formed at once
+(they are small: depthwise kernels). Local: the weight-gradient of a
+convolution with input ``|x|`` and output-gradient ``|y|`` (``|pad(x)| =
+pad(|x|)`` for every padding mode).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import Rule
+from ._bmm import abs_bmm
+
+_CONV_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
+
+
+def _padded(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    pads = module._reversed_padding_repeated_twice
+    if not any(pads):
+        return x
+    if module.padding_mode == "zeros":
+        return F.pad(x, pads)
+    return F.pad(x, pads, mode=module.padding_mode)
+
+
+def patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(N, L, C*K): for each output position, the input values its kernel sees (C-major, as in the weight)."""
+    nd = len(module.kernel_size)
+    xp = _padded(module, x)
+    for i, (k, s, d) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
+        xp = xp.unfold(2 + i, (k - 1) * d + 1, s)
+        if d > 1:
+            xp = xp[..., ::d]
+    n, c = x.shape[:2]
+    # (N, C, L1..Lnd, k1..knd) -> (N, L1..Lnd, C, k1..knd)
+    perm = [0] + list(range(2, 2 + nd)) + [1] + list(range(2 + nd, 2 + 2 * nd))
+    xp = xp.permute(perm)
+    return xp.reshape(n, -1, c * math.prod(module.kernel_size))
+
+
+def _batched(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    nd = len(module.kernel_size)
+    return t.unsqueeze(0) if t.dim() == nd + 1 else t  # an unbatched sample
+
+
+class ConvRule(Rule):
+    """``nn.Conv1d/2d/3d``: weight (O, C/groups, *kernel), bias (O)."""
+
+    def exact(self, layer, calls, ctx, accs):
+        module = layer.module
+        calls = [c for c in calls if c.deltas[0] is not None]
+        if not calls:
+            return
+        if len(calls) > 1:  # a conv called several times: its contributions summed per sample
+            return super().exact(layer, calls, ctx, accs)
+        x = _batched(module, calls[0].x.detach())
+        delta = _batched(module, calls[0].delta)
+        n = x.shape[0]
+        if "bias" in accs:
+            accs["bias"].add_(delta.float().flatten(2).sum(2).abs().sum(0))
+        if "weight" not in accs:
+            return
+        w = module.weight
+        g, o = module.groups, w.shape[0]
+        ck = w[0].numel()  # C/groups * K
+        positions = delta[0, 0].numel()
+        step = self.chunk(module, ctx, 4 * positions * (ck * g + o) + (4 * w.numel() if g > 1 else 0))
+        omega = accs["weight"].view(g, o // g, ck)
+        for lo in range(0, n, step):
+            cols = patches(module, x[lo:lo + step].float())  # (n, L, C*K)
+            d = delta[lo:lo + step].float().flatten(2).transpose(1, 2)  # (n, L, O)
+            if g == 1:
+                abs_bmm(omega[0], d, cols, budget=ctx.budget)
+            else:
+                per = torch.einsum("nlgo,nlgc->ngoc", d.unflatten(2, (g, o // g)), cols.unflatten(2, (g, ck)))
+                omega.add_(per.abs_().sum(0))
+
+    def per_sample(self, layer, calls, ctx, attrs, lo, hi):
+        module = layer.module
+        w = module.weight
+        g, o = module.groups, w.shape[0]
+        out = {a: torch.zeros((hi - lo, *getattr(module, a).shape), device=w.device) for a in attrs}
+        for call in calls:
+            if call.deltas[0] is None:
+                continue
+            x = _batched(module, call.x.detach())[lo:hi].float()
+            delta = _batched(module, call.delta)[lo:hi].float()
+            if "bias" in attrs:
+                out["bias"] += delta.flatten(2).sum(2)
+            if "weight" in attrs:
+                cols = patches(module, x)
+                d = delta.flatten(2).transpose(1, 2)
+                per = torch.einsum("nlgo,nlgc->ngoc", d.unflatten(2, (g, o // g)), cols.unflatten(2, (g, w[0].numel())))
+                out["weight"] += per.reshape(hi - lo, *w.shape)
+        return out
+
+    def local(self, layer, call, accs):
+        module = layer.module
+        nd = len(module.kernel_size)
+        x, y = _batched(module, call.x.detach()), _batched(module, call.outputs[0].detach())
+        xa = _padded(module, x.abs().float())
+        ya = y.abs().float()
+        if "weight" in accs:
+            accs["weight"].add_(_CONV_WEIGHT[nd](xa, module.weight.shape, ya, module.stride, 0, module.dilation,
+                                                 module.groups))
+        if "bias" in accs:
+            accs["bias"].add_(ya.sum(dim=[d for d in range(ya.dim()) if d != 1]))

@@ -1,0 +1,200 @@
+r"""Every other layer: a module-local per-sample vector-Jacobian product.
+
+For a module that owns tracked parameters without a rule of its own (a
+custom layer, a norm of another library, ``nn.MultiheadAttention``, the RNNs),
+its recorded call is replayed per sample with ``torch.func``: ``vmap`` over
+the samples of ``vjp(functional_call(module, params, x_k), delta_k)``, which
+is the exact per-sample gradient of those parameters (``delta_k`` is the
+loss gradient w.r.t. the module's output, so nothing outside the module is
+re-run). Each sample keeps a batch dim of 1, so the module sees the shapes it
+always sees. Chunks of samples keep the per-sample gradients within the
+memory budget.
+
+Which dim of each argument and output holds the samples: dim 0 of every
+tensor whose size there is N, unless the layer says otherwise
+(``nn.MultiheadAttention`` and the RNNs with ``batch_first=False``: dim 1).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from . import Rule
+
+
+def get_path(module: nn.Module, path: str):
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
+class GenericRule(Rule):
+    """The module-local per-sample vjp, for the parameters ``attrs`` of one module (dotted paths allowed)."""
+
+    local_supported = False
+
+    def __init__(self, attrs: tuple[str, ...] | None = None):
+        self._attrs = attrs
+
+    def covers(self, module):
+        if self._attrs is not None:
+            return [a for a in self._attrs if isinstance(_maybe(module, a), nn.Parameter)]
+        return [n for n, _ in module.named_parameters(recurse=False)]
+
+    # ------------------------------------------------------ sample dims
+    def arg_dims(self, layer, call, n) -> list[int | None]:
+        """For each tensor leaf of ``(args, kwargs)``: the dim holding the samples, or None (shared)."""
+        leaves = tree_flatten((call.args, call.kwargs))[0]
+        return [0 if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n else None for t in leaves]
+
+    def out_dims(self, layer, call, n) -> list[int | None]:
+        """For each tensor output: the dim holding the samples (None: the output has none)."""
+        return [0 if t.dim() > 0 and t.shape[0] == n else None for t in call.outputs]
+
+    def chunk(self, module, ctx, per_sample_bytes=None):
+        size = per_sample_bytes or 4 * sum(_maybe(module, a).numel() for a in self.covers(module)) or 1
+        return max(1, min(ctx.n, ctx.max_chunk or ctx.n, ctx.budget // (2 * size)))  # vjp's own scratch is about one more copy
+
+    def per_sample(self, layer, calls, ctx, attrs, lo, hi):
+        from torch.func import functional_call, vjp, vmap
+
+        module = layer.module
+        params = {a: _maybe(module, a).detach() for a in attrs}
+        out = {a: torch.zeros((hi - lo, *p.shape), device=p.device) for a, p in params.items()}
+        for call in calls:
+            outs = call.outputs
+            if not any(d is not None for d in call.deltas):
+                continue
+            leaves, spec = tree_flatten((call.args, call.kwargs))
+            a_dims = self.arg_dims(layer, call, ctx.n)
+            o_dims = self.out_dims(layer, call, ctx.n)
+            keep = [i for i, t in enumerate(outs) if call.deltas[i] is not None]
+            for i in keep:
+                if o_dims[i] is None:
+                    raise ValueError(
+                        f"MAS: output {i} of layer {layer.name!r} ({type(module).__name__}, shape "
+                        f"{tuple(outs[i].shape)}) has no dim of the batch's {ctx.n} samples, so its per-sample "
+                        "gradients cannot be told apart; use importance='global_batch' for this model"
+                    )
+            batched_idx = [i for i, d in enumerate(a_dims) if d is not None]
+            shared = [t.detach() if isinstance(t, torch.Tensor) else t for t in leaves]
+            unbatched = not batched_idx and all(o_dims[i] is None for i in keep)
+            if unbatched and ctx.n != 1:
+                raise ValueError(f"MAS: layer {layer.name!r} got unbatched inputs in a batch of {ctx.n} samples")
+
+            def one(ps, xs, ds):
+                vals = list(shared)
+                for j, i in enumerate(batched_idx):
+                    vals[i] = xs[j].unsqueeze(a_dims[i])  # the sample, with a batch dim of 1
+                args, kwargs = tree_unflatten(vals, spec)
+
+                def fn(ps_):
+                    res = functional_call(module, ps_, args, kwargs, strict=False)
+                    flat = [t for t in tree_flatten(res)[0] if isinstance(t, torch.Tensor)]
+                    return tuple(flat[i] for i in keep)
+
+                _, pull = vjp(fn, ps)
+                if unbatched:
+                    return pull(tuple(ds))[0]
+                return pull(tuple(d.unsqueeze(o_dims[i]) for d, i in zip(ds, keep)))[0]
+
+            if unbatched:  # one sample without a batch dim: its gradient is the call's
+                grads = {a: g.unsqueeze(0) for a, g in one(params, (), tuple(call.deltas[i] for i in keep)).items()}
+            else:
+                xs = tuple(leaves[i].detach().movedim(a_dims[i], 0)[lo:hi] for i in batched_idx)
+                ds = tuple(call.deltas[i].movedim(o_dims[i], 0)[lo:hi] for i in keep)
+                grads = vmap(one, in_dims=(None, 0, 0), randomness="different")(params, xs, ds)
+            for a in attrs:
+                out[a] += grads[a].float()
+        return out
+
+
+def _maybe(module: nn.Module, path: str):
+    try:
+        return get_path(module, path)
+    except AttributeError:
+        return None
+
+
+class MultiheadAttentionRule(GenericRule):
+    """``nn.MultiheadAttention``: its projections (in_proj/q/k/v, out_proj, bias_k/v), all through its own call.
+
+    ``out_proj`` is an ``nn.Linear`` that MHA never calls (it reads the weight
+    directly), so this rule, not the Linear's, covers it.
+    """
+
+    def __init__(self):
+        super().__init__(("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias",
+                          "bias_k", "bias_v", "out_proj.weight", "out_proj.bias"))
+
+    def _query_dim(self, layer, call) -> int | None:
+        q = call.args[0] if call.args else call.kwargs["query"]
+        if q.dim() == 2:
+            return None  # unbatched
+        return 0 if layer.module.batch_first else 1
+
+    def arg_dims(self, layer, call, n):
+        qd = self._query_dim(layer, call)
+        names = ["query", "key", "value"]
+        dims = []
+        args_leaves = tree_flatten(call.args)[0]
+        for i, t in enumerate(args_leaves):
+            dims.append(qd if i < 3 and isinstance(t, torch.Tensor) else None)
+        for name, v in call.kwargs.items():
+            for t in tree_flatten(v)[0]:
+                if not isinstance(t, torch.Tensor) or qd is None:
+                    dims.append(None)
+                elif name in names:
+                    dims.append(qd)
+                elif name == "key_padding_mask":
+                    dims.append(0)
+                elif name == "attn_mask" and t.dim() == 3:
+                    raise ValueError(
+                        f"MAS: layer {layer.name!r} got a per-sample 3-D attn_mask; the per-sample rule of "
+                        "nn.MultiheadAttention takes 2-D attn_mask and key_padding_mask only"
+                    )
+                else:
+                    dims.append(None)
+        if len(args_leaves) > 3 and qd is not None:
+            raise ValueError(f"MAS: layer {layer.name!r}: pass nn.MultiheadAttention's masks as keywords "
+                             "(key_padding_mask=, attn_mask=) so their sample dims are known")
+        return dims
+
+    def out_dims(self, layer, call, n):
+        qd = self._query_dim(layer, call)
+        dims = []
+        for i, t in enumerate(call.outputs):
+            dims.append((qd if i == 0 else 0) if qd is not None else None)
+        return dims
+
+
+class RNNRule(GenericRule):
+    """``nn.RNN``, ``nn.LSTM``, ``nn.GRU``: every weight and bias of every layer and direction."""
+
+    def _seq_dim(self, layer, call) -> int | None:
+        x = call.args[0] if call.args else call.kwargs["input"]
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(
+                f"MAS: layer {layer.name!r} got a {type(x).__name__} (e.g. a PackedSequence); the per-sample rule "
+                f"of {type(layer.module).__name__} needs padded tensor inputs: pad the batch, or use "
+                "importance='global_batch'"
+            )
+        if x.dim() == 2:
+            return None
+        return 0 if layer.module.batch_first else 1
+
+    def arg_dims(self, layer, call, n):
+        xd = self._seq_dim(layer, call)
+        leaves = tree_flatten((call.args, call.kwargs))[0]
+        if xd is None:
+            return [None] * len(leaves)
+        # the input, then the initial state(s) (num_layers * directions, N, H): samples in dim 1
+        return [xd if i == 0 else (1 if isinstance(t, torch.Tensor) else None) for i, t in enumerate(leaves)]
+
+    def out_dims(self, layer, call, n):
+        xd = self._seq_dim(layer, call)
+        if xd is None:
+            return [None] * len(call.outputs)
+        return [xd] + [1] * (len(call.outputs) - 1)

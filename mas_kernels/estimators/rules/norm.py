@@ -1,0 +1,148 @@
+r"""Normalization layers: LayerNorm, GroupNorm, BatchNorm (running statistics), RMSNorm.
+
+Each computes ``y = x_hat * w + b`` with ``x_hat`` the normalized input, so
+per sample k: ``g_w = sum_positions delta_k * x_hat_k``, ``g_b = sum_positions
+delta_k`` (positions: every dim that is not a parameter dim). ``x_hat`` is
+recomputed in fp32 from the recorded input, exactly as the layer computes it.
+Local (the convention here): ``sum |y * x_hat|`` for the weight (the weight's
+input is ``x_hat``), ``sum |y|`` for the bias.
+
+BatchNorm normalizes with batch statistics in train mode (and always
+without running statistics): the samples of a batch are then coupled, and
+a per-sample gradient of ``||F(x_k)||^2`` is not defined by the batch alone;
+the exact rule refuses it by name before the forward pass (estimate in eval
+mode, or use ``importance='global_batch'``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import Rule, batched, sample_dim
+
+
+class _Norm(Rule):
+    """Shared by the norms: subclasses say how ``x_hat`` is computed and how a tensor reduces to a parameter."""
+
+    def x_hat(self, module, x: torch.Tensor) -> torch.Tensor:
+        """The normalized input, fp32, shaped like x."""
+        raise NotImplementedError
+
+    def per_sample_sum(self, layer, n: int, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (shaped like the input ``x``) summed over each sample's positions: (N, *param.shape)."""
+        raise NotImplementedError
+
+    def total_sum(self, module, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over samples and positions: the parameter's shape."""
+        raise NotImplementedError
+
+    def _per_sample(self, layer, calls, ctx, attrs):
+        """Per-sample gradients of every sample (they are small: parameter-sized vectors)."""
+        module = layer.module
+        out = {a: torch.zeros((ctx.n, *getattr(module, a).shape), device=getattr(module, a).device)
+               for a in attrs}
+        for call in calls:
+            if call.deltas[0] is None:
+                continue
+            x = call.x.detach()
+            d = call.delta.float()
+            if "weight" in out:
+                out["weight"] += self.per_sample_sum(layer, ctx.n, x, d * self.x_hat(module, x.float()))
+            if "bias" in out:
+                out["bias"] += self.per_sample_sum(layer, ctx.n, x, d)
+        return out
+
+    def exact(self, layer, calls, ctx, accs):
+        grads = self._per_sample(layer, calls, ctx, list(accs))
+        for a, acc in accs.items():
+            acc.add_(grads[a].abs().sum(0))
+
+    def per_sample(self, layer, calls, ctx, attrs, lo, hi):
+        return {a: g[lo:hi] for a, g in self._per_sample(layer, calls, ctx, attrs).items()}
+
+    def local(self, layer, call, accs):
+        module = layer.module
+        x = call.x.detach()
+        y = call.outputs[0].detach().float().abs()
+        if "weight" in accs:
+            accs["weight"].add_(self.total_sum(module, y * self.x_hat(module, x.float()).abs()))
+        if "bias" in accs:
+            accs["bias"].add_(self.total_sum(module, y))
+
+
+class LayerNormRule(_Norm):
+    """``nn.LayerNorm``: weight and bias of ``normalized_shape``."""
+
+    def x_hat(self, module, x):
+        dims = tuple(range(-len(module.normalized_shape), 0))
+        var, mean = torch.var_mean(x, dim=dims, unbiased=False, keepdim=True)
+        return (x - mean) * torch.rsqrt(var + module.eps)
+
+    def per_sample_sum(self, layer, n, x, t):
+        k = len(layer.module.normalized_shape)
+        return batched(t, n, k, sample_dim(x, n, k, layer.name)).sum(1)
+
+    def total_sum(self, module, t):
+        return t.reshape(-1, *module.normalized_shape).sum(0)
+
+
+class RMSNormRule(LayerNormRule):
+    """``nn.RMSNorm``: a weight of ``normalized_shape`` (no bias)."""
+
+    attrs = ("weight",)
+
+    def x_hat(self, module, x):
+        dims = tuple(range(-len(module.normalized_shape), 0))
+        eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
+        return x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
+
+
+class _ChannelNorm(_Norm):
+    """Norms with one weight per channel (dim 1 of an (N, C, *) input)."""
+
+    def per_sample_sum(self, layer, n, x, t):
+        if x.shape[0] != n:
+            raise ValueError(f"MAS: layer {layer.name!r} got an input of shape {tuple(x.shape)} in a batch of "
+                             f"{n} samples; its samples must be dim 0")
+        return t.sum(list(range(2, t.dim()))) if t.dim() > 2 else t
+
+    def total_sum(self, module, t):
+        return t.sum([d for d in range(t.dim()) if d != 1])
+
+
+class GroupNormRule(_ChannelNorm):
+    """``nn.GroupNorm``: weight and bias per channel; statistics per (sample, group)."""
+
+    def x_hat(self, module, x):
+        shape = x.shape
+        g = x.reshape(shape[0], module.num_groups, -1)
+        var, mean = torch.var_mean(g, dim=2, unbiased=False, keepdim=True)
+        return ((g - mean) * torch.rsqrt(var + module.eps)).reshape(shape)
+
+
+class BatchNormRule(_ChannelNorm):
+    """``nn.BatchNorm1d/2d/3d`` with running statistics (eval mode)."""
+
+    @staticmethod
+    def uses_batch_stats(module) -> bool:
+        return module.training or module.running_mean is None
+
+    def check(self, layer) -> None:
+        if self.uses_batch_stats(layer.module):
+            why = "train mode" if layer.module.training else "track_running_stats=False"
+            raise ValueError(
+                f"MAS(importance='global'): BatchNorm layer {layer.name!r} normalizes with batch statistics "
+                f"({why}), which couples the samples of a batch, so a per-sample gradient is not defined; "
+                "estimate in eval mode (estimate(..., train_mode=False), the default; running statistics) or "
+                "use importance='global_batch'"
+            )
+
+    def x_hat(self, module, x):
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        if self.uses_batch_stats(module):  # what the layer normalized with (the local rule in train mode)
+            dims = [d for d in range(x.dim()) if d != 1]
+            var, mean = torch.var_mean(x, dim=dims, unbiased=False, keepdim=True)
+        else:
+            mean = module.running_mean.float().view(shape)
+            var = module.running_var.float().view(shape)
+        return (x - mean) * torch.rsqrt(var + module.eps)

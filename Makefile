@@ -2,7 +2,7 @@
 #   make demo   set up .venv and run the main job (continual learning on MNIST)
 #   make test   set up .venv and run the test suite (Triton under its interpreter
 #               when there is no GPU)
-#   make bench  set up .venv and run the benchmarks
+#   make bench  set up .venv and run the benchmarks (writes bench/results/cpu.{json,png,txt})
 #
 # torch is installed first and pinned: on a CPU machine `torch==2.13.0` takes the
 # local CPU wheel, while a bare `torch` requirement could pull a multi-GB CUDA
@@ -31,10 +31,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 demo: $(STAMP)
-	$(BIN)/python -m mas_kernels demo --out demo_out
+	$(BIN)/python -m examples.split_mnist --out demo_out
 
 bench: $(STAMP)
-	$(BIN)/python -m mas_kernels bench --json bench/results/cpu.json --plot bench/results/cpu.png
+	$(BIN)/python -m bench --json bench/results/cpu.json --plot bench/results/cpu.png --txt bench/results/cpu.txt
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,7 +1,7 @@
 """pytest-benchmark setup for ``pytest bench/`` (not part of the test suite: ``make test`` runs ``tests/``).
 
-The cases (inputs and implementations) come from ``mas_kernels.bench``, the
-module behind ``python -m mas_kernels bench``, so both measure the same code.
+The cases (inputs and implementations) come from :mod:`bench.cases`, the
+module behind ``python -m bench``, so both measure the same code.
 Run e.g. ``pytest bench/ --benchmark-group-by=group --benchmark-columns=median,iqr,rounds``.
 """
 
@@ -18,7 +18,7 @@ def device():
 
 @pytest.fixture
 def bench_case(benchmark):
-    """``bench_case(case, impl)``: benchmark one implementation of a ``mas_kernels.bench.Case``."""
+    """``bench_case(case, impl)``: benchmark one implementation of a ``bench.harness.Case``."""
     return lambda case, impl: _run(benchmark, case, impl)
 
 

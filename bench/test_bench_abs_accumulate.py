@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mas_kernels.bench import abs_accumulate_case
+from bench.cases import abs_accumulate_case
 
 IMPLS = ["torch loop", "foreach", "ours", "copy bound"]
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mas_kernels.bench import abs_outer_case, conv_case
+from bench.cases import abs_outer_case, conv_case
 
 SHAPES = [(64, 256, 256), (256, 1024, 1024), (1024, 2048, 2048)]
 

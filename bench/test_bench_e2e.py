@@ -2,7 +2,7 @@
 
 import pytest
 
-from mas_kernels.bench import inference_case, train_case
+from bench.cases import inference_case, train_case
 
 MODELS = [("mlp-400", 64), ("mlp-400", 256), ("mlp-1024", 128), ("cnn", 32)]
 

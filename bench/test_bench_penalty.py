@@ -4,7 +4,7 @@ transformer-like list (199 tensors, 109M elements): peers' ways, ours, the copy 
 import pytest
 import torch
 
-from mas_kernels.bench import penalty_case
+from bench.cases import penalty_case
 
 IMPLS = ["avalanche loop", "foreach", "torch.compile, flat", "ours", "ours, torch.ops (as mk.MAS)",
          "ours, 1 flat tensor", "ours, torch path", "copy bound"]

@@ -1,4 +1,5 @@
-"""What the tests share: dtypes and tolerances, a comparison that prints the worst elements, tensor layouts.
+"""What the tests share: dtypes and tolerances, a comparison that prints the worst elements, tensor layouts,
+one checker per op, and the bad-input helpers.
 
 Every comparison is against ``tests/reference.py`` (float64, from the same
 low-precision inputs), so the only differences allowed are float32
@@ -8,11 +9,15 @@ accumulation and, for outputs stored in fp16/bf16, one rounding to that dtype.
 from __future__ import annotations
 
 import math
+import re
 
+import pytest
 import torch
 from hypothesis import HealthCheck
 
+import mas_kernels as mk
 from mas_kernels import _backend
+from tests import reference as ref
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 DTYPES = [F32, F16, BF16]
@@ -103,3 +108,114 @@ def make(shape, dtype=F32, layout="contiguous", *, device="cpu", fill=torch.rand
     return t.to(device)
 
 
+# ------------------------------------------------------------------- the ops against the reference
+# One checker per op: it computes the float64 reference first (on CPU copies),
+# calls the public op, and asserts everything the op promises about its outputs.
+def check_abs_outer(omega, a, b, alpha):
+    """``mk.abs_outer_accumulate_``: returns ``omega`` itself, still fp32, equal to ``ref.abs_outer``.
+
+    The tolerance is relative to the magnitudes of the summed terms,
+    ``|omega| + |alpha| |a|^T |b|``.
+    """
+    expected = ref.abs_outer(omega.cpu(), a.cpu(), b.cpu(), alpha)
+    scale = omega.cpu().to(F64).abs() + abs(alpha) * (a.cpu().to(F64).abs().T @ b.cpu().to(F64).abs())
+    out = mk.abs_outer_accumulate_(omega, a, b, alpha)
+    assert out is omega
+    assert omega.dtype == F32
+    assert_close(omega, expected, scale, name="omega")
+
+
+def check_abs_accumulate(omegas, tensors, alpha):
+    """``mk.abs_accumulate_``: returns the same omegas, in place, fp32, each equal to ``ref.abs_accumulate``.
+
+    The tolerance is relative to the result's own magnitude (tighter than to
+    the terms' ``|omega| + |alpha| |t|`` when alpha < 0 cancels).
+    """
+    expected = ref.abs_accumulate([o.cpu() for o in omegas], [t.cpu() for t in tensors], alpha)
+    ids = [id(o) for o in omegas]
+    out = mk.abs_accumulate_(omegas, tensors, alpha)
+    assert [id(o) for o in out] == ids
+    for i, (o, e) in enumerate(zip(omegas, expected)):
+        assert o.dtype == F32
+        assert_close(o, e, name=f"omegas[{i}]")
+
+
+def expected_penalty(params, anchors, omegas, lam, grads):
+    """(value, new grads, grad scales) from the reference, on CPU.
+
+    A grad's scale is the magnitude of the two terms of ``g + 2 lam omega d``.
+    """
+    cpu = lambda xs: [x.detach().cpu() for x in xs]  # noqa: E731
+    value, new_grads = ref.penalty_and_grads(cpu(params), cpu(anchors), cpu(omegas), lam, cpu(grads))
+    scales = [
+        g.abs().to(F64) + 2 * abs(lam) * o.abs().to(F64) * (p.to(F64) - a.to(F64)).abs()
+        for p, a, o, g in zip(cpu(params), cpu(anchors), cpu(omegas), cpu(grads))
+    ]
+    return value, new_grads, scales
+
+
+def check_penalty_grad(params, anchors, omegas, lam, grads):
+    """``mk.penalty_grad_`` with explicit ``grads``; returns the value it gave.
+
+    The value is an fp32 scalar equal to ``ref.penalty_and_grads``'s (relative
+    to ``|lam| sum |omega| d^2``); each grad is updated in place (same tensor,
+    dtype and strides) to the reference's ``g + 2 lam omega d``.
+    """
+    value, new_grads, scales = expected_penalty(params, anchors, omegas, lam, grads)
+    value_scale = abs(lam) * sum(
+        ((o.detach().cpu().to(F64).abs() * (p.detach().cpu().to(F64) - a.detach().cpu().to(F64)) ** 2).sum()
+         for p, a, o in zip(params, anchors, omegas)),
+        torch.zeros((), dtype=F64),
+    )
+    before = [(id(g), g.dtype, g.stride()) for g in grads]
+    out = mk.penalty_grad_(params, anchors, omegas, lam, grads)
+    assert [(id(g), g.dtype, g.stride()) for g in grads] == before
+    assert out.dim() == 0 and out.dtype == F32
+    assert_close(out, value, value_scale, dtype=F32, name="value")
+    for i, (g, e, s) in enumerate(zip(grads, new_grads, scales)):
+        assert_close(g, e, s, name=f"grads[{i}]")
+    return out
+
+
+def penalty_inputs(shapes, p_dtype=F32, a_dtype=None, g_dtype=None, *, layout="contiguous",
+                   anchor_layout="contiguous", omega_layout="contiguous", grad_layout=None, device="cpu"):
+    """``(params, anchors, omegas, grads)``, one tensor of each per shape.
+
+    params in ``p_dtype``, anchors in ``a_dtype`` and grads in ``g_dtype``
+    (both default ``p_dtype``), omegas fp32 and non-negative. Each ``*layout``
+    is one of ``LAYOUTS`` for the whole list or a list of one per shape;
+    ``grad_layout`` defaults to ``layout``.
+    """
+    a_dtype = a_dtype or p_dtype
+    g_dtype = g_dtype or p_dtype
+    grad_layout = layout if grad_layout is None else grad_layout
+
+    def each(lay):
+        return [lay] * len(shapes) if isinstance(lay, str) else list(lay)
+
+    params = [make(s, p_dtype, lay, device=device) for s, lay in zip(shapes, each(layout))]
+    anchors = [make(s, a_dtype, lay, device=device) for s, lay in zip(shapes, each(anchor_layout))]
+    omegas = [make(s, F32, lay, device=device, fill="rand") for s, lay in zip(shapes, each(omega_layout))]
+    grads = [make(s, g_dtype, lay, device=device) for s, lay in zip(shapes, each(grad_layout))]
+    return params, anchors, omegas, grads
+
+
+# ------------------------------------------------------------------- bad input
+def assert_names(exc: pytest.ExceptionInfo, name: str) -> None:
+    """The message names ``name`` as a whole token (``omegas[2]``, not ``omegas[2]`` inside ``omegas[21]``)."""
+    msg = str(exc.value)
+    assert re.search(rf"(?<![\w\[]){re.escape(name)}(?![\w\[])", msg), f"{name!r} not named in: {msg}"
+
+
+def snapshot(ts):
+    """Copies of the tensors (``None`` stays ``None``), to compare with after a call that must fail."""
+    return [None if t is None else t.detach().clone() for t in ts]
+
+
+def assert_unchanged(ts, before, what):
+    """Each tensor equals its ``snapshot`` (meta tensors have no values to compare); a ``None`` stayed ``None``."""
+    for i, (t, b) in enumerate(zip(ts, before)):
+        if b is None:
+            assert t is None, f"{what}[{i}] was allocated by a call that failed"
+        elif t.device.type != "meta":
+            assert torch.equal(t, b), f"{what}[{i}] was written by a call that failed"

@@ -6,7 +6,7 @@ low-precision inputs, so the differences allowed are fp32 arithmetic and one
 rounding of an fp16/bf16 output. Also checked: non-contiguous views, tensors
 that cross the kernels' chunk and threading thresholds, lists with aliased
 tensors, determinism across thread counts, and the fallback when ``_C`` is
-missing (one warning, PyTorch path, same results).
+missing or built for another torch (one warning, PyTorch path, same results).
 """
 
 from __future__ import annotations
@@ -17,18 +17,20 @@ import sys
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mas_kernels as mk
 from mas_kernels import _backend, _native
 from tests import reference as ref
-
-from tests.helpers import BF16, DTYPES, F16, F32, F64, assert_close, make
+from tests.helpers import (
+    BF16, DTYPES, F16, F32, F64, HYPOTHESIS, LAYOUTS, assert_close, check_abs_accumulate, check_abs_outer,
+    check_penalty_grad, make, penalty_inputs,
+)
 
 # Around the kernels' thresholds: 2**15 elements per chunk, threads from 2**16.
 BIG = 2**16 + 2**15 + 3
-HYPOTHESIS = dict(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+EXAMPLES = 25  # hypothesis examples per test
 
 needs_native = pytest.mark.skipif(
     not _native.available(), reason=f"native CPU kernels not built: {_native.load_error()}"
@@ -42,30 +44,6 @@ def native():
         yield
 
 
-# ------------------------------------------------------------------- helpers
-def penalty_case(shapes, p_dtype=F32, a_dtype=F32, g_dtype=F32, layouts=None):
-    layouts = layouts or ["contiguous"] * len(shapes)
-    params = [make(s, p_dtype, lay) for s, lay in zip(shapes, layouts)]
-    anchors = [make(s, a_dtype, lay) for s, lay in zip(shapes, reversed(layouts))]
-    omegas = [make(s, F32, lay, fill="rand") for s, lay in zip(shapes, layouts)]
-    grads = [make(s, g_dtype, lay) for s, lay in zip(shapes, reversed(layouts))]
-    return params, anchors, omegas, grads
-
-
-def check_penalty(params, anchors, omegas, grads, lam=0.37):
-    value_ref, grads_ref = ref.penalty_and_grads(params, anchors, omegas, lam, grads)
-    scale = lam * sum((o.to(F64) * (p.to(F64) - a.to(F64)) ** 2).sum() for p, a, o in zip(params, anchors, omegas))
-    # Copies with the same strides, so strided (non-dense) grads stay strided.
-    outs = [torch.empty_strided(g.size(), g.stride(), dtype=g.dtype).copy_(g) for g in grads]
-    value = mk.penalty_grad_(params, anchors, omegas, lam, outs)
-    assert value.dtype == F32 and value.dim() == 0
-    assert_close(value, value_ref, torch.as_tensor(scale), rtol=1e-5, name="penalty value")
-    for i, (g, g_ref, g0, p, a, o) in enumerate(zip(outs, grads_ref, grads, params, anchors, omegas)):
-        assert g.dtype == g0.dtype and g.stride() == g0.stride()
-        step = (2 * lam * o.to(F64) * (p.to(F64) - a.to(F64))).abs()
-        assert_close(g, g_ref, g0.to(F64).abs() + step + g_ref.abs(), name=f"grads[{i}]")
-
-
 # ----------------------------------------------------------- penalty_grad_
 @needs_native
 @pytest.mark.parametrize("g_dtype", DTYPES)
@@ -73,7 +51,8 @@ def check_penalty(params, anchors, omegas, grads, lam=0.37):
 @pytest.mark.parametrize("p_dtype", DTYPES)
 def test_penalty_dtypes(native, p_dtype, a_dtype, g_dtype):
     shapes = [(0,), (1,), (7,), (3, 0, 2), (31, 33), (1000, 3), (BIG,)]
-    check_penalty(*penalty_case(shapes, p_dtype, a_dtype, g_dtype))
+    params, anchors, omegas, grads = penalty_inputs(shapes, p_dtype, a_dtype, g_dtype)
+    check_penalty_grad(params, anchors, omegas, 0.37, grads)
 
 
 @needs_native
@@ -82,14 +61,18 @@ def test_penalty_dtypes(native, p_dtype, a_dtype, g_dtype):
 def test_penalty_non_contiguous(native, dtype, layout):
     shapes = [(5, 7), (1, 9), (300, 301), (3, 4, 5)]
     layouts = [layout, "contiguous", layout, layout]
-    check_penalty(*penalty_case(shapes, dtype, F32, dtype, layouts))
+    params, anchors, omegas, grads = penalty_inputs(shapes, dtype, F32, dtype, layout=layouts,
+                                                    anchor_layout=layouts[::-1], omega_layout=layouts,
+                                                    grad_layout=layouts[::-1])
+    check_penalty_grad(params, anchors, omegas, 0.37, grads)
 
 
 @needs_native
 def test_penalty_many_tensors(native):
     # A ResNet-like mix: many tiny tensors (biases, norms) and a few large ones.
     shapes = [(64,)] * 100 + [(3, 3, 8, 8)] * 50 + [(2048, 40), (BIG,), (0, 5)]
-    check_penalty(*penalty_case(shapes, BF16, F32, F32))
+    params, anchors, omegas, grads = penalty_inputs(shapes, BF16, F32, F32)
+    check_penalty_grad(params, anchors, omegas, 0.37, grads)
 
 
 @needs_native
@@ -104,7 +87,7 @@ def test_penalty_value_is_accurate_on_large_sums(native):
 
 @needs_native
 def test_penalty_deterministic_across_thread_counts(native):
-    params, anchors, omegas, grads = penalty_case([(BIG,), (4 * BIG,), (17,)])
+    params, anchors, omegas, grads = penalty_inputs([(BIG,), (4 * BIG,), (17,)])
     threads = torch.get_num_threads()
     values = []
     try:
@@ -159,15 +142,17 @@ _SHAPES = st.lists(st.lists(st.integers(0, 9), min_size=0, max_size=3).map(tuple
 
 
 @needs_native
-@settings(**HYPOTHESIS)
+@settings(max_examples=EXAMPLES, **HYPOTHESIS)
 @given(
     shapes=_SHAPES,
     dtypes=st.tuples(*[st.sampled_from(DTYPES)] * 3),
-    layout=st.sampled_from(["contiguous", "transposed", "step2", "offset"]),
+    layout=st.sampled_from(LAYOUTS),
     lam=st.floats(0.0, 10.0),
 )
 def test_penalty_hypothesis(native, shapes, dtypes, layout, lam):
-    check_penalty(*penalty_case(shapes, *dtypes, [layout] * len(shapes)), lam=lam)
+    params, anchors, omegas, grads = penalty_inputs(shapes, *dtypes, layout=layout, anchor_layout=layout,
+                                                    omega_layout=layout)
+    check_penalty_grad(params, anchors, omegas, lam, grads)
 
 
 @needs_native
@@ -198,20 +183,11 @@ def test_conversions_bit_exact(native, dtype):
 
 
 # ---------------------------------------------------------- abs_accumulate_
-def check_abs_accumulate(omegas, tensors, alpha=0.3):
-    expected = ref.abs_accumulate(omegas, tensors, alpha)
-    outs = [o.clone() for o in omegas]
-    mk.abs_accumulate_(outs, tensors, alpha)
-    for i, (o, e) in enumerate(zip(outs, expected)):
-        assert o.dtype == F32
-        assert_close(o, e, name=f"omegas[{i}]")
-
-
 @needs_native
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_abs_accumulate_shapes(native, dtype):
     shapes = [(0,), (1,), (7,), (1000, 3), (2, 0), (BIG,)]
-    check_abs_accumulate([torch.rand(s) for s in shapes], [torch.randn(s).to(dtype) for s in shapes])
+    check_abs_accumulate([torch.rand(s) for s in shapes], [torch.randn(s).to(dtype) for s in shapes], 0.3)
 
 
 @needs_native
@@ -239,7 +215,7 @@ def test_abs_accumulate_many_tensors_and_aliases(native):
     shapes = [(64,)] * 200 + [(BIG,)]
     omegas = [torch.rand(s) for s in shapes]
     tensors = [torch.randn(s).to(BF16) for s in shapes]
-    check_abs_accumulate(omegas, tensors)
+    check_abs_accumulate(omegas, tensors, 0.3)
     # One omega twice: accumulated twice, as in the PyTorch path.
     o, t = torch.rand(BIG), torch.randn(BIG)
     expected = o.to(F64) + 2 * 0.3 * t.to(F64).abs()
@@ -248,11 +224,11 @@ def test_abs_accumulate_many_tensors_and_aliases(native):
 
 
 @needs_native
-@settings(**HYPOTHESIS)
+@settings(max_examples=EXAMPLES, **HYPOTHESIS)
 @given(
     shapes=_SHAPES,
     dtype=st.sampled_from(DTYPES),
-    layout=st.sampled_from(["contiguous", "transposed", "step2", "offset"]),
+    layout=st.sampled_from(LAYOUTS),
     alpha=st.floats(-3.0, 3.0),
 )
 def test_abs_accumulate_hypothesis(native, shapes, dtype, layout, alpha):
@@ -261,19 +237,11 @@ def test_abs_accumulate_hypothesis(native, shapes, dtype, layout, alpha):
 
 
 # ------------------------------------------------------ abs_outer_accumulate_
-def check_abs_outer(omega, a, b, alpha=0.5):
-    expected = ref.abs_outer(omega, a, b, alpha)
-    scale = omega.to(F64).abs() + abs(alpha) * (a.to(F64).abs().T @ b.to(F64).abs())
-    out = mk.abs_outer_accumulate_(omega, a, b, alpha)
-    assert out is omega
-    assert_close(omega, expected, scale, name="omega")
-
-
 @needs_native
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,j,i", [(0, 3, 4), (1, 1, 1), (7, 5, 3), (1003, 7, 9), (33, 130, 257)])
 def test_abs_outer_shapes(native, dtype, n, j, i):
-    check_abs_outer(torch.rand(j, i), torch.randn(n, j).to(dtype), torch.randn(n, i).to(dtype))
+    check_abs_outer(torch.rand(j, i), torch.randn(n, j).to(dtype), torch.randn(n, i).to(dtype), 0.5)
 
 
 @needs_native
@@ -285,7 +253,7 @@ def test_abs_outer_non_contiguous(native, dtype):
     buffer = torch.rand(i, j + 3)
     omega = buffer[:, 2:2 + j].T  # non-contiguous output inside a larger buffer
     before = buffer.clone()
-    check_abs_outer(omega, a, b)
+    check_abs_outer(omega, a, b, 0.5)
     assert torch.equal(buffer[:, :2], before[:, :2]) and torch.equal(buffer[:, 2 + j:], before[:, 2 + j:])
 
 
@@ -297,7 +265,7 @@ def test_abs_outer_mixed_dtypes_and_large_abs_pass(native):
 
 
 @needs_native
-@settings(**HYPOTHESIS)
+@settings(max_examples=EXAMPLES, **HYPOTHESIS)
 @given(
     n=st.integers(0, 40), j=st.integers(1, 12), i=st.integers(1, 12),
     dtypes=st.tuples(st.sampled_from(DTYPES), st.sampled_from(DTYPES)),
@@ -317,11 +285,40 @@ def test_module_matches_running_torch():
     assert _native.load_error() == ""
 
 
-@needs_native
-def test_module_built_for_other_torch_is_refused(monkeypatch):
-    monkeypatch.setattr(_native.lib(), "torch_version", lambda: "0.0.1")
-    mod, err = _native._load.__wrapped__()
-    assert mod is None and "built against torch 0.0.1" in str(err)
+_OTHER_TORCH = r"""
+import sys, types, warnings
+# A mas_kernels._C built for another torch release: it says so, and offers nothing else
+# (registering its kernels would fail with an AttributeError).
+fake = types.ModuleType("mas_kernels._C")
+fake.torch_version = lambda: "0.0.1"
+sys.modules["mas_kernels._C"] = fake
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import torch
+    import mas_kernels as mk
+    from mas_kernels import _backend, _native
+
+    assert not _native.available()
+    assert _backend.choose(torch.device("cpu")) == "torch"
+    out = mk.penalty_grad_([torch.ones(3)], [torch.zeros(3)], [torch.ones(3)], 1.0, [torch.zeros(3)])
+    assert out.item() == 3.0
+why = _native.load_error()
+assert "built against torch 0.0.1" in why, why
+ours = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning) and "native CPU kernels" in str(w.message)]
+assert len(ours) == 1 and "built against torch 0.0.1" in ours[0], ours
+try:
+    mk.use_backend("native")
+    raise AssertionError("native forced with a module built for another torch")
+except RuntimeError as exc:
+    assert "built against torch 0.0.1" in str(exc), str(exc)
+print("ok")
+"""
+
+
+def test_module_built_for_other_torch_is_refused():
+    # In a fresh interpreter whose mas_kernels._C reports another torch release:
+    # not loaded, the reason named (warning, load_error, forcing native), the PyTorch path serves CPU.
+    _run_fresh(_OTHER_TORCH)
 
 
 _WITHOUT_C = r"""
@@ -336,14 +333,15 @@ with warnings.catch_warnings(record=True) as caught:
 
     # nothing native on the dispatcher's CPU key: the PyTorch kernels serve CPU
     assert _backend.choose(torch.device("cpu")) == "torch"
-    from tests.test_native import BF16, F32, check_abs_accumulate, check_abs_outer, check_penalty, penalty_case
+    from tests.helpers import (BF16, F32, check_abs_accumulate, check_abs_outer, check_penalty_grad,
+                               penalty_inputs)
 
     assert not _native.available()
     for _ in range(2):
-        params, anchors, omegas, grads = penalty_case([(5, 3), (0,), (4,)], BF16, F32, F32)
-        check_penalty(params, anchors, omegas, grads)
-        check_abs_accumulate([torch.rand(6)], [torch.randn(6)])
-        check_abs_outer(torch.rand(3, 4), torch.randn(5, 3), torch.randn(5, 4))
+        params, anchors, omegas, grads = penalty_inputs([(5, 3), (0,), (4,)], BF16, F32, F32)
+        check_penalty_grad(params, anchors, omegas, 0.37, grads)
+        check_abs_accumulate([torch.rand(6)], [torch.randn(6)], 0.3)
+        check_abs_outer(torch.rand(3, 4), torch.randn(5, 3), torch.randn(5, 4), 0.5)
 ours = [w for w in caught if issubclass(w.category, RuntimeWarning) and "native CPU kernels" in str(w.message)]
 assert len(ours) == 1, [str(w.message) for w in caught]
 assert "mas_kernels._C" in str(ours[0].message) and "PyTorch path" in str(ours[0].message), str(ours[0].message)
@@ -363,15 +361,20 @@ print("ok")
 """
 
 
-def test_missing_extension_falls_back_with_one_warning():
-    # In a fresh interpreter where mas_kernels._C cannot be imported, as on a
-    # machine without a compiler.
+def _run_fresh(script: str) -> None:
+    """Run ``script`` in a new interpreter (no backend override in its environment); it prints "ok" at the end."""
     env = {k: v for k, v in os.environ.items() if k != _backend.ENV_VAR}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run([sys.executable, "-c", _WITHOUT_C], cwd=root, env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
+
+
+def test_missing_extension_falls_back_with_one_warning():
+    # In a fresh interpreter where mas_kernels._C cannot be imported, as on a
+    # machine without a compiler.
+    _run_fresh(_WITHOUT_C)
 
 
 @needs_native

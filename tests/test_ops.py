@@ -17,59 +17,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mas_kernels as mk
-from tests import reference as ref
-
-from tests.helpers import BF16, DTYPES, F16, F32, F64, HYPOTHESIS, LAYOUTS, assert_close, make, out_tol
-
-
-def rand(*shape):
-    """Non-negative values, like an importance Omega."""
-    return torch.rand(*shape)
-
-
-def run_abs_outer(omega, a, b, alpha):
-    expected = ref.abs_outer(omega.cpu(), a.cpu(), b.cpu(), alpha)
-    scale = ref.abs_outer(omega.cpu().abs(), a.cpu(), b.cpu(), abs(alpha))
-    out = mk.abs_outer_accumulate_(omega, a, b, alpha)
-    assert out is omega
-    assert omega.dtype == F32
-    assert_close(omega, expected, scale, name="omega")
-
-
-def run_abs_accumulate(omegas, tensors, alpha):
-    cpu = [o.cpu() for o in omegas], [t.cpu() for t in tensors]
-    expected = ref.abs_accumulate(*cpu, alpha)
-    scales = ref.abs_accumulate([o.abs() for o in cpu[0]], cpu[1], abs(alpha))
-    ids = [id(o) for o in omegas]
-    out = mk.abs_accumulate_(omegas, tensors, alpha)
-    assert [id(o) for o in out] == ids
-    for i, (o, e, s) in enumerate(zip(omegas, expected, scales)):
-        assert_close(o, e, s, name=f"omegas[{i}]")
-
-
-def expected_penalty(params, anchors, omegas, lam, grads):
-    """(value, new grads, grad scales) from the reference, on CPU."""
-    cpu = lambda xs: [x.detach().cpu() for x in xs]  # noqa: E731
-    value, new_grads = ref.penalty_and_grads(cpu(params), cpu(anchors), cpu(omegas), lam, cpu(grads))
-    # The magnitudes of the two terms of g + 2 lam omega d.
-    scales = [
-        g.abs().to(F64) + 2 * abs(lam) * o.abs().to(F64) * (p.to(F64) - a.to(F64)).abs()
-        for p, a, o, g in zip(cpu(params), cpu(anchors), cpu(omegas), cpu(grads))
-    ]
-    return value, new_grads, scales
-
-
-def run_penalty_grad(params, anchors, omegas, lam, grads):
-    value, new_grads, scales = expected_penalty(params, anchors, omegas, lam, grads)
-    ids = [id(g) for g in grads]
-    out = mk.penalty_grad_(params, anchors, omegas, lam, grads)
-    assert [id(g) for g in grads] == ids
-    assert out.dim() == 0 and out.dtype == F32
-    # omegas are >= 0 in these tests, so |value| is the sum of the magnitudes.
-    assert_close(out, value, value.abs() + 1e-30, dtype=F32, name="value")
-    for i, (g, e, s) in enumerate(zip(grads, new_grads, scales)):
-        assert_close(g, e, s, name=f"grads[{i}]")
-    return out
+from tests.helpers import (
+    BF16, DTYPES, F16, F32, F64, HYPOTHESIS, LAYOUTS, assert_close, check_abs_accumulate, check_abs_outer,
+    check_penalty_grad, expected_penalty, make, out_tol, penalty_inputs,
+)
 
 
 # ------------------------------------------------------- abs_outer_accumulate_
@@ -78,14 +29,14 @@ def run_penalty_grad(params, anchors, omegas, lam, grads):
 def test_abs_outer_matches_reference(backend, device, N, J, I, dtype):
     a = make((N, J), dtype, device=device)
     b = make((N, I), dtype, device=device)
-    omega = make((J, I), fill=rand, device=device)
-    run_abs_outer(omega, a, b, 0.5)
+    omega = make((J, I), fill="rand", device=device)
+    check_abs_outer(omega, a, b, 0.5)
 
 
 @pytest.mark.parametrize("alpha", [1.0, 1 / 3, -2.5, 0.0])
 def test_abs_outer_alpha(backend, alpha):
-    a, b, omega = make((9, 6)), make((9, 4)), make((6, 4), fill=rand)
-    run_abs_outer(omega, a, b, alpha)
+    a, b, omega = make((9, 6)), make((9, 4)), make((6, 4), fill="rand")
+    check_abs_outer(omega, a, b, alpha)
 
 
 def test_abs_outer_is_not_transposed(backend):
@@ -103,8 +54,8 @@ def test_abs_outer_is_not_transposed(backend):
 def test_abs_outer_strided_inputs(backend, la, lb):
     a = make((37, 21), F16, la)
     b = make((37, 66), BF16, lb)
-    omega = make((21, 66), fill=rand, layout="transposed")
-    run_abs_outer(omega, a, b, 0.75)
+    omega = make((21, 66), fill="rand", layout="transposed")
+    check_abs_outer(omega, a, b, 0.75)
 
 
 _dim = st.one_of(st.sampled_from([0, 1, 2, 31, 32, 33, 64, 65]), st.integers(0, 140))
@@ -120,8 +71,8 @@ _dim = st.one_of(st.sampled_from([0, 1, 2, 31, 32, 33, 64, 65]), st.integers(0, 
 def test_abs_outer_hypothesis(backend, N, J, I, dta, dtb, la, lb, lo, alpha):
     a = make((N, J), dta, la)
     b = make((N, I), dtb, lb)
-    omega = make((J, I), F32, lo, fill=rand)
-    run_abs_outer(omega, a, b, alpha)
+    omega = make((J, I), F32, lo, fill="rand")
+    check_abs_outer(omega, a, b, alpha)
 
 
 def test_abs_outer_empty(backend):
@@ -138,16 +89,16 @@ def test_abs_outer_empty(backend):
 @pytest.mark.parametrize("shapes", [[(1,)], [(5, 7)], [(3,), (0,), (2, 3, 4), (), (4099,)]], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_abs_accumulate_matches_reference(backend, device, shapes, dtype):
-    omegas = [make(s, fill=rand, device=device) for s in shapes]
+    omegas = [make(s, fill="rand", device=device) for s in shapes]
     tensors = [make(s, dtype, device=device) for s in shapes]
-    run_abs_accumulate(omegas, tensors, 0.3)
+    check_abs_accumulate(omegas, tensors, 0.3)
 
 
 @pytest.mark.parametrize("alpha", [1.0, 1 / 3, -2.0, 0.0])
 def test_abs_accumulate_alpha(backend, alpha):
-    omegas = [make((4, 5), fill=rand), make((7,), fill=rand)]
+    omegas = [make((4, 5), fill="rand"), make((7,), fill="rand")]
     tensors = [make((4, 5), BF16), make((7,), F16)]
-    run_abs_accumulate(omegas, tensors, alpha)
+    check_abs_accumulate(omegas, tensors, alpha)
 
 
 def test_abs_accumulate_many_tensors_and_dtype_groups(backend):
@@ -158,9 +109,9 @@ def test_abs_accumulate_many_tensors_and_dtype_groups(backend):
     sizes[4] = 2048  # exactly one block
     sizes[5] = 2049
     shapes = [(s,) if i % 3 else (1, s) for i, s in enumerate(sizes)]
-    omegas = [make(s, fill=rand, layout="step2" if i % 7 == 0 else "contiguous") for i, s in enumerate(shapes)]
+    omegas = [make(s, fill="rand", layout="step2" if i % 7 == 0 else "contiguous") for i, s in enumerate(shapes)]
     tensors = [make(s, DTYPES[i % 3], LAYOUTS[i % 4]) for i, s in enumerate(shapes)]
-    run_abs_accumulate(omegas, tensors, 0.5)
+    check_abs_accumulate(omegas, tensors, 0.5)
 
 
 def test_abs_accumulate_empty(backend):
@@ -185,34 +136,24 @@ _shape = st.lists(st.one_of(st.integers(0, 40), st.sampled_from([0, 1, 2047, 204
     alpha=st.sampled_from([1.0, 0.5, -1 / 3]),
 )
 def test_abs_accumulate_hypothesis(backend, specs, alpha):
-    omegas = [make(s, F32, lo, fill=rand) for s, _, _, lo in specs]
+    omegas = [make(s, F32, lo, fill="rand") for s, _, _, lo in specs]
     tensors = [make(s, dt, lt) for s, dt, lt, _ in specs]
-    run_abs_accumulate(omegas, tensors, alpha)
+    check_abs_accumulate(omegas, tensors, alpha)
 
 
 # ---------------------------------------------------------------- penalty_grad_
-def penalty_inputs(shapes, p_dtype, a_dtype=None, g_dtype=None, *, layout="contiguous", device="cpu"):
-    a_dtype = a_dtype or p_dtype
-    g_dtype = g_dtype or p_dtype
-    params = [make(s, p_dtype, layout, device=device) for s in shapes]
-    anchors = [make(s, a_dtype, device=device) for s in shapes]
-    omegas = [make(s, fill=rand, device=device) for s in shapes]
-    grads = [make(s, g_dtype, layout, device=device) for s in shapes]
-    return params, anchors, omegas, grads
-
-
 @pytest.mark.parametrize("shapes", [[(1,)], [(5, 7)], [(3,), (0,), (2, 3, 4), (), (4099,)], [(130, 70)]], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_penalty_grad_matches_reference(backend, device, shapes, dtype):
     params, anchors, omegas, grads = penalty_inputs(shapes, dtype, device=device)
-    out = run_penalty_grad(params, anchors, omegas, 0.7, grads)
+    out = check_penalty_grad(params, anchors, omegas, 0.7, grads)
     assert out.device == params[0].device
 
 
 @pytest.mark.parametrize("lam", [1.0, 1 / 3, 0.0, -2.0])
 def test_penalty_grad_lam(backend, lam):
     params, anchors, omegas, grads = penalty_inputs([(6, 5), (11,)], F32)
-    run_penalty_grad(params, anchors, omegas, lam, grads)
+    check_penalty_grad(params, anchors, omegas, lam, grads)
 
 
 @pytest.mark.parametrize(
@@ -221,16 +162,15 @@ def test_penalty_grad_lam(backend, lam):
 )
 def test_penalty_grad_mixed_dtypes(backend, p_dtype, a_dtype, g_dtype):
     params, anchors, omegas, grads = penalty_inputs([(17, 3), (2049,)], p_dtype, a_dtype, g_dtype)
-    run_penalty_grad(params, anchors, omegas, 0.5, grads)
+    check_penalty_grad(params, anchors, omegas, 0.5, grads)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_penalty_grad_strided(backend, layout):
     # Non-contiguous params and grads (the grads must be written back through their strides).
-    params, anchors, omegas, grads = penalty_inputs([(9, 14), (3, 5, 8)], F32, layout=layout)
-    omegas = [make(o.shape, fill=rand, layout=layout) for o in omegas]
-    anchors = [make(a.shape, BF16, layout=layout) for a in anchors]
-    run_penalty_grad(params, anchors, omegas, 0.25, grads)
+    params, anchors, omegas, grads = penalty_inputs([(9, 14), (3, 5, 8)], F32, BF16, F32, layout=layout,
+                                                    anchor_layout=layout, omega_layout=layout)
+    check_penalty_grad(params, anchors, omegas, 0.25, grads)
 
 
 def test_penalty_grad_many_tensors_and_dtype_groups(backend):
@@ -242,9 +182,9 @@ def test_penalty_grad_many_tensors_and_dtype_groups(backend):
     shapes = [(s,) if i % 2 else (s, 1) for i, s in enumerate(sizes)]
     params = [make(s, DTYPES[i % 3]) for i, s in enumerate(shapes)]
     anchors = [make(s, DTYPES[(i // 3) % 3]) for i, s in enumerate(shapes)]
-    omegas = [make(s, fill=rand) for s in shapes]
+    omegas = [make(s, fill="rand") for s in shapes]
     grads = [make(s, DTYPES[(i // 9) % 3], LAYOUTS[i % 4]) for i, s in enumerate(shapes)]
-    run_penalty_grad(params, anchors, omegas, 0.125, grads)
+    check_penalty_grad(params, anchors, omegas, 0.125, grads)
 
 
 def test_penalty_grad_into_dot_grad(backend):
@@ -315,9 +255,9 @@ def test_penalty_grad_empty(backend):
 def test_penalty_grad_hypothesis(backend, specs, lam):
     params = [make(s, pd, lp) for s, pd, _, _, lp, _ in specs]
     anchors = [make(s, ad) for s, _, ad, _, _, _ in specs]
-    omegas = [make(s, F32, lg, fill=rand) for s, _, _, _, _, lg in specs]
+    omegas = [make(s, F32, lg, fill="rand") for s, _, _, _, _, lg in specs]
     grads = [make(s, gd, lg) for s, _, _, gd, _, lg in specs]
-    run_penalty_grad(params, anchors, omegas, lam, grads)
+    check_penalty_grad(params, anchors, omegas, lam, grads)
 
 
 # --------------------------------------------------------------------- penalty

@@ -8,33 +8,13 @@ without a GPU.
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
 
 import mas_kernels as mk
+from tests.helpers import BF16, F16, F32, F64, assert_names, assert_unchanged, snapshot
 
-F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 META = torch.device("meta")
-
-
-def assert_names(exc: pytest.ExceptionInfo, name: str) -> None:
-    """The message names ``name`` as a whole token (``omegas[2]``, not ``omegas[2]`` inside ``omegas[21]``)."""
-    msg = str(exc.value)
-    assert re.search(rf"(?<![\w\[]){re.escape(name)}(?![\w\[])", msg), f"{name!r} not named in: {msg}"
-
-
-def snapshot(ts):
-    return [None if t is None else t.detach().clone() for t in ts]
-
-
-def assert_unchanged(ts, before, what):
-    for i, (t, b) in enumerate(zip(ts, before)):
-        if b is None:
-            assert t is None, f"{what}[{i}] was allocated by a call that failed"
-        elif t.device.type != "meta":
-            assert torch.equal(t, b), f"{what}[{i}] was written by a call that failed"
 
 
 # ------------------------------------------------------- abs_outer_accumulate_

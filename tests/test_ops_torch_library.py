@@ -16,8 +16,8 @@ from torch._dynamo.backends.registry import lookup_backend
 
 import mas_kernels as mk
 from mas_kernels import _backend
+from tests.helpers import BF16, F16, F32
 
-F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 OPS = torch.ops.mas_kernels
 
 

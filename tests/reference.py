@@ -40,14 +40,14 @@ def _named(model):
     return dict(model.named_parameters())
 
 
-def global_exact(model, xs, output_fn=lambda o: o):
-    """(1/N) sum_k |d ||F(x_k)||^2 / d theta|: one sample per backward pass."""
+def global_exact(model, xs, output_fn=lambda o: o, dim=0):
+    """(1/N) sum_k |d ||F(x_k)||^2 / d theta|: one sample per backward pass (samples in ``dim`` of x)."""
     params = _named(model)
     omega = {n: torch.zeros_like(p, dtype=F64) for n, p in params.items()}
     n = 0
     for x in xs:
-        for k in range(x.shape[0]):
-            out = output_fn(model(x[k:k + 1]))
+        for k in range(x.shape[dim]):
+            out = output_fn(model(x.narrow(dim, k, 1)))
             grads = torch.autograd.grad(out.double().pow(2).sum(), list(params.values()), allow_unused=True)
             for (name, _), g in zip(params.items(), grads):
                 if g is not None:

@@ -1,10 +1,12 @@
 """A batch as the rules see it: run the model on it, count its samples, replay one sample alone.
 
 What a batch is, and N: one call of the model, ``model(*args, **kwargs)``;
-its samples are counted along dim 0 of the first tensor it gets (positional
-or keyword), unless the first layer that reads that tensor takes it as one
-unbatched sample (a 1-D input of a Linear, a (C, H, W) input of a Conv2d, a
-2-D input of an RNN or MultiheadAttention), which counts 1.
+its samples are counted along the first tensor it gets (positional or
+keyword), in the dim where the first layer that reads that tensor keeps its
+samples: dim 0, dim 1 for an RNN or MultiheadAttention with
+``batch_first=False``; or 1 when that layer takes it as one unbatched sample
+(a 1-D input of a Linear, a (C, H, W) input of a Conv2d, a 2-D input of an
+RNN). A first tensor no layer reads directly counts along dim 0.
 """
 
 from __future__ import annotations
@@ -23,28 +25,24 @@ def first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return None
 
 
-def unbatched_input(module: nn.Module, x: torch.Tensor) -> bool:
-    """Whether ``module`` takes ``x`` as one sample without a batch dim."""
-    if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
-        return x.dim() == 1
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return x.dim() == len(module.kernel_size) + 1
-    if isinstance(module, (nn.RNNBase, nn.MultiheadAttention)):
-        return x.dim() == 2
-    if isinstance(module, nn.LayerNorm):
-        return x.dim() == len(module.normalized_shape)
-    return False
+def same(a, b) -> bool:
+    """``a`` is ``b`` or a view of the same elements (``input_ids.view(-1, T)``)."""
+    return a is b or (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                      and a.dtype == b.dtype and a.device == b.device and a.data_ptr() == b.data_ptr()
+                      and a.stride() == b.stride())
 
 
-def count_samples(args: tuple, kwargs: dict, first_reader: nn.Module | None = None, who: str = "MAS") -> int:
-    """N of the call ``model(*args, **kwargs)``; ``first_reader``: the first layer that read its first tensor."""
+def count_samples(args: tuple, kwargs: dict, reader=None, who: str = "MAS") -> int:
+    """N of the call ``model(*args, **kwargs)``; ``reader``: the first layer (a plan ``Layer``) that read its
+    first tensor, which says where that tensor holds its samples (or that it is one unbatched sample)."""
     t = first_tensor(args, kwargs)
     if t is None:
         raise TypeError(f"{who}: the model was called without a tensor argument, so its samples cannot be "
                         "counted; pass the input as a tensor (positional or keyword)")
-    if t.dim() == 0 or (first_reader is not None and unbatched_input(first_reader, t)):
+    if t.dim() == 0:
         return 1
-    return int(t.shape[0])
+    dim = reader.reads(t) if reader is not None else 0
+    return 1 if dim is None else int(t.shape[dim])
 
 
 class Batch:
@@ -62,10 +60,10 @@ class Batch:
         """The batch of a call already seen (``accumulating()``): replayed with the same arguments."""
         return cls(module, lambda m: m(*args, **kwargs), args, kwargs, n)
 
-    def forward(self, readers: list[nn.Module] = ()) -> Any:
+    def forward(self, plan=None) -> Any:
         """Run the model on the batch; the first time, record its arguments and count its samples.
 
-        ``readers``: layers whose first call may show the input is one unbatched sample.
+        ``plan``: its layers say how they read the input (where its samples are).
         """
         if self.args is not None:
             return self.call(self.module)
@@ -74,13 +72,16 @@ class Batch:
         def pre(m, a, kw):
             if self.args is None:
                 self.args, self.kwargs = a, kw
+                self.n = count_samples(a, kw)  # dim 0, until a layer that reads the input says otherwise
 
         def reader(m, a):
-            if not first and a and self.args is not None and a[0] is first_tensor(self.args, self.kwargs):
+            if not first and a and self.args is not None and same(a[0], first_tensor(self.args, self.kwargs)):
                 first.append(m)
+                self.n = count_samples(self.args, self.kwargs, plan.reader(m))
 
         handles = [self.module.register_forward_pre_hook(pre, with_kwargs=True)]
-        handles += [m.register_forward_pre_hook(reader) for m in readers]
+        if plan is not None:
+            handles += [m.register_forward_pre_hook(reader) for m in plan.modules()]
         try:
             out = self.call(self.module)
         finally:
@@ -88,7 +89,6 @@ class Batch:
                 h.remove()
         if self.args is None:
             raise TypeError("MAS: the forward function did not call the model")
-        self.n = count_samples(self.args, self.kwargs, first[0] if first else None)
         return out
 
     def forward_one(self, fn: Callable, k: int) -> Any:

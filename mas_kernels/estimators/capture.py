@@ -52,15 +52,42 @@ class Call:
         return torch.zeros_like(self.outputs[0]) if d is None else d
 
 
-class Recorder:
-    """Forward hooks that record every call of ``modules`` (a dict of module -> list of calls)."""
+def expand_shared(layer, n: int | None, args: tuple, output):
+    """A call whose input holds one row for the whole batch (a position embedding's ids of shape (1, T)):
+    its input and output expanded to the batch's N samples, so each sample's share of the output gradient
+    is kept apart. Returns ``(args, output)``, unchanged for other calls."""
+    if layer is None or not n or n == 1 or not args or not isinstance(args[0], torch.Tensor):
+        return args, output
+    x = args[0]
+    d = layer.reads(x)
+    if (d is None or x.dim() <= d or x.shape[d] != 1 or not isinstance(output, torch.Tensor)
+            or output.dim() <= d or output.shape[d] != 1):
+        return args, output
+    grow = lambda t: t.expand(*t.shape[:d], n, *t.shape[d + 1:])  # noqa: E731
+    return (grow(x),) + tuple(args[1:]), grow(output)
 
-    def __init__(self, modules: list[nn.Module], grads: bool):
+
+class Recorder:
+    """Forward hooks that record every call of ``modules`` (a dict of module -> list of calls).
+
+    ``plan`` and ``n`` (a callable giving the batch's sample count once it is
+    known): calls that broadcast one row to the whole batch are expanded
+    (:func:`expand_shared`).
+    """
+
+    def __init__(self, modules: list[nn.Module], grads: bool, plan=None, n: Callable[[], int | None] = None):
         self.calls: dict[nn.Module, list[Call]] = {m: [] for m in modules}
         self.grads = grads
+        self.plan = plan
+        self.n = n
         self.handles: list = []
 
-    def _hook(self, module, args, kwargs, output) -> None:
+    def _hook(self, module, args, kwargs, output):
+        new = None
+        if self.plan is not None and self.n is not None:
+            args, expanded = expand_shared(self.plan.reader(module), self.n(), args, output)
+            if expanded is not output:
+                output = new = expanded
         outs = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
         call = Call(args, kwargs, output, [None] * len(outs), [t._version for t in outs])
         if self.grads:
@@ -68,6 +95,7 @@ class Recorder:
                 if t.requires_grad:
                     t.register_hook(_store(call.deltas, i))
         self.calls[module].append(call)
+        return new
 
     def __enter__(self) -> "Recorder":
         for m in self.calls:
@@ -87,9 +115,9 @@ def _store(slots: list, i: int) -> Callable:
 
 
 @contextlib.contextmanager
-def capture(modules: list[nn.Module], grads: bool = True) -> Iterator[Recorder]:
+def capture(modules: list[nn.Module], grads: bool = True, plan=None, n=None) -> Iterator[Recorder]:
     """Record the calls of ``modules`` during the block (with output gradients when ``grads``)."""
-    with Recorder(modules, grads) as rec:
+    with Recorder(modules, grads, plan, n) as rec:
         yield rec
 
 

@@ -36,7 +36,7 @@ class BatchRule:
     def run(self, batch, staging, names=None) -> None:
         names = list(self.params)
         with torch.enable_grad():  # also inside a user's torch.no_grad() (accumulating)
-            loss = squared_norm(self.output_fn(batch.forward(self.plan.modules())))
+            loss = squared_norm(self.output_fn(batch.forward(self.plan)))
             grads = torch.autograd.grad(loss, [self.params[k] for k in names], allow_unused=True,
                                         materialize_grads=True)
         abs_accumulate_([staging[k] for k in names], list(grads))

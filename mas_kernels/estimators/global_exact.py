@@ -105,8 +105,8 @@ class ExactRule:
         layers = [layer for layer in self.plan.layers if wanted & set(layer.names())]
         modules = list({id(layer.module): layer.module for layer in layers}.values())
         with torch.enable_grad():
-            with capture(modules) as rec:
-                out = batch.forward(self.plan.modules())
+            with capture(modules, plan=self.plan, n=lambda: batch.n) as rec:
+                out = batch.forward(self.plan)
             loss = squared_norm(self.output_fn(out))
             backward(loss, rec)
         n = batch.n

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from .capture import Call
+from .capture import Call, expand_shared
 from .plan import Layer, Plan
 
 
@@ -42,12 +42,16 @@ class LocalRule:
     def layers(self) -> list[Layer]:
         return [layer for layer in self.plan.layers if layer.rule.local_supported]
 
-    def hooks(self, staging, active: Callable[[], bool]) -> list:
-        """Register one forward hook per layer; each does nothing unless ``active()``."""
-        return [layer.module.register_forward_hook(self._hook(layer, staging, active), with_kwargs=True)
+    def hooks(self, staging, active: Callable[[], bool], n: Callable[[], int | None] = lambda: None) -> list:
+        """Register one forward hook per layer; each does nothing unless ``active()``.
+
+        ``n()``: the batch's sample count, for layers that read one row for the
+        whole batch (a position embedding), whose numerators count once per sample.
+        """
+        return [layer.module.register_forward_hook(self._hook(layer, staging, active, n), with_kwargs=True)
                 for layer in self.layers()]
 
-    def _hook(self, layer: Layer, staging, active: Callable[[], bool]):
+    def _hook(self, layer: Layer, staging, active: Callable[[], bool], n: Callable[[], int | None]):
         act = self._activation(layer.name)
 
         def hook(module, args, kwargs, output):
@@ -56,6 +60,8 @@ class LocalRule:
             y = output.detach()
             if act is not None:
                 y = act(y)
+            args, y = expand_shared(layer, n(), tuple(a.detach() if isinstance(a, torch.Tensor) else a
+                                                      for a in args), y)
             call = Call(args, kwargs, y, [None], [0])
             layer.rule.local(layer, call, {a: staging[n] for a, n in layer.attrs.items()})
 

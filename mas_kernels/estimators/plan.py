@@ -35,6 +35,11 @@ class Layer:
     module: nn.Module
     rule: Rule
     attrs: dict[str, str]
+    hint: int | None = None  # the sample dim of its input when the model's layout says so
+
+    def reads(self, x) -> int | None:
+        """The dim of ``x`` (this layer's input) that holds samples; None when it is one unbatched sample."""
+        return self.rule.reads(self, x)
 
     def names(self) -> list[str]:
         return list(self.attrs.values())
@@ -46,6 +51,7 @@ class Plan:
     def __init__(self, module: nn.Module, params: dict[str, nn.Parameter]):
         refresh_optional()
         by_id = {id(p): n for n, p in params.items()}
+        hints = _layout_hints(module)
         self.layers: list[Layer] = []
         self.uses: dict[str, list[tuple[Layer, str]]] = {n: [] for n in params}
         via_parent: set[int] = set()  # parameters a rule of an ancestor module covers
@@ -68,9 +74,10 @@ class Plan:
             rest = [a for a, p in m.named_parameters(recurse=False)
                     if id(p) in by_id and id(p) not in via_parent and id(p) not in mine]
             if attrs:
-                self._add(Layer(mname, m, rule, attrs))
+                self._add(Layer(mname, m, rule, attrs, hints.get(id(m))))
             if rest:
-                self._add(Layer(mname, m, GenericRule(tuple(rest)), {a: by_id[id(getattr(m, a))] for a in rest}))
+                self._add(Layer(mname, m, GenericRule(tuple(rest)), {a: by_id[id(getattr(m, a))] for a in rest},
+                                hints.get(id(m))))
         # A parameter also registered in a module visited before the ancestor that covers it:
         # keep the ancestor's claim only.
         for name, uses in self.uses.items():
@@ -90,6 +97,13 @@ class Plan:
         for attr, name in layer.attrs.items():
             self.uses[name].append((layer, attr))
 
+    def reader(self, module: nn.Module) -> Layer | None:
+        """The first layer of ``module`` (it says how the module reads its input)."""
+        for layer in self.layers:
+            if layer.module is module:
+                return layer
+        return None
+
     def modules(self) -> list[nn.Module]:
         """The modules whose calls the rules need, each once."""
         out, seen = [], set()
@@ -98,3 +112,19 @@ class Plan:
                 seen.add(id(layer.module))
                 out.append(layer.module)
         return out
+
+
+def _layout_hints(module: nn.Module) -> dict[int, int]:
+    """Modules whose inputs hold samples in dim 1: inside torch's transformer layers with ``batch_first=False``.
+
+    (Their Linear and LayerNorm layers see (T, N, E) tensors; when T happens to
+    equal N, the sizes alone cannot tell the dims apart.)
+    """
+    hints: dict[int, int] = {}
+    layer_types = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+    for m in module.modules():
+        if isinstance(m, layer_types) and not m.self_attn.batch_first:
+            for sub in m.modules():
+                if not isinstance(sub, nn.MultiheadAttention):
+                    hints[id(sub)] = 1
+    return hints

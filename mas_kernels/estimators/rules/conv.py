@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import Rule
+from .base import Rule
 from ._bmm import abs_bmm
 
 _CONV_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
@@ -58,6 +58,9 @@ def _batched(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
 class ConvRule(Rule):
     """``nn.Conv1d/2d/3d``: weight (O, C/groups, *kernel), bias (O)."""
 
+    def reads(self, layer, x):
+        return None if x.dim() == len(layer.module.kernel_size) + 1 else 0
+
     def exact(self, layer, calls, ctx, accs):
         module = layer.module
         calls = [c for c in calls if c.deltas[0] is not None]
@@ -68,6 +71,9 @@ class ConvRule(Rule):
         x = _batched(module, calls[0].x.detach())
         delta = _batched(module, calls[0].delta)
         n = x.shape[0]
+        if n != ctx.n:
+            raise ValueError(f"MAS: layer {layer.name!r} got an input of shape {tuple(calls[0].x.shape)} in a "
+                             f"batch of {ctx.n} samples; a convolution's samples must be its dim 0")
         if "bias" in accs:
             accs["bias"].add_(delta.float().flatten(2).sum(2).abs().sum(0))
         if "weight" not in accs:

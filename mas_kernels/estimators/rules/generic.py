@@ -17,11 +17,15 @@ tensor whose size there is N, unless the layer says otherwise
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from . import Rule
+from ...ops import abs_outer_accumulate_
+
+from .base import Rule
 
 
 def get_path(module: nn.Module, path: str):
@@ -122,18 +126,22 @@ class MultiheadAttentionRule(GenericRule):
     """``nn.MultiheadAttention``: its projections (in_proj/q/k/v, out_proj, bias_k/v), all through its own call.
 
     ``out_proj`` is an ``nn.Linear`` that MHA never calls (it reads the weight
-    directly), so this rule, not the Linear's, covers it.
+    directly), so this rule, not the Linear's, covers it. Exact: the
+    module-local per-sample vjp. Local: see :meth:`local`.
     """
+
+    local_supported = True
 
     def __init__(self):
         super().__init__(("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias",
                           "bias_k", "bias_v", "out_proj.weight", "out_proj.bias"))
 
+    def reads(self, layer, x):
+        return None if x.dim() == 2 else (0 if layer.module.batch_first else 1)
+
     def _query_dim(self, layer, call) -> int | None:
         q = call.args[0] if call.args else call.kwargs["query"]
-        if q.dim() == 2:
-            return None  # unbatched
-        return 0 if layer.module.batch_first else 1
+        return self.reads(layer, q)
 
     def arg_dims(self, layer, call, n):
         qd = self._query_dim(layer, call)
@@ -170,31 +178,69 @@ class MultiheadAttentionRule(GenericRule):
         return dims
 
 
-class RNNRule(GenericRule):
-    """``nn.RNN``, ``nn.LSTM``, ``nn.GRU``: every weight and bias of every layer and direction."""
 
-    def _seq_dim(self, layer, call) -> int | None:
-        x = call.args[0] if call.args else call.kwargs["input"]
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(
-                f"MAS: layer {layer.name!r} got a {type(x).__name__} (e.g. a PackedSequence); the per-sample rule "
-                f"of {type(layer.module).__name__} needs padded tensor inputs: pad the batch, or use "
-                "importance='global_batch'"
-            )
-        if x.dim() == 2:
-            return None
-        return 0 if layer.module.batch_first else 1
+    def local(self, layer, call, accs):
+        """Hebbian numerators of nn.MultiheadAttention (the Linear convention per projection).
 
-    def arg_dims(self, layer, call, n):
-        xd = self._seq_dim(layer, call)
-        leaves = tree_flatten((call.args, call.kwargs))[0]
-        if xd is None:
-            return [None] * len(leaves)
-        # the input, then the initial state(s) (num_layers * directions, N, H): samples in dim 1
-        return [xd if i == 0 else (1 if isinstance(t, torch.Tensor) else None) for i, t in enumerate(leaves)]
+        in-projections: ``|q| |query|^T`` (and k, v) with ``q = query W_q^T + b_q``;
+        ``out_proj``: ``|out| |attn|^T`` with ``attn`` the attention output before
+        it (recomputed from the call's inputs and masks, without dropout);
+        ``bias_k``/``bias_v``: ``|bias|`` per sample.
+        """
+        m = layer.module
+        a = _mha_arguments(m, call)
+        q, k, v = (a[name].detach() for name in ("query", "key", "value"))
+        unbatched = q.dim() == 2
+        n = 1 if unbatched else q.shape[0 if m.batch_first else 1]
+        E = m.embed_dim
+        f = torch.nn.functional
+        if m._qkv_same_embed_dim:
+            w = m.in_proj_weight
+            ws = [("in_proj_weight", slice(0, E)), ("in_proj_weight", slice(E, 2 * E)), ("in_proj_weight", slice(2 * E, 3 * E))]
+            weights = [w[:E], w[E:2 * E], w[2 * E:]]
+        else:
+            ws = [("q_proj_weight", slice(None)), ("k_proj_weight", slice(None)), ("v_proj_weight", slice(None))]
+            weights = [m.q_proj_weight, m.k_proj_weight, m.v_proj_weight]
+        for (wname, rows), weight, xin, part in zip(ws, weights, (q, k, v), range(3)):
+            b = m.in_proj_bias[part * E:(part + 1) * E] if m.in_proj_bias is not None else None
+            x2 = xin.reshape(-1, xin.shape[-1]).float()
+            y2 = f.linear(x2, weight.detach().float(), None if b is None else b.detach().float())
+            if wname in accs:
+                abs_outer_accumulate_(accs[wname][rows], y2, x2)
+            if "in_proj_bias" in accs:
+                accs["in_proj_bias"][part * E:(part + 1) * E].add_(y2.abs().sum(0))
+        for name in ("bias_k", "bias_v"):
+            if name in accs:
+                accs[name].add_(n * getattr(m, name).detach().abs().float())
+        if "out_proj.weight" in accs or "out_proj.bias" in accs:
+            out = call.outputs[0].detach().float()
+            if m.batch_first and not unbatched:
+                q_, k_, v_ = (t.transpose(0, 1) for t in (q, k, v))
+            else:
+                q_, k_, v_ = q, k, v
+            eye = torch.eye(E, dtype=torch.float32, device=q.device)
+            kw = dict(key_padding_mask=a["key_padding_mask"], need_weights=False, attn_mask=a["attn_mask"],
+                      is_causal=a.get("is_causal", False), training=False)
+            if not m._qkv_same_embed_dim:
+                kw.update(use_separate_proj_weight=True, q_proj_weight=m.q_proj_weight.detach().float(),
+                          k_proj_weight=m.k_proj_weight.detach().float(), v_proj_weight=m.v_proj_weight.detach().float())
+            attn, _ = f.multi_head_attention_forward(
+                q_.float(), k_.float(), v_.float(), E, m.num_heads,
+                None if m.in_proj_weight is None else m.in_proj_weight.detach().float(),
+                None if m.in_proj_bias is None else m.in_proj_bias.detach().float(),
+                None if m.bias_k is None else m.bias_k.detach().float(),
+                None if m.bias_v is None else m.bias_v.detach().float(),
+                m.add_zero_attn, 0.0, eye, None, **kw)
+            if m.batch_first and not unbatched:
+                attn = attn.transpose(0, 1)
+            a2, o2 = attn.reshape(-1, E), out.reshape(-1, out.shape[-1])
+            if "out_proj.weight" in accs:
+                abs_outer_accumulate_(accs["out_proj.weight"], o2, a2)
+            if "out_proj.bias" in accs:
+                accs["out_proj.bias"].add_(o2.abs().sum(0))
 
-    def out_dims(self, layer, call, n):
-        xd = self._seq_dim(layer, call)
-        if xd is None:
-            return [None] * len(call.outputs)
-        return [xd] + [1] * (len(call.outputs) - 1)
+
+def _mha_arguments(module: nn.MultiheadAttention, call) -> dict:
+    bound = inspect.signature(type(module).forward).bind(module, *call.args, **call.kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)

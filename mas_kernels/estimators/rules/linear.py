@@ -13,16 +13,16 @@ from __future__ import annotations
 import torch
 from ...ops import abs_outer_accumulate_
 from ..capture import Call
-from . import Rule, batched, sample_dim
+from .base import Rule, batched, sample_dim
 from ._bmm import abs_bmm
 
 
-def _factors(calls: list[Call], n: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _factors(calls: list[Call], n: int, layer) -> tuple[torch.Tensor, torch.Tensor]:
     """``(delta, x)`` of every call as (N, T, J) and (N, T, I), concatenated along T."""
     deltas, xs = [], []
     for call in calls:
         x = call.x
-        dim = sample_dim(x, n, 1, name)
+        dim = sample_dim(x, n, 1, layer)
         xs.append(batched(x.detach(), n, 1, dim))
         deltas.append(batched(call.delta, n, 1, dim))
     if len(calls) == 1:
@@ -39,10 +39,13 @@ class LinearRule(Rule):
 
     transposed = False  # Conv1D keeps W as (I, J)
 
+    def reads(self, layer, x):
+        return None if x.dim() == 1 else super().reads(layer, x)
+
     def exact(self, layer, calls, ctx, accs):
         if not calls:
             return
-        delta, x = _factors(calls, ctx.n, layer.name)
+        delta, x = _factors(calls, ctx.n, layer)
         if "weight" in accs:
             a, b = (x, delta) if self.transposed else (delta, x)
             if a.shape[1] == 1:
@@ -55,11 +58,11 @@ class LinearRule(Rule):
     def factors(self, layer, calls, ctx, attr):
         if attr != "weight" or not calls:
             return None
-        delta, x = _factors(calls, ctx.n, layer.name)
+        delta, x = _factors(calls, ctx.n, layer)
         return (x, delta) if self.transposed else (delta, x)
 
     def per_sample(self, layer, calls, ctx, attrs, lo, hi):
-        delta, x = _factors(calls, ctx.n, layer.name)
+        delta, x = _factors(calls, ctx.n, layer)
         delta, x = delta[lo:hi].float(), x[lo:hi].float()
         out = {}
         if "weight" in attrs:

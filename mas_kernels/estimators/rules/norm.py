@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from . import Rule, batched, sample_dim
+from .base import Rule, batched, sample_dim
 
 
 class _Norm(Rule):
@@ -73,6 +73,9 @@ class _Norm(Rule):
 class LayerNormRule(_Norm):
     """``nn.LayerNorm``: weight and bias of ``normalized_shape``."""
 
+    def reads(self, layer, x):
+        return None if x.dim() == len(layer.module.normalized_shape) else super().reads(layer, x)
+
     def x_hat(self, module, x):
         dims = tuple(range(-len(module.normalized_shape), 0))
         var, mean = torch.var_mean(x, dim=dims, unbiased=False, keepdim=True)
@@ -80,7 +83,7 @@ class LayerNormRule(_Norm):
 
     def per_sample_sum(self, layer, n, x, t):
         k = len(layer.module.normalized_shape)
-        return batched(t, n, k, sample_dim(x, n, k, layer.name)).sum(1)
+        return batched(t, n, k, sample_dim(x, n, k, layer)).sum(1)
 
     def total_sum(self, module, t):
         return t.reshape(-1, *module.normalized_shape).sum(0)

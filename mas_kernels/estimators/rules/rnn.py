@@ -1,0 +1,240 @@
+r"""``nn.RNN``, ``nn.LSTM``, ``nn.GRU``: every layer and direction, replayed step by step.
+
+Each input weight ``W_ih`` and recurrent weight ``W_hh`` acts like a Linear
+at every time step: ``zi_t = W_ih x_t + b_ih``, ``zh_t = W_hh h_{t-1} + b_hh``
+(the gates of all kinds come from these: LSTM ``i, f, g, o``, GRU ``r, z,
+n`` with ``r * zh_n``). The rule replays a recorded call of the layer step
+by step from its recorded input and initial state (fp32, the layer's own
+weights), and backpropagates the recorded gradients of its outputs (the
+sequence, ``h_n``, ``c_n``) through the replay to get ``dzi_t``/``dzh_t`` per
+sample and step. Per sample k then ``g_Wih = sum_t dzi_kt x_kt^T``, ``g_Whh =
+sum_t dzh_kt h_k,t-1^T``, ``g_bih = sum_t dzi_kt``, ``g_bhh = sum_t dzh_kt``:
+one ``abs_bmm`` each (exact). Local (the Linear convention at every step):
+``sum |zi_t| |x_t|^T``, ``sum |zh_t| |h_{t-1}|^T`` and the biases ``sum |z|``.
+
+Not served (a worded error): LSTM ``proj_size > 0``, dropout between layers
+in train mode, ``PackedSequence`` inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...ops import abs_outer_accumulate_
+from .base import Rule
+from ._bmm import abs_bmm
+
+_GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "LSTM": 4, "GRU": 3}
+
+
+def _names(layer: int, reverse: bool) -> tuple[str, str, str, str]:
+    sfx = f"_l{layer}" + ("_reverse" if reverse else "")
+    return f"weight_ih{sfx}", f"weight_hh{sfx}", f"bias_ih{sfx}", f"bias_hh{sfx}"
+
+
+class Replay:
+    """One call of an RNN replayed step by step: per layer and direction, the steps' inputs and pre-activations."""
+
+    def __init__(self, module, call, grad: bool):
+        self.module = module
+        x = call.args[0] if call.args else call.kwargs["input"]
+        hx = call.args[1] if len(call.args) > 1 else call.kwargs.get("hx")
+        unbatched = x.dim() == 2
+        if unbatched:
+            x = x.unsqueeze(0 if module.batch_first else 1)
+            if hx is not None:
+                hx = tuple(h.unsqueeze(1) for h in hx) if isinstance(hx, tuple) else hx.unsqueeze(1)
+        if not module.batch_first:
+            x = x.transpose(0, 1)  # (N, T, D)
+        self.unbatched = unbatched
+        x = x.detach().float()
+        if grad:
+            x = x.requires_grad_()
+        n, steps = x.shape[:2]
+        dirs = 2 if module.bidirectional else 1
+        H = module.hidden_size
+        if hx is None:
+            h0 = x.new_zeros(module.num_layers * dirs, n, H)
+            c0 = h0 if module.mode == "LSTM" else None
+        elif module.mode == "LSTM":
+            h0, c0 = (t.detach().float() for t in hx)
+        else:
+            h0, c0 = hx.detach().float(), None
+        if grad:  # every step's pre-activations then require grad, the first ones included
+            h0 = h0.clone().requires_grad_()
+        self.inputs: dict = {}  # (layer, reverse) -> (x (N, T, in), h_prev (N, T, H), zi list, zh list)
+        outs_h, outs_c = [], []
+        inp = x
+        for layer in range(module.num_layers):
+            seqs = []
+            for d in range(dirs):
+                w_ih, w_hh, b_ih, b_hh = (getattr(module, nm, None) for nm in _names(layer, d == 1))
+                w_ih, w_hh = w_ih.detach().float(), w_hh.detach().float()
+                b_ih = b_ih.detach().float() if b_ih is not None else None
+                b_hh = b_hh.detach().float() if b_hh is not None else None
+                idx = layer * dirs + d
+                h = h0[idx]
+                c = c0[idx] if c0 is not None else None
+                order = range(steps - 1, -1, -1) if d == 1 else range(steps)
+                hs = [None] * steps
+                prevs, zis, zhs = [None] * steps, [None] * steps, [None] * steps
+                for t in order:
+                    xt = inp[:, t]
+                    zi = xt @ w_ih.T + (b_ih if b_ih is not None else 0)
+                    zh = h @ w_hh.T + (b_hh if b_hh is not None else 0)
+                    prevs[t], zis[t], zhs[t] = h, zi, zh
+                    h, c = self._cell(zi, zh, h, c)
+                    hs[t] = h
+                self.inputs[(layer, d == 1)] = (inp, torch.stack(prevs, 1), zis, zhs)
+                seqs.append(torch.stack(hs, 1))
+                outs_h.append(h)
+                if c is not None:
+                    outs_c.append(c)
+            inp = torch.cat(seqs, 2) if dirs == 2 else seqs[0]
+        self.output = inp  # (N, T, dirs * H)
+        self.h_n = torch.stack(outs_h, 0)
+        self.c_n = torch.stack(outs_c, 0) if outs_c else None
+
+    def _cell(self, zi, zh, h, c):
+        mode = self.module.mode
+        if mode == "RNN_TANH":
+            return torch.tanh(zi + zh), None
+        if mode == "RNN_RELU":
+            return torch.relu(zi + zh), None
+        if mode == "LSTM":
+            i, f, g, o = (zi + zh).chunk(4, 1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            return torch.sigmoid(o) * torch.tanh(c), c
+        ri, zi_, ni = zi.chunk(3, 1)
+        rh, zh_, nh = zh.chunk(3, 1)
+        r = torch.sigmoid(ri + rh)
+        u = torch.sigmoid(zi_ + zh_)
+        nn_ = torch.tanh(ni + r * nh)
+        return (1 - u) * nn_ + u * h, None
+
+    def backward(self, call) -> dict:
+        """(layer, reverse) -> (dzi (N, T, G*H), dzh (N, T, G*H)) from the recorded output gradients."""
+        module = self.module
+        outs, grads = [], []
+        deltas = call.deltas
+        seq_delta = deltas[0]
+        if seq_delta is not None:
+            d = seq_delta.float()
+            if self.unbatched:
+                d = d.unsqueeze(0 if module.batch_first else 1)
+            outs.append(self.output)
+            grads.append(d if module.batch_first else d.transpose(0, 1))
+        states = [self.h_n] + ([self.c_n] if self.c_n is not None else [])
+        for i, s in enumerate(states):
+            d = deltas[1 + i] if len(deltas) > 1 + i else None
+            if d is not None:
+                outs.append(s)
+                grads.append(d.float().unsqueeze(1) if self.unbatched else d.float())
+        keys = list(self.inputs)
+        wrt = [z for k in keys for z in self.inputs[k][2] + self.inputs[k][3]]
+        steps = len(self.inputs[keys[0]][2])
+        if not outs:
+            return {}
+        got = torch.autograd.grad(outs, wrt, grads, allow_unused=True)
+        got = [torch.zeros_like(z) if g is None else g for z, g in zip(wrt, got)]
+        out = {}
+        for j, k in enumerate(keys):
+            block = got[j * 2 * steps:(j + 1) * 2 * steps]
+            out[k] = (torch.stack(block[:steps], 1), torch.stack(block[steps:], 1))
+        return out
+
+
+class RNNRule(Rule):
+    """``nn.RNN``/``nn.LSTM``/``nn.GRU``: ``weight_ih_l{k}[_reverse]``, ``weight_hh_...``, ``bias_ih_...``, ``bias_hh_...``."""
+
+    def covers(self, module):
+        return [n for n, _ in module.named_parameters(recurse=False)]
+
+    def reads(self, layer, x):
+        return None if x.dim() == 2 else (0 if layer.module.batch_first else 1)
+
+    def check(self, layer):
+        m = layer.module
+        if getattr(m, "proj_size", 0):
+            raise ValueError(f"MAS: LSTM layer {layer.name!r} has proj_size={m.proj_size}, which the per-layer "
+                             "rules do not serve; use importance='global_batch' for this model")
+        if m.training and m.dropout > 0 and m.num_layers > 1:
+            raise ValueError(f"MAS: RNN layer {layer.name!r} applies dropout between its layers in train mode; "
+                             "estimate in eval mode (the default) or use importance='global_batch'")
+
+    def _check_input(self, layer, call):
+        x = call.args[0] if call.args else call.kwargs.get("input")
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(
+                f"MAS: layer {layer.name!r} got a {type(x).__name__} (e.g. a PackedSequence); the rule of "
+                f"{type(layer.module).__name__} needs padded tensor inputs: pad the batch, or use "
+                "importance='global_batch'"
+            )
+
+    def _factors(self, layer, calls, ctx):
+        """attr -> list over calls of (a, b) with sample k's gradient a_k^T b_k (biases: (dz, None))."""
+        self.check(layer)
+        out: dict = {}
+        for call in calls:
+            self._check_input(layer, call)
+            if all(d is None for d in call.deltas):
+                continue
+            with torch.enable_grad():
+                rep = Replay(layer.module, call, grad=True)
+                dz = rep.backward(call)
+            for (lyr, rev), (dzi, dzh) in dz.items():
+                x, h_prev, _, _ = rep.inputs[(lyr, rev)]
+                w_ih, w_hh, b_ih, b_hh = _names(lyr, rev)
+                out.setdefault(w_ih, []).append((dzi, x.detach()))
+                out.setdefault(w_hh, []).append((dzh, h_prev.detach()))
+                out.setdefault(b_ih, []).append((dzi, None))
+                out.setdefault(b_hh, []).append((dzh, None))
+        return out
+
+    def exact(self, layer, calls, ctx, accs):
+        for attr, pairs in self._factors(layer, calls, ctx).items():
+            if attr not in accs:
+                continue
+            if pairs[0][1] is None:  # a bias: sum over steps (and calls) per sample, then |.|
+                accs[attr].add_(sum(a.sum(1) for a, _ in pairs).abs().sum(0))
+            else:
+                a = torch.cat([p[0] for p in pairs], 1)
+                b = torch.cat([p[1] for p in pairs], 1)
+                abs_bmm(accs[attr], a, b, budget=ctx.budget)
+
+    def factors(self, layer, calls, ctx, attr):
+        pairs = self._factors(layer, calls, ctx).get(attr)
+        if not pairs or pairs[0][1] is None:
+            return None
+        return torch.cat([p[0] for p in pairs], 1), torch.cat([p[1] for p in pairs], 1)
+
+    def per_sample(self, layer, calls, ctx, attrs, lo, hi):
+        got = self._factors(layer, calls, ctx)
+        out = {}
+        for attr in attrs:
+            pairs = got.get(attr, [])
+            shape = getattr(layer.module, attr).shape
+            total = torch.zeros((hi - lo, *shape), device=getattr(layer.module, attr).device)
+            for a, b in pairs:
+                a = a[lo:hi]
+                total += a.sum(1) if b is None else a.transpose(1, 2) @ b[lo:hi]
+            out[attr] = total
+        return out
+
+    def local(self, layer, call, accs):
+        self.check(layer)
+        self._check_input(layer, call)
+        with torch.no_grad():
+            rep = Replay(layer.module, call, grad=False)
+        for (lyr, rev), (x, h_prev, zis, zhs) in rep.inputs.items():
+            w_ih, w_hh, b_ih, b_hh = _names(lyr, rev)
+            zi = torch.stack(zis, 1).reshape(-1, zis[0].shape[-1])
+            zh = torch.stack(zhs, 1).reshape(-1, zhs[0].shape[-1])
+            if w_ih in accs:
+                abs_outer_accumulate_(accs[w_ih], zi, x.reshape(-1, x.shape[-1]))
+            if w_hh in accs:
+                abs_outer_accumulate_(accs[w_hh], zh, h_prev.reshape(-1, h_prev.shape[-1]))
+            if b_ih in accs:
+                accs[b_ih].add_(zi.abs().sum(0))
+            if b_hh in accs:
+                accs[b_hh].add_(zh.abs().sum(0))

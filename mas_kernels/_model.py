@@ -131,3 +131,22 @@ def remove_handles(handles: list) -> None:
         h.remove()
     handles.clear()
 
+
+
+def own_hook(module: nn.Module, fn):
+    """``fn`` as a hook of ``module`` only: on a copy of the module (``copy.deepcopy`` copies hooks along)
+    it does nothing and removes itself from the copy."""
+    home = weakref.ref(module)
+
+    def hook(mod, *rest):
+        if mod is not home():
+            for d in (mod._forward_hooks, mod._forward_pre_hooks):
+                for key in [k for k, h in d.items() if h is hook]:
+                    del d[key]
+                    mod._forward_hooks_with_kwargs.pop(key, None)
+                    mod._forward_pre_hooks_with_kwargs.pop(key, None)
+                    getattr(mod, "_forward_hooks_always_called", {}).pop(key, None)
+            return None
+        return fn(mod, *rest)
+
+    return hook

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import weakref
 from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from ._model import modes, remove_handles, requiring_grad
+from ._model import modes, own_hook, remove_handles, requiring_grad
 from .estimators import ExactRule, LocalRule
 from .estimators.batch import Batch, count_samples, first_tensor, same
 from .state import ImportanceState
@@ -46,21 +45,6 @@ def own_passes():
         yield
     finally:
         _QUIET.depth -= 1
-
-
-def _own_hook(module: nn.Module, fn: Callable) -> Callable:
-    """``fn`` as a hook of ``module`` only: on a copy of the module (``copy.deepcopy``) it removes itself."""
-    home = weakref.ref(module)
-
-    def hook(mod, *rest):
-        if mod is not home():
-            for d in (mod._forward_hooks, mod._forward_pre_hooks):
-                for key in [k for k, h in d.items() if h is hook]:
-                    del d[key]
-            return None
-        return fn(mod, *rest)
-
-    return hook
 
 
 class Session:
@@ -93,6 +77,7 @@ class Session:
         self._root: tuple[tuple, dict] | None = None  # the model's call being recorded
         self._reader: nn.Module | None = None  # the first layer that read its input
         self._n: int | None = None  # its sample count
+        self._layout: int | None = None  # the dim of the input that holds them
 
     @property
     def local(self) -> bool:
@@ -110,12 +95,12 @@ class Session:
                 torch.backends.mha.set_fastpath_enabled(False)
                 self._stack.callback(torch.backends.mha.set_fastpath_enabled, was)
             m = self.module
-            self.handles.append(m.register_forward_pre_hook(_own_hook(m, self._pre), with_kwargs=True))
+            self.handles.append(m.register_forward_pre_hook(own_hook(m, self._pre), with_kwargs=True))
             for lm in self.rule.plan.modules():
-                self.handles.append(lm.register_forward_pre_hook(_own_hook(lm, self._layer_pre)))
+                self.handles.append(lm.register_forward_pre_hook(own_hook(lm, self._layer_pre)))
             if self.local:
                 self.handles.extend(self.rule.hooks(self.state.staging, lambda: not _quiet(), lambda: self._n))
-            self.handles.append(m.register_forward_hook(_own_hook(m, self._post), with_kwargs=True))
+            self.handles.append(m.register_forward_hook(own_hook(m, self._post), with_kwargs=True))
         except BaseException:
             self.close()
             raise
@@ -138,6 +123,7 @@ class Session:
         self._root = (args, kwargs)
         self._reader = None
         self._n = count_samples(args, kwargs)  # dim 0, until the first layer that reads the input says otherwise
+        self._layout = None
         if self.local:
             self.state.begin_batch()
 
@@ -145,15 +131,17 @@ class Session:
         """Notes the first layer that reads the model's input (it tells an unbatched sample)."""
         if self._root is not None and self._reader is None and args and same(args[0], first_tensor(*self._root)):
             self._reader = module
-            self._n = count_samples(*self._root, self.rule.plan.reader(module))
+            layer = self.rule.plan.reader(module)
+            self._n = count_samples(*self._root, layer)
+            self._layout = layer.reads(args[0]) if args[0].dim() > 0 else None
 
     def _post(self, module, args, kwargs, output) -> None:
         if self._root is None or self._root[0] is not args or _quiet():
             return
-        (args, kwargs), n = self._root, self._n
-        self._root = self._reader = self._n = None
+        (args, kwargs), n, layout = self._root, self._n, self._layout
+        self._root = self._reader = self._n = self._layout = None
         args, kwargs = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, (args, kwargs))
-        batch = Batch.of_call(self.module, args, kwargs, n)
+        batch = Batch.of_call(self.module, args, kwargs, n, layout)
         if self.local:
             self._finish_local(batch)
         else:

@@ -40,14 +40,28 @@ def _named(model):
     return dict(model.named_parameters())
 
 
+def _samples(x, dim):
+    """The batch ``x`` (a tensor, or a dict of keyword tensors) one sample at a time, each a batch of one."""
+    if isinstance(x, dict):
+        n = next(v for v in x.values() if isinstance(v, torch.Tensor)).shape[0]
+        for k in range(n):
+            yield lambda m, k=k: m(**{key: v[k:k + 1] if isinstance(v, torch.Tensor) else v for key, v in x.items()})
+    else:
+        for k in range(x.shape[dim]):
+            yield lambda m, k=k: m(x.narrow(dim, k, 1))
+
+
 def global_exact(model, xs, output_fn=lambda o: o, dim=0):
-    """(1/N) sum_k |d ||F(x_k)||^2 / d theta|: one sample per backward pass (samples in ``dim`` of x)."""
+    """(1/N) sum_k |d ||F(x_k)||^2 / d theta|: one sample per backward pass.
+
+    Each batch is a tensor (samples in ``dim``) or a dict of keyword tensors (samples in dim 0).
+    """
     params = _named(model)
     omega = {n: torch.zeros_like(p, dtype=F64) for n, p in params.items()}
     n = 0
     for x in xs:
-        for k in range(x.shape[dim]):
-            out = output_fn(model(x.narrow(dim, k, 1)))
+        for run in _samples(x, dim):
+            out = output_fn(run(model))
             grads = torch.autograd.grad(out.double().pow(2).sum(), list(params.values()), allow_unused=True)
             for (name, _), g in zip(params.items(), grads):
                 if g is not None:
@@ -114,7 +128,7 @@ def local_conv2d(conv, x, y):
     return w, ya.sum((0, 2))
 
 
-def local_norm(norm, x):
+def local_norm(norm, x, y=None):
     """Hebbian numerators of a norm layer: sum |y * x_hat| (weight), sum |y| (bias), over samples and positions.
 
     ``x_hat`` comes from torch.nn.functional without the affine part (running statistics for a
@@ -123,7 +137,7 @@ def local_norm(norm, x):
     import torch.nn.functional as F
 
     x = x.double()
-    y = norm(x.to(norm.weight.dtype)).double().abs()
+    y = (norm(x.to(norm.weight.dtype)) if y is None else y).double().abs()
     if isinstance(norm, torch.nn.LayerNorm):
         xh = F.layer_norm(x, norm.normalized_shape, eps=norm.eps)
         red = lambda t: t.reshape(-1, *norm.normalized_shape).sum(0)  # noqa: E731
@@ -136,3 +150,153 @@ def local_norm(norm, x):
         xh = F.batch_norm(x, rm, rv, training=norm.training, eps=norm.eps)
         red = lambda t: t.sum([d for d in range(t.dim()) if d != 1])  # noqa: E731
     return red(y * xh.abs()), red(y)
+
+
+# --------------------------------------------------------- local rule, whole models
+def _outer_rows(y, x):
+    """sum_r |y_r| |x_r|^T over the rows of (R, J) and (R, I), one row at a time."""
+    w = torch.zeros(y.shape[1], x.shape[1], dtype=F64)
+    for r in range(x.shape[0]):
+        w += torch.outer(y[r].abs(), x[r].abs())
+    return w
+
+
+def _attention(q, k, v, heads, key_padding_mask=None, attn_mask=None):
+    """softmax(q k^T / sqrt(d) + masks) v for (N, L, E) inputs, written out per head."""
+    N, L, E = q.shape
+    S, d = k.shape[1], E // heads
+    qh = q.view(N, L, heads, d).transpose(1, 2)
+    kh = k.view(N, S, heads, d).transpose(1, 2)
+    vh = v.view(N, S, heads, d).transpose(1, 2)
+    scores = qh @ kh.transpose(-1, -2) / d ** 0.5
+    if attn_mask is not None:
+        scores = scores.masked_fill(attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(key_padding_mask[:, None, None, :].bool(), float("-inf"))
+    return (scores.softmax(-1) @ vh).transpose(1, 2).reshape(N, L, E)
+
+
+def _rnn_steps(m, x, h0=None):
+    """Per layer and direction: (inputs x_t, previous states h_{t-1}, zi_t, zh_t), the cell written out."""
+    if not m.batch_first:
+        x = x.transpose(0, 1)
+    x = x.double()
+    N, T, _ = x.shape
+    dirs = 2 if m.bidirectional else 1
+    H = m.hidden_size
+    out = {}
+    inp = x
+    for layer in range(m.num_layers):
+        seqs = []
+        for d in range(dirs):
+            sfx = f"_l{layer}" + ("_reverse" if d else "")
+            w_ih, w_hh = getattr(m, "weight_ih" + sfx).double(), getattr(m, "weight_hh" + sfx).double()
+            b_ih = getattr(m, "bias_ih" + sfx).double() if m.bias else 0
+            b_hh = getattr(m, "bias_hh" + sfx).double() if m.bias else 0
+            h = torch.zeros(N, H, dtype=F64)
+            c = torch.zeros(N, H, dtype=F64)
+            rows = {"x": [], "h": [], "zi": [], "zh": []}
+            hs = [None] * T
+            for t in (range(T - 1, -1, -1) if d else range(T)):
+                zi = inp[:, t] @ w_ih.T + b_ih
+                zh = h @ w_hh.T + b_hh
+                rows["x"].append(inp[:, t]); rows["h"].append(h); rows["zi"].append(zi); rows["zh"].append(zh)
+                if m.mode == "LSTM":
+                    i, f, g, o = (zi + zh).chunk(4, 1)
+                    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                    h = torch.sigmoid(o) * torch.tanh(c)
+                elif m.mode == "GRU":
+                    (ri, ui, ni), (rh, uh, nh) = zi.chunk(3, 1), zh.chunk(3, 1)
+                    r, u = torch.sigmoid(ri + rh), torch.sigmoid(ui + uh)
+                    h = (1 - u) * torch.tanh(ni + r * nh) + u * h
+                else:
+                    h = torch.tanh(zi + zh) if m.mode == "RNN_TANH" else torch.relu(zi + zh)
+                hs[t] = h
+            out[sfx] = {k: torch.cat(v) for k, v in rows.items()}
+            seqs.append(torch.stack(hs, 1))
+        inp = torch.cat(seqs, 2)
+    return out
+
+
+def local_hebbian(model, xs, n):
+    """The local rule's importance, (1/n) sum over batches, from forward hooks on every layer, in float64.
+
+    Linear / transformers' Conv1D: sum_rows |y| |x|^T (bias sum |y|); Conv2d: unfold + einsum; Embedding:
+    |y_t| into row id_t (not padding_idx); norms: sum |y x_hat| and sum |y|; MultiheadAttention: per
+    projection |y||x|^T with the attention output recomputed by hand; RNNs: sum_t |zi_t||x_t|^T,
+    |zh_t||h_{t-1}|^T; ViTEmbeddings: |y[:, 0]| (cls token), |y| (positions). Parameters registered in
+    several modules add every use.
+    """
+    names = {id(p): nm for nm, p in model.named_parameters()}
+    omega = {nm: torch.zeros_like(p, dtype=F64) for nm, p in model.named_parameters()}
+
+    def add(p, value):
+        if p is not None and id(p) in names:
+            omega[names[id(p)]] += value
+
+    def hook(m, args, kwargs, out):
+        x = args[0] if args else next(iter(kwargs.values()))
+        kind = type(m).__name__
+        if isinstance(m, torch.nn.Linear) and not kind.startswith("NonDynamically"):
+            y = out.double().reshape(-1, out.shape[-1]); x2 = x.double().reshape(-1, x.shape[-1])
+            add(m.weight, _outer_rows(y, x2)); add(m.bias, y.abs().sum(0))
+        elif kind == "Conv1D":
+            y = out.double().reshape(-1, out.shape[-1]); x2 = x.double().reshape(-1, x.shape[-1])
+            add(m.weight, _outer_rows(x2, y)); add(m.bias, y.abs().sum(0))
+        elif isinstance(m, torch.nn.Conv2d):
+            w, b = local_conv2d(m, x, out)
+            add(m.weight, w); add(m.bias, b)
+        elif isinstance(m, torch.nn.Embedding):
+            ids, y = x.reshape(-1), out.double().reshape(x.numel(), -1).abs()
+            rows = torch.zeros_like(m.weight, dtype=F64)
+            for t in range(ids.numel()):
+                if m.padding_idx is None or int(ids[t]) != m.padding_idx:
+                    rows[ids[t]] += y[t]
+            # a (1, T) input shared by a batch of n samples counts once per sample
+            add(m.weight, rows * (n_batch[0] if x.shape[0] == 1 else 1))
+        elif isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.BatchNorm2d, torch.nn.BatchNorm1d)):
+            w, b = local_norm(m, x, out)
+            add(m.weight, w); add(m.bias, b)
+        elif isinstance(m, torch.nn.MultiheadAttention):
+            q = x
+            k, v = (args[1], args[2]) if len(args) >= 3 else (kwargs.get("key", q), kwargs.get("value", q))
+            if not m.batch_first:
+                q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+            E = m.embed_dim
+            W, B = m.in_proj_weight.double(), m.in_proj_bias.double()
+            proj = []
+            for i, t in enumerate((q, k, v)):
+                t2 = t.double().reshape(-1, E)
+                y = t2 @ W[i * E:(i + 1) * E].T + B[i * E:(i + 1) * E]
+                wpart = torch.zeros_like(W); wpart[i * E:(i + 1) * E] = _outer_rows(y, t2)
+                bpart = torch.zeros_like(B); bpart[i * E:(i + 1) * E] = y.abs().sum(0)
+                add(m.in_proj_weight, wpart); add(m.in_proj_bias, bpart)
+                proj.append(y.view(t.shape[0], t.shape[1], E))
+            attn = _attention(*proj, m.num_heads, kwargs.get("key_padding_mask"), kwargs.get("attn_mask"))
+            o = out[0].double()
+            if not m.batch_first:
+                o = o.transpose(0, 1)
+            add(m.out_proj.weight, _outer_rows(o.reshape(-1, E), attn.reshape(-1, E)))
+            add(m.out_proj.bias, o.reshape(-1, E).abs().sum(0))
+        elif isinstance(m, torch.nn.RNNBase):
+            for sfx, r in _rnn_steps(m, x).items():
+                add(getattr(m, "weight_ih" + sfx), _outer_rows(r["zi"], r["x"]))
+                add(getattr(m, "weight_hh" + sfx), _outer_rows(r["zh"], r["h"]))
+                if m.bias:
+                    add(getattr(m, "bias_ih" + sfx), r["zi"].abs().sum(0))
+                    add(getattr(m, "bias_hh" + sfx), r["zh"].abs().sum(0))
+        elif kind == "ViTEmbeddings":
+            y = out.double().abs()
+            add(m.cls_token, y[:, :1].sum(0, keepdim=True)); add(m.position_embeddings, y.sum(0, keepdim=True))
+
+    n_batch = [0]
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            for x in xs:
+                n_batch[0] = (next(v for v in x.values()) if isinstance(x, dict) else x).shape[0]
+                model(**x) if isinstance(x, dict) else model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: v / n for k, v in omega.items()}

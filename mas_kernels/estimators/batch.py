@@ -54,11 +54,14 @@ class Batch:
         self.call = call
         self.args, self.kwargs = args, kwargs
         self.n = n
+        self.layout: int | None = None  # the dim of the input that holds samples, as its first reader says
 
     @classmethod
-    def of_call(cls, module: nn.Module, args: tuple, kwargs: dict, n: int) -> "Batch":
+    def of_call(cls, module: nn.Module, args: tuple, kwargs: dict, n: int, layout: int | None = None) -> "Batch":
         """The batch of a call already seen (``accumulating()``): replayed with the same arguments."""
-        return cls(module, lambda m: m(*args, **kwargs), args, kwargs, n)
+        batch = cls(module, lambda m: m(*args, **kwargs), args, kwargs, n)
+        batch.layout = layout
+        return batch
 
     def forward(self, plan=None) -> Any:
         """Run the model on the batch; the first time, record its arguments and count its samples.
@@ -77,7 +80,10 @@ class Batch:
         def reader(m, a):
             if not first and a and self.args is not None and same(a[0], first_tensor(self.args, self.kwargs)):
                 first.append(m)
-                self.n = count_samples(self.args, self.kwargs, plan.reader(m))
+                layer = plan.reader(m)
+                self.n = count_samples(self.args, self.kwargs, layer)
+                t = first_tensor(self.args, self.kwargs)
+                self.layout = layer.reads(t) if t is not None and t.dim() > 0 else None
 
         handles = [self.module.register_forward_pre_hook(pre, with_kwargs=True)]
         if plan is not None:

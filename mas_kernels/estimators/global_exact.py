@@ -110,7 +110,7 @@ class ExactRule:
             loss = squared_norm(self.output_fn(out))
             backward(loss, rec)
         n = batch.n
-        ctx = Context(n, self.budget, self.max_chunk)
+        ctx = Context(n, self.budget, self.max_chunk, batch.layout)
         with torch.no_grad():
             uncalled = [layer for layer in layers if not rec.calls[layer.module]]
             stray: list[str] = []

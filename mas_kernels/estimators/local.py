@@ -17,7 +17,9 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch.utils._pytree import tree_map
 
+from .._model import own_hook
 from .capture import Call, expand_shared
 from .plan import Layer, Plan
 
@@ -48,18 +50,22 @@ class LocalRule:
         ``n()``: the batch's sample count, for layers that read one row for the
         whole batch (a position embedding), whose numerators count once per sample.
         """
-        return [layer.module.register_forward_hook(self._hook(layer, staging, active, n), with_kwargs=True)
+        return [layer.module.register_forward_hook(own_hook(layer.module, self._hook(layer, staging, active, n)),
+                                                   with_kwargs=True)
                 for layer in self.layers()]
 
     def _hook(self, layer: Layer, staging, active: Callable[[], bool], n: Callable[[], int | None]):
         act = self._activation(layer.name)
 
         def hook(module, args, kwargs, output):
-            if not active() or not (args or kwargs) or not isinstance(output, torch.Tensor):
+            if not active() or not (args or kwargs):
                 return
-            y = output.detach()
-            if act is not None:
-                y = act(y)
+            if isinstance(output, torch.Tensor):
+                y = output.detach()
+                if act is not None:
+                    y = act(y)
+            else:  # RNNs, MultiheadAttention: (output, state) tuples
+                y = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, output)
             args, y = expand_shared(layer, n(), tuple(a.detach() if isinstance(a, torch.Tensor) else a
                                                       for a in args), y)
             call = Call(args, kwargs, y, [None], [0])

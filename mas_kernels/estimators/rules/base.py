@@ -39,6 +39,7 @@ class Context:
     n: int
     budget: int = 256 << 20  # bytes of per-sample scratch a rule may hold at once
     max_chunk: int | None = None  # at most this many samples per chunk
+    layout: int | None = None  # where the model's input keeps its samples (dim 1: a (T, N, ...) model)
 
 
 class Rule:
@@ -113,18 +114,21 @@ def rule_for(module: nn.Module) -> Rule | None:
     return None
 
 
-def sample_dim(t: torch.Tensor, n: int, feature_dims: int, layer: Layer) -> int | None:
-    """Which dim of ``layer``'s input ``t`` holds the batch's ``n`` samples (None: an unbatched sample).
+def sample_dim(t: torch.Tensor, ctx: Context, feature_dims: int, layer: Layer) -> int | None:
+    """Which dim of ``layer``'s input ``t`` holds the batch's N samples (None: an unbatched sample).
 
     ``feature_dims`` trailing dims are features. The layer's hint (dim 1
-    inside a ``batch_first=False`` transformer layer of torch) when its size
-    is N, else dim 0 when its size is N, else the one other leading dim of
-    size N; an input with no dim besides its features is one sample.
+    inside a ``batch_first=False`` transformer layer of torch), else the
+    model's layout (where its input keeps the samples, dim 1 for a (T, N, ...)
+    model), when its size is N; else dim 0 when its size is N, else the one
+    other leading dim of size N; an input with no dim besides its features is
+    one sample.
     """
-    name = layer.name
+    name, n = layer.name, ctx.n
     lead = t.dim() - feature_dims
-    if layer.hint is not None and layer.hint < lead and t.shape[layer.hint] == n:
-        return layer.hint
+    for hint in (layer.hint, ctx.layout):
+        if hint is not None and hint < lead and t.shape[hint] == n:
+            return hint
     if lead <= 0:
         if n != 1:
             raise ValueError(f"MAS: layer {name!r} got an unbatched input of shape {tuple(t.shape)} "
@@ -148,7 +152,7 @@ def batched(t: torch.Tensor, n: int, feature_dims: int, dim: int | None) -> torc
     """``t`` as (N, T, *features): sample dim ``dim`` first (None: one unbatched sample), the rest in T."""
     feats = tuple(t.shape[t.dim() - feature_dims:])
     if dim is None:
-        return t.reshape(1, 1, *feats)
+        return t.reshape(1, -1, *feats)
     if dim != 0:
         t = t.movedim(dim, 0)
     return t.reshape(n, -1, *feats)

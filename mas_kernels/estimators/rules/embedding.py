@@ -26,7 +26,7 @@ def _keyed(layer, calls, ctx, lo: int = 0, hi: int | None = None):
         if call.deltas[0] is None:
             continue
         ids = call.x
-        dim = sample_dim(ids, ctx.n, 0, layer)
+        dim = sample_dim(ids, ctx, 0, layer)
         ids = batched(ids, ctx.n, 0, dim)[lo:hi]  # (S, T)
         delta = batched(call.delta, ctx.n, 1, dim)[lo:hi].float()  # (S, T, D)
         s = torch.arange(hi - lo, device=ids.device).unsqueeze(1).expand_as(ids)
@@ -80,7 +80,7 @@ class EmbeddingRule(Rule):
         for call in calls:
             if call.deltas[0] is None:
                 continue
-            dim = sample_dim(call.x, ctx.n, 0, layer)
+            dim = sample_dim(call.x, ctx, 0, layer)
             ids = batched(call.x, ctx.n, 0, dim)
             delta = batched(call.delta, ctx.n, 1, dim).float()
             onehot = torch.nn.functional.one_hot(ids, V).float()

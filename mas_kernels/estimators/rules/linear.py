@@ -17,14 +17,14 @@ from .base import Rule, batched, sample_dim
 from ._bmm import abs_bmm
 
 
-def _factors(calls: list[Call], n: int, layer) -> tuple[torch.Tensor, torch.Tensor]:
+def _factors(calls: list[Call], ctx, layer) -> tuple[torch.Tensor, torch.Tensor]:
     """``(delta, x)`` of every call as (N, T, J) and (N, T, I), concatenated along T."""
     deltas, xs = [], []
     for call in calls:
         x = call.x
-        dim = sample_dim(x, n, 1, layer)
-        xs.append(batched(x.detach(), n, 1, dim))
-        deltas.append(batched(call.delta, n, 1, dim))
+        dim = sample_dim(x, ctx, 1, layer)
+        xs.append(batched(x.detach(), ctx.n, 1, dim))
+        deltas.append(batched(call.delta, ctx.n, 1, dim))
     if len(calls) == 1:
         return deltas[0], xs[0]
     return torch.cat(deltas, 1), torch.cat(xs, 1)
@@ -45,7 +45,7 @@ class LinearRule(Rule):
     def exact(self, layer, calls, ctx, accs):
         if not calls:
             return
-        delta, x = _factors(calls, ctx.n, layer)
+        delta, x = _factors(calls, ctx, layer)
         if "weight" in accs:
             a, b = (x, delta) if self.transposed else (delta, x)
             if a.shape[1] == 1:
@@ -58,11 +58,11 @@ class LinearRule(Rule):
     def factors(self, layer, calls, ctx, attr):
         if attr != "weight" or not calls:
             return None
-        delta, x = _factors(calls, ctx.n, layer)
+        delta, x = _factors(calls, ctx, layer)
         return (x, delta) if self.transposed else (delta, x)
 
     def per_sample(self, layer, calls, ctx, attrs, lo, hi):
-        delta, x = _factors(calls, ctx.n, layer)
+        delta, x = _factors(calls, ctx, layer)
         delta, x = delta[lo:hi].float(), x[lo:hi].float()
         out = {}
         if "weight" in attrs:

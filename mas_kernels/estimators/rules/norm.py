@@ -28,7 +28,7 @@ class _Norm(Rule):
         """The normalized input, fp32, shaped like x."""
         raise NotImplementedError
 
-    def per_sample_sum(self, layer, n: int, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def per_sample_sum(self, layer, ctx, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``t`` (shaped like the input ``x``) summed over each sample's positions: (N, *param.shape)."""
         raise NotImplementedError
 
@@ -47,9 +47,9 @@ class _Norm(Rule):
             x = call.x.detach()
             d = call.delta.float()
             if "weight" in out:
-                out["weight"] += self.per_sample_sum(layer, ctx.n, x, d * self.x_hat(module, x.float()))
+                out["weight"] += self.per_sample_sum(layer, ctx, x, d * self.x_hat(module, x.float()))
             if "bias" in out:
-                out["bias"] += self.per_sample_sum(layer, ctx.n, x, d)
+                out["bias"] += self.per_sample_sum(layer, ctx, x, d)
         return out
 
     def exact(self, layer, calls, ctx, accs):
@@ -81,9 +81,9 @@ class LayerNormRule(_Norm):
         var, mean = torch.var_mean(x, dim=dims, unbiased=False, keepdim=True)
         return (x - mean) * torch.rsqrt(var + module.eps)
 
-    def per_sample_sum(self, layer, n, x, t):
+    def per_sample_sum(self, layer, ctx, x, t):
         k = len(layer.module.normalized_shape)
-        return batched(t, n, k, sample_dim(x, n, k, layer)).sum(1)
+        return batched(t, ctx.n, k, sample_dim(x, ctx, k, layer)).sum(1)
 
     def total_sum(self, module, t):
         return t.reshape(-1, *module.normalized_shape).sum(0)
@@ -103,10 +103,10 @@ class RMSNormRule(LayerNormRule):
 class _ChannelNorm(_Norm):
     """Norms with one weight per channel (dim 1 of an (N, C, *) input)."""
 
-    def per_sample_sum(self, layer, n, x, t):
-        if x.shape[0] != n:
+    def per_sample_sum(self, layer, ctx, x, t):
+        if x.shape[0] != ctx.n:
             raise ValueError(f"MAS: layer {layer.name!r} got an input of shape {tuple(x.shape)} in a batch of "
-                             f"{n} samples; its samples must be dim 0")
+                             f"{ctx.n} samples; its samples must be dim 0")
         return t.sum(list(range(2, t.dim()))) if t.dim() > 2 else t
 
     def total_sum(self, module, t):

@@ -251,12 +251,27 @@ class MAS:
         batch = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)
         if self.forward is not None:
             return lambda m: self.forward(m, batch)
+
+        def hinted(call):
+            def run(m):
+                try:
+                    return call(m)
+                except TypeError as exc:
+                    if "argument" not in str(exc):
+                        raise
+                    raise TypeError(
+                        f"MAS.estimate: calling the model on the batch failed ({exc}); a tuple/list batch runs "
+                        "model(batch[0]) and a dict batch model(**batch). Pass forward=lambda model, batch: "
+                        "model(...) to say how, e.g. forward=lambda m, b: m(b[0], b[2]) for task labels"
+                    ) from exc
+            return run
+
         if isinstance(batch, torch.Tensor):
-            return lambda m: m(batch)
+            return hinted(lambda m: m(batch))
         if isinstance(batch, dict):
-            return lambda m: m(**batch)
+            return hinted(lambda m: m(**batch))
         if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-            return lambda m: m(batch[0])
+            return hinted(lambda m: m(batch[0]))
         raise TypeError(
             f"MAS.estimate: a batch is a tensor, a tuple/list whose first item is the input tensor, or a dict "
             f"of keyword arguments; got {type(batch).__name__}. Pass forward=lambda model, batch: ... to say "

@@ -53,12 +53,15 @@ class Call:
 
 
 def expand_shared(layer, n: int | None, args: tuple, output):
-    """A call whose input holds one row for the whole batch (a position embedding's ids of shape (1, T)):
-    its input and output expanded to the batch's N samples, so each sample's share of the output gradient
-    is kept apart. Returns ``(args, output)``, unchanged for other calls."""
+    """A call whose input holds one row of ids for the whole batch (a position embedding's ids of shape
+    (1, T)): its input and output expanded to the batch's N samples, so each sample's share of the output
+    gradient is kept apart. Returns ``(args, output)``, unchanged for other calls (a float input with one
+    row is one sample of a subset: a multi-task head's)."""
     if layer is None or not n or n == 1 or not args or not isinstance(args[0], torch.Tensor):
         return args, output
     x = args[0]
+    if x.dtype.is_floating_point or x.dtype.is_complex:
+        return args, output
     d = layer.reads(x)
     if (d is None or x.dim() <= d or x.shape[d] != 1 or not isinstance(output, torch.Tensor)
             or output.dim() <= d or output.shape[d] != 1):

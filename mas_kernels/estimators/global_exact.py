@@ -17,6 +17,7 @@ gradient from a whole-model ``torch.func`` pass, with a warning naming it.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Callable
 
@@ -47,6 +48,36 @@ def _graph_params(loss: torch.Tensor) -> set[int]:
             found.add(id(var))
         stack.extend(f for f, _ in fn.next_functions)
     return found
+
+
+def _subsets(layer, calls: list, ctx: Context) -> list | None:
+    """``[(call, samples)]`` when the calls of ``layer`` each saw a different subset of the batch's samples
+    (a multi-task model's head per task: ``head(h[task == t])``), None when every call saw them all.
+
+    Subsets are calls whose input holds fewer than N samples and together exactly N; each sample then
+    reaches the layer through one call, so each call is a batch of its own. Anything else is refused.
+    """
+    sizes = []
+    for call in calls:
+        x = call.x if call.args else None
+        if not isinstance(x, torch.Tensor):
+            return None
+        d = layer.reads(x)
+        if d is not None and ctx.layout is not None and layer.hint is None and d == 0 and x.dim() > ctx.layout \
+                and x.shape[ctx.layout] == ctx.n:
+            d = ctx.layout
+        sizes.append(1 if d is None else int(x.shape[d]))
+    if all(m == ctx.n for m in sizes):
+        return None
+    lead = [call.x.shape[:call.x.dim() - layer.rule.feature_dims(layer, call.x)] for call in calls]
+    if all(m < ctx.n for m in sizes) and sum(sizes) <= ctx.n and not any(ctx.n in shape for shape in lead):
+        return list(zip(calls, sizes))
+    raise ValueError(
+        f"MAS: layer {layer.name!r} was called {len(calls)} time(s) on inputs of "
+        f"{[tuple(c.x.shape) for c in calls]} in a batch of {ctx.n} samples: neither the whole batch each "
+        "time nor disjoint subsets of it, so its per-sample gradients cannot be told apart; use "
+        "importance='global_batch' for this model"
+    )
 
 
 def per_sample_exact(module: nn.Module, params: dict[str, torch.Tensor], forward_one: Callable, n: int,
@@ -123,8 +154,14 @@ class ExactRule:
                 calls = rec.calls[layer.module]
                 accs = {a: staging[name] for a, name in layer.attrs.items()
                         if name in wanted and name not in self.plan.shared and calls}
-                if accs:
+                if not accs:
+                    continue
+                parts = _subsets(layer, calls, ctx)
+                if parts is None:
                     layer.rule.exact(layer, calls, ctx, accs)
+                else:  # calls on disjoint subsets of the samples: each a batch of its own
+                    for call, m in parts:
+                        layer.rule.exact(layer, [call], dataclasses.replace(ctx, n=m), accs)
             for name in self.plan.shared:
                 if name in wanted and name not in stray:
                     self._shared(name, rec.calls, ctx, staging[name])

@@ -55,6 +55,10 @@ class Rule:
             return layer.hint
         return 0 if x.dim() > 0 else None
 
+    def feature_dims(self, layer: Layer, x: torch.Tensor) -> int:
+        """How many trailing dims of ``layer``'s input ``x`` are features (the others hold samples, positions)."""
+        return 1
+
     def check(self, layer: Layer) -> None:
         """Raise a worded error, before any forward pass, if the exact rule cannot serve ``layer`` as it is."""
 

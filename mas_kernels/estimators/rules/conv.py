@@ -61,6 +61,9 @@ class ConvRule(Rule):
     def reads(self, layer, x):
         return None if x.dim() == len(layer.module.kernel_size) + 1 else 0
 
+    def feature_dims(self, layer, x):
+        return x.dim() - 1
+
     def exact(self, layer, calls, ctx, accs):
         module = layer.module
         calls = [c for c in calls if c.deltas[0] is not None]

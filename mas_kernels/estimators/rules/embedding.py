@@ -53,6 +53,9 @@ class EmbeddingRule(Rule):
 
     attrs = ("weight",)
 
+    def feature_dims(self, layer, x):
+        return 0
+
     def exact(self, layer, calls, ctx, accs):
         if "weight" not in accs:
             return

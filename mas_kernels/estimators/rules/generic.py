@@ -48,6 +48,9 @@ class GenericRule(Rule):
         return [n for n, _ in module.named_parameters(recurse=False)]
 
     # ------------------------------------------------------ sample dims
+    def feature_dims(self, layer, x):
+        return max(x.dim() - 1, 0)
+
     def arg_dims(self, layer, call, n) -> list[int | None]:
         """For each tensor leaf of ``(args, kwargs)``: the dim holding the samples, or None (shared)."""
         leaves = tree_flatten((call.args, call.kwargs))[0]

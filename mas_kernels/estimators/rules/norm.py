@@ -76,6 +76,9 @@ class LayerNormRule(_Norm):
     def reads(self, layer, x):
         return None if x.dim() == len(layer.module.normalized_shape) else super().reads(layer, x)
 
+    def feature_dims(self, layer, x):
+        return len(layer.module.normalized_shape)
+
     def x_hat(self, module, x):
         dims = tuple(range(-len(module.normalized_shape), 0))
         var, mean = torch.var_mean(x, dim=dims, unbiased=False, keepdim=True)
@@ -102,6 +105,9 @@ class RMSNormRule(LayerNormRule):
 
 class _ChannelNorm(_Norm):
     """Norms with one weight per channel (dim 1 of an (N, C, *) input)."""
+
+    def feature_dims(self, layer, x):
+        return x.dim() - 1
 
     def per_sample_sum(self, layer, ctx, x, t):
         if x.shape[0] != ctx.n:

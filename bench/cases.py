@@ -23,9 +23,10 @@ from mas_kernels.ops.abs_accumulate import abs_accumulate_torch
 from mas_kernels.ops.penalty import penalty_grad_torch
 
 from .harness import Case, ours_backend, sync
+from .models import KINDS, build
 
 LAM = 1e-3  # small, so grads that accumulate over hundreds of timed calls stay finite in bf16
-SECTIONS = ("penalty", "abs_accumulate", "abs_outer", "conv", "e2e")
+SECTIONS = ("penalty", "abs_accumulate", "abs_outer", "conv", "e2e", "importance")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -389,6 +390,51 @@ def inference_case(kind: str, batch: int, device: torch.device) -> Case:
     return case
 
 
+def peak_memory(fn: Callable[[], object]) -> int:
+    """Peak bytes allocated (above what was live before) during ``fn()``, from the profiler's memory events.
+
+    On CPU, torch keeps no allocator statistics: the profiler records each
+    op's allocations and each free, and their running sum in time order peaks
+    at the high-water mark.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    deltas = sorted((e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
+                    for e in prof.events())
+    cur = peak = 0
+    for _, d in deltas:
+        cur += d
+        peak = max(peak, cur)
+    return peak
+
+
+def importance_case(kind: str, device: torch.device, quick: bool) -> Case:
+    """One estimated batch per rule (exact global, global_batch, local) against a plain forward+backward."""
+    model, batch, output_fn, label = build(kind, quick)
+    model = model.to(device).eval()
+    batch = ({k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict) else batch.to(device))
+    output_fn = output_fn or (lambda o: o)
+    run = (lambda m: m(**batch)) if isinstance(batch, dict) else (lambda m: m(batch))
+
+    def plain():
+        loss = output_fn(run(model)).float().pow(2).sum()
+        torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+
+    impls = {"plain forward+backward": plain}
+    for imp, name in (("global", "exact global"), ("global_batch", "global_batch"), ("local", "local")):
+        mas = mk.MAS(model, importance=imp, output_fn=output_fn)
+        impls[name] = lambda mas=mas: mas.estimate([batch])
+    notes = {"peak_mb": {}}
+    for name, fn in impls.items():
+        fn()  # warm (and the first call allocates the wrapper's state)
+        notes["peak_mb"][name] = round(peak_memory(fn) / 2**20, 1)
+    n_params = sum(p.numel() for p in model.parameters())
+    return Case("importance", "float32", f"{label} ({n_params / 1e6:.2f}M params)", n_params, "steps", 1.0,
+                impls, baseline="plain forward+backward", notes=notes)
+
+
 # ----------------------------------------------------------------- the list the CLI runs
 def plan(quick: bool, device: torch.device, use_compile: bool) -> list[tuple[str, Callable[[], Case]]]:
     """The cases to run, in order, as (section, builder)."""
@@ -425,4 +471,6 @@ def plan(quick: bool, device: torch.device, use_compile: bool) -> list[tuple[str
         cases.append(("e2e", lambda k=kind, b=batch: train_case(k, b, device)))
     for kind, batch in e2e:
         cases.append(("e2e", lambda k=kind, b=batch: inference_case(k, b, device)))
+    for kind in (("resnet18", "gpt2", "lstm") if quick else KINDS):
+        cases.append(("importance", lambda k=kind: importance_case(k, device, quick)))
     return cases

@@ -264,6 +264,22 @@ def test_tied_weights_and_a_module_called_twice():
     exact(Tied(), [torch.randn(6, 4)])
 
 
+def test_two_embeddings_sharing_one_table():
+    class TwoTables(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.src = nn.Embedding(9, 4)
+            self.tgt = nn.Embedding(9, 4)
+            self.tgt.weight = self.src.weight
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, ids):
+            return self.head(torch.tanh(self.src(ids) + self.tgt(ids.flip(1))))
+
+    tokens = torch.randint(0, 9, (5, 6))
+    exact(TwoTables(), [tokens[:3], tokens[3:]])
+
+
 def test_unbatched_inputs_count_one_sample_each():
     model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
     xs = [torch.randn(6) for _ in range(4)]

@@ -177,6 +177,12 @@ class ExactRule:
             layer, attr = uses[0]
             layer.rule.exact(layer, calls[layer.module], ctx, {attr: acc})
             return
+        sparse = [(layer, attr) for layer, attr in uses if layer.rule.sparse_rows(layer, [], ctx, attr) is not None]
+        dense = [(layer, attr) for layer, attr in uses if (layer, attr) not in sparse]
+        factors = [layer.rule.factors(layer, calls[layer.module], ctx, attr) for layer, attr in dense]
+        if sparse and all(f is not None for f in factors):
+            self._sparse_and_dense(sparse, factors, calls, ctx, acc)
+            return
         factors = [layer.rule.factors(layer, calls[layer.module], ctx, attr) for layer, attr in uses]
         if all(f is not None for f in factors):
             a = torch.cat([f[0].float() for f in factors], 1)
@@ -194,6 +200,35 @@ class ExactRule:
                 g = layer.rule.per_sample(layer, calls[layer.module], ctx, [attr], lo, hi)[attr]
                 total = g if total is None else total + g
             acc.add_(total.abs().sum(0))
+
+    @staticmethod
+    def _sparse_and_dense(sparse, factors, calls, ctx: Context, acc: torch.Tensor) -> None:
+        """Uses with sparse per-sample rows (embeddings) beside uses in factored form (a tied LM head).
+
+        With ``L_k = sum a_k^T b_k`` the dense part and ``E_k`` the sample's
+        embedding rows: ``sum_k |L_k + E_k| = sum_k |L_k| + sum_k sum_{r in rows(k)}
+        (|L_k[r] + E_k[r]| - |L_k[r]|)``: one abs_bmm, then a correction on the
+        rows each sample's tokens touch, never a dense V x D matrix per sample.
+        """
+        keys, rows = [], []
+        for layer, attr in sparse:
+            got = layer.rule.sparse_rows(layer, calls[layer.module], ctx, attr)
+            keys.append(got[0] * acc.shape[0] + got[1])
+            rows.append(got[2])
+        uniq, inv = torch.unique(torch.cat(keys), return_inverse=True)
+        e = torch.zeros(uniq.numel(), acc.shape[1], device=acc.device).index_add_(0, inv, torch.cat(rows).float())
+        sample, row = uniq // acc.shape[0], uniq % acc.shape[0]
+        if not factors:
+            acc.index_add_(0, row, e.abs_())
+            return
+        a = torch.cat([f[0].float() for f in factors], 1)
+        b = torch.cat([f[1].float() for f in factors], 1)
+        abs_bmm(acc, a, b, budget=ctx.budget)
+        for k in torch.unique(sample).tolist():
+            sel = (sample == k).nonzero()[:, 0]
+            r = row[sel]
+            dense = a[k][:, r].T @ b[k]  # (rows, D): L_k at the sample's rows
+            acc.index_add_(0, r, (dense + e[sel]).abs_() - dense.abs_())
 
     def _stray(self, names: list[str], batch: Batch, staging) -> None:
         new = [nm for nm in names if nm not in self._warned]

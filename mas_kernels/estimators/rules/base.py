@@ -88,6 +88,12 @@ class Rule:
         """``(a, b)`` with ``a`` (N, T, J), ``b`` (N, T, I) such that sample k's gradient is ``a_k^T b_k``, or None."""
         return None
 
+    def sparse_rows(self, layer: Layer, calls: list[Call], ctx: Context, attr: str
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """``(samples, rows, values)``: each sample's gradient as a few rows of the parameter (an
+        embedding's tokens), or None when the rule has no such form."""
+        return None
+
     def local(self, layer: Layer, call: Call, accs: dict[str, torch.Tensor]) -> None:
         """Add the Hebbian numerators of one call for each attribute in ``accs``."""
         raise NotImplementedError(f"{type(self).__name__} has no local (Hebbian) rule")

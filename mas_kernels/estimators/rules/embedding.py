@@ -67,6 +67,17 @@ class EmbeddingRule(Rule):
         sums = torch.zeros(uniq.numel(), rows.shape[1], device=rows.device).index_add_(0, inv, rows)
         accs["weight"].index_add_(0, uniq % layer.module.num_embeddings, sums.abs_())
 
+    def sparse_rows(self, layer, calls, ctx, attr):
+        if attr != "weight":
+            return None
+        keyed = _keyed(layer, calls, ctx) if calls else None
+        V = layer.module.num_embeddings
+        if keyed is None:
+            empty = torch.zeros(0, dtype=torch.long, device=layer.module.weight.device)
+            return empty, empty, torch.zeros(0, layer.module.embedding_dim, device=layer.module.weight.device)
+        keys, rows = keyed
+        return keys // V, keys % V, rows
+
     def per_sample(self, layer, calls, ctx, attrs, lo, hi):
         V, D = layer.module.weight.shape
         out = torch.zeros((hi - lo) * V, D, device=layer.module.weight.device)

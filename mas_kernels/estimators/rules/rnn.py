@@ -33,7 +33,13 @@ def _names(layer: int, reverse: bool) -> tuple[str, str, str, str]:
 
 
 class Replay:
-    """One call of an RNN replayed step by step: per layer and direction, the steps' inputs and pre-activations."""
+    """One call of an RNN replayed step by step: per layer and direction, the steps' inputs and pre-activations.
+
+    ``zi`` of a layer and direction is one GEMM over every step (the inputs are
+    known up front); only ``zh`` follows the recurrence. Gradients are taken
+    w.r.t. ``zi`` alone: the gates add ``zi + zh``, so ``dzh = dzi`` except
+    for GRU's ``n`` gate, ``dzh_n = dzi_n * r``.
+    """
 
     def __init__(self, module, call, grad: bool):
         self.module = module
@@ -60,32 +66,30 @@ class Replay:
             h0, c0 = (t.detach().float() for t in hx)
         else:
             h0, c0 = hx.detach().float(), None
-        if grad:  # every step's pre-activations then require grad, the first ones included
-            h0 = h0.clone().requires_grad_()
-        self.inputs: dict = {}  # (layer, reverse) -> (x (N, T, in), h_prev (N, T, H), zi list, zh list)
+        # (layer, reverse) -> (x (N, T, in), h_prev (N, T, H), zi (N, T, GH), zh (N, T, GH), r (GRU) or None)
+        self.inputs: dict = {}
         outs_h, outs_c = [], []
         inp = x
         for layer in range(module.num_layers):
             seqs = []
             for d in range(dirs):
                 w_ih, w_hh, b_ih, b_hh = (getattr(module, nm, None) for nm in _names(layer, d == 1))
-                w_ih, w_hh = w_ih.detach().float(), w_hh.detach().float()
-                b_ih = b_ih.detach().float() if b_ih is not None else None
+                w_hh = w_hh.detach().float()
                 b_hh = b_hh.detach().float() if b_hh is not None else None
+                zi = torch.nn.functional.linear(inp, w_ih.detach().float(),
+                                                None if b_ih is None else b_ih.detach().float())
                 idx = layer * dirs + d
                 h = h0[idx]
                 c = c0[idx] if c0 is not None else None
                 order = range(steps - 1, -1, -1) if d == 1 else range(steps)
-                hs = [None] * steps
-                prevs, zis, zhs = [None] * steps, [None] * steps, [None] * steps
+                hs, prevs, zhs, rs = [None] * steps, [None] * steps, [None] * steps, [None] * steps
                 for t in order:
-                    xt = inp[:, t]
-                    zi = xt @ w_ih.T + (b_ih if b_ih is not None else 0)
-                    zh = h @ w_hh.T + (b_hh if b_hh is not None else 0)
-                    prevs[t], zis[t], zhs[t] = h, zi, zh
-                    h, c = self._cell(zi, zh, h, c)
+                    zh = torch.nn.functional.linear(h, w_hh, b_hh)
+                    prevs[t], zhs[t] = h, zh
+                    h, c, rs[t] = self._cell(zi[:, t], zh, h, c)
                     hs[t] = h
-                self.inputs[(layer, d == 1)] = (inp, torch.stack(prevs, 1), zis, zhs)
+                r = torch.stack(rs, 1).detach() if module.mode == "GRU" else None
+                self.inputs[(layer, d == 1)] = (inp, torch.stack(prevs, 1), zi, torch.stack(zhs, 1), r)
                 seqs.append(torch.stack(hs, 1))
                 outs_h.append(h)
                 if c is not None:
@@ -98,49 +102,52 @@ class Replay:
     def _cell(self, zi, zh, h, c):
         mode = self.module.mode
         if mode == "RNN_TANH":
-            return torch.tanh(zi + zh), None
+            return torch.tanh(zi + zh), None, None
         if mode == "RNN_RELU":
-            return torch.relu(zi + zh), None
+            return torch.relu(zi + zh), None, None
         if mode == "LSTM":
             i, f, g, o = (zi + zh).chunk(4, 1)
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            return torch.sigmoid(o) * torch.tanh(c), c
+            return torch.sigmoid(o) * torch.tanh(c), c, None
         ri, zi_, ni = zi.chunk(3, 1)
         rh, zh_, nh = zh.chunk(3, 1)
         r = torch.sigmoid(ri + rh)
         u = torch.sigmoid(zi_ + zh_)
         nn_ = torch.tanh(ni + r * nh)
-        return (1 - u) * nn_ + u * h, None
+        return (1 - u) * nn_ + u * h, None, r
 
     def backward(self, call) -> dict:
         """(layer, reverse) -> (dzi (N, T, G*H), dzh (N, T, G*H)) from the recorded output gradients."""
         module = self.module
         outs, grads = [], []
         deltas = call.deltas
-        seq_delta = deltas[0]
-        if seq_delta is not None:
-            d = seq_delta.float()
+        if deltas[0] is not None:
+            d = deltas[0].float()
             if self.unbatched:
                 d = d.unsqueeze(0 if module.batch_first else 1)
             outs.append(self.output)
             grads.append(d if module.batch_first else d.transpose(0, 1))
         states = [self.h_n] + ([self.c_n] if self.c_n is not None else [])
-        for i, s in enumerate(states):
+        for i, st in enumerate(states):
             d = deltas[1 + i] if len(deltas) > 1 + i else None
             if d is not None:
-                outs.append(s)
+                outs.append(st)
                 grads.append(d.float().unsqueeze(1) if self.unbatched else d.float())
-        keys = list(self.inputs)
-        wrt = [z for k in keys for z in self.inputs[k][2] + self.inputs[k][3]]
-        steps = len(self.inputs[keys[0]][2])
         if not outs:
             return {}
+        keys = list(self.inputs)
+        wrt = [self.inputs[k][2] for k in keys]
         got = torch.autograd.grad(outs, wrt, grads, allow_unused=True)
-        got = [torch.zeros_like(z) if g is None else g for z, g in zip(wrt, got)]
         out = {}
-        for j, k in enumerate(keys):
-            block = got[j * 2 * steps:(j + 1) * 2 * steps]
-            out[k] = (torch.stack(block[:steps], 1), torch.stack(block[steps:], 1))
+        for k, z, dzi in zip(keys, wrt, got):
+            dzi = torch.zeros_like(z) if dzi is None else dzi
+            r = self.inputs[k][4]
+            if r is None:
+                dzh = dzi
+            else:
+                H = r.shape[-1]
+                dzh = torch.cat([dzi[..., :2 * H], dzi[..., 2 * H:] * r], -1)
+            out[k] = (dzi, dzh)
         return out
 
 
@@ -183,7 +190,7 @@ class RNNRule(Rule):
                 rep = Replay(layer.module, call, grad=True)
                 dz = rep.backward(call)
             for (lyr, rev), (dzi, dzh) in dz.items():
-                x, h_prev, _, _ = rep.inputs[(lyr, rev)]
+                x, h_prev = rep.inputs[(lyr, rev)][:2]
                 w_ih, w_hh, b_ih, b_hh = _names(lyr, rev)
                 out.setdefault(w_ih, []).append((dzi, x.detach()))
                 out.setdefault(w_hh, []).append((dzh, h_prev.detach()))
@@ -226,10 +233,10 @@ class RNNRule(Rule):
         self._check_input(layer, call)
         with torch.no_grad():
             rep = Replay(layer.module, call, grad=False)
-        for (lyr, rev), (x, h_prev, zis, zhs) in rep.inputs.items():
+        for (lyr, rev), (x, h_prev, zi, zh, _) in rep.inputs.items():
             w_ih, w_hh, b_ih, b_hh = _names(lyr, rev)
-            zi = torch.stack(zis, 1).reshape(-1, zis[0].shape[-1])
-            zh = torch.stack(zhs, 1).reshape(-1, zhs[0].shape[-1])
+            zi = zi.reshape(-1, zi.shape[-1])
+            zh = zh.reshape(-1, zh.shape[-1])
             if w_ih in accs:
                 abs_outer_accumulate_(accs[w_ih], zi, x.reshape(-1, x.shape[-1]))
             if w_hh in accs:

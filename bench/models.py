@@ -1,0 +1,113 @@
+"""The models of the importance rows, at the sizes the exact-layers issue measured them.
+
+Built by hand (torchvision's PyPI wheel does not import beside the CPU torch)
+or from transformers configs (random weights, no download). ``build(kind,
+quick)`` returns ``(model, batch, output_fn, label)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class _Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.down = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                     if stride != 1 or cin != cout else None)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + (x if self.down is None else self.down(x)))
+
+
+def resnet18(width: int = 64, classes: int = 10) -> nn.Module:
+    """torchvision's resnet18 layout (7x7 stem, maxpool, 4 stages of 2 basic blocks)."""
+    layers = [nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+              nn.MaxPool2d(3, 2, 1)]
+    cin = width
+    for mult, stride in ((1, 1), (1, 1), (2, 2), (2, 1), (4, 2), (4, 1), (8, 2), (8, 1)):
+        layers.append(_Block(cin, width * mult, stride))
+        cin = width * mult
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes)]
+    return nn.Sequential(*layers)
+
+
+class TextRNN(nn.Module):
+    def __init__(self, cell, vocab: int, dim: int, hidden: int):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.rnn = cell(dim, hidden, num_layers=2, batch_first=True)
+        self.head = nn.Linear(hidden, 5)
+
+    def forward(self, tokens):
+        return self.head(self.rnn(self.emb(tokens))[0][:, -1])
+
+
+class Encoder(nn.Module):
+    def __init__(self, dim: int, layers: int):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(dim, 4, 4 * dim, dropout=0.1, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x):
+        return self.head(self.enc(x))
+
+
+def build(kind: str, quick: bool = False):
+    g = torch.Generator().manual_seed(0)
+    if kind == "resnet18":
+        n, hw = (8, 32) if quick else (16, 32)
+        return resnet18(), torch.randn(n, 3, hw, hw, generator=g), None, f"resnet18 {n}x3x{hw}x{hw}"
+    if kind in ("bert", "gpt2"):
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        layers, dim, n, t = (2, 128, 8, 32) if quick else (4, 256, 16, 64)
+        ids = torch.randint(0, 1000, (n, t), generator=g)
+        if kind == "bert":
+            cfg = transformers.BertConfig(num_hidden_layers=layers, hidden_size=dim, num_attention_heads=4,
+                                          intermediate_size=4 * dim, vocab_size=1000, max_position_embeddings=128)
+            return (transformers.BertModel(cfg), {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                    lambda o: o.last_hidden_state, f"BERT {layers}x{dim}, {n}x{t} tokens")
+        cfg = transformers.GPT2Config(n_layer=layers, n_head=4, n_embd=dim, vocab_size=1000, n_positions=128,
+                                      bos_token_id=0, eos_token_id=0)
+        return (transformers.GPT2LMHeadModel(cfg), {"input_ids": ids}, lambda o: o.logits,
+                f"GPT-2 {layers}x{dim} (tied), {n}x{t} tokens")
+    if kind == "vit":
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        cfg = transformers.ViTConfig(image_size=32, patch_size=4, num_channels=3, hidden_size=128,
+                                     num_hidden_layers=2 if quick else 4, num_attention_heads=4,
+                                     intermediate_size=512)
+        n = 8 if quick else 16
+        return (transformers.ViTModel(cfg), {"pixel_values": torch.randn(n, 3, 32, 32, generator=g)},
+                lambda o: o.last_hidden_state, f"ViT 32x32/4, {n} images")
+    if kind in ("lstm", "gru"):
+        n, t = (8, 25) if quick else (16, 50)
+        cell = nn.LSTM if kind == "lstm" else nn.GRU
+        return (TextRNN(cell, 1000, 64, 128), torch.randint(0, 1000, (n, t), generator=g), None,
+                f"{kind.upper()} text 2x128, {n}x{t} tokens")
+    if kind == "embedding":
+        n = 32
+        return (nn.Sequential(nn.Embedding(1000, 64), nn.Linear(64, 10)), torch.randint(0, 1000, (n, 20), generator=g),
+                None, f"Embedding+Linear, {n}x20 tokens")
+    if kind == "encoder":
+        n, t = (8, 16) if quick else (16, 32)
+        return Encoder(128, 2), torch.randn(n, t, 128, generator=g), None, f"TransformerEncoder 2x128, {n}x{t}"
+    if kind == "mlp":
+        return (nn.Sequential(nn.Linear(784, 400), nn.ReLU(), nn.Linear(400, 400), nn.ReLU(), nn.Linear(400, 10)),
+                torch.randn(64, 784, generator=g), None, "mlp-400 batch 64")
+    raise ValueError(f"unknown model {kind!r}")
+
+
+KINDS = ("resnet18", "bert", "gpt2", "vit", "lstm", "gru", "embedding", "encoder", "mlp")

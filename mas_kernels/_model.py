@@ -68,6 +68,7 @@ class TrackedParams:
     Args:
         module: the (unwrapped) model.
         include_frozen: also track parameters with ``requires_grad=False``.
+        keep: names tracked before (frozen since, they stay tracked).
         select: which parameters to track: a callable ``(name, param) -> bool``
             or a collection of names (each must name a parameter of the model:
             an unknown one raises ``ValueError`` naming it); ``None``: all.
@@ -86,12 +87,12 @@ class TrackedParams:
     ``full=True``, at the wrapper's non-step entry points).
     """
 
-    def __init__(self, module: nn.Module, include_frozen: bool = False, select=None):
+    def __init__(self, module: nn.Module, include_frozen: bool = False, select=None, keep=()):
         self.module = module
         self.include_frozen = include_frozen
         self.select = _selector(module, select, include_frozen)
         self.stale = False
-        self.params: dict[str, nn.Parameter] = {}
+        self.params: dict[str, nn.Parameter] = dict.fromkeys(keep)  # tracked before (a copy's original)
         self.params = self.read()
         self._links, self._owners = self._paths()
         _install_global_hooks()

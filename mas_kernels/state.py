@@ -129,7 +129,9 @@ def leading(shape: tuple) -> tuple:
 
 
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
-STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# What Omega and theta* may be stored in: float32's range (float16's ends at 65504, and would
+# turn large importances into inf and tiny ones into 0).
+STATE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _layer(name: str) -> str:
@@ -175,7 +177,7 @@ class ImportanceState:
             start at zero importance (theta* = the parameter's values then).
             A parameter whose shape changed otherwise starts from zero, with a
             warning naming it.
-        omega_dtype: float32 (default), bfloat16 or float16 storage for Omega.
+        omega_dtype: float32 (default) or bfloat16 storage for Omega.
         anchor_dtype: storage for theta*; None (default): each parameter's dtype when
             first tracked (kept across rebuilds: ``old``'s, or ``anchor_dtypes[name]``).
     """
@@ -195,7 +197,8 @@ class ImportanceState:
         # model.half() does not round the anchors of a state rebuilt for another reason.
         kept = {} if old is None else {n: t.dtype for n, t in old.anchors.items()}
         kept.update(anchor_dtypes or {})
-        self.anchors = FlatBuffers([(n, shape, dev, anchor_dtype or kept.get(n, dt)) for n, shape, dev, dt in self.specs])
+        self.anchors = FlatBuffers([(n, shape, dev, anchor_dtype or kept.get(n, dt))
+                                    for n, shape, dev, dt in self.specs])
         self._acc: FlatBuffers | None = None
         self._staging: FlatBuffers | None = None
         self._totals: list[float] = []   # per acc buffer: an upper bound of its sum (immediate check)
@@ -398,25 +401,60 @@ class ImportanceState:
         ``n``; the number of batches for per-batch means). The combination is
         computed in float32 and rounded once into Omega's dtype.
         """
+        divisor = n if divisor is None else divisor
+        pairs = list(zip(self.omega.buffers.values(), self.acc.buffers.values()))
         with torch.no_grad():
-            for omega, acc in zip(self.omega.buffers.values(), self.acc.buffers.values()):
-                new = acc.div_(n if divisor is None else divisor)
-                old = omega if omega.dtype == torch.float32 else omega.float()
-                if self.num_tasks == 0:
-                    old.copy_(new)
-                elif combine == "sum":
-                    old.add_(new)
-                elif combine == "mean":
-                    old_n = self.samples_consolidated
-                    old.mul_(old_n / (old_n + n)).add_(new, alpha=n / (old_n + n))
-                else:
-                    old.mul_(combine).add_(new, alpha=1.0 - combine)
-                if old is not omega:
-                    omega.copy_(old)
+            # Every value is >= 0, so the result is at most max(Omega) + max(acc) / divisor: when that
+            # fits Omega's dtype the combination is made in the accumulator's buffer (no copy) and
+            # rounded once into Omega; only near the end of the range is it checked first.
+            limit = float(torch.finfo(self.omega_dtype).max)
+            tops = [(float(o.amax()) if o.numel() else 0.0, float(a.amax()) / divisor if a.numel() else 0.0)
+                    for o, a in pairs]
+            safe = all(to + ta < 0.5 * limit for to, ta in tops)
+            results = []
+            for omega, acc in pairs:
+                new = acc.div_(divisor) if safe else acc / divisor
+                self._combine(new, omega, n, combine)
+                results.append(new)
+            if not safe:
+                for (omega, _), new in zip(pairs, results):
+                    if not bool(torch.isfinite(new).all()) or float(new.amax()) > limit:
+                        bad = self._first_above(new, omega, limit)
+                        raise FloatingPointError(
+                            f"MAS.consolidate: Omega of layer {_layer(bad)!r} (parameter {bad!r}) would exceed "
+                            f"{self.omega_dtype}'s range combined with the previous tasks (combine={combine!r}); "
+                            "nothing changed. Activations or gradients are too large: rescale the inputs")
+            for (omega, _), new in zip(pairs, results):
+                omega.copy_(new)
         self.release(staging=False)
         self.samples_consolidated += n
         self.num_samples = self.num_batches = 0
         self.num_tasks += 1
+
+    def _combine(self, new: torch.Tensor, omega: torch.Tensor, n: int, combine: str | float) -> None:
+        """``new <- combine(Omega, new)`` in place in ``new`` (float32)."""
+        if self.num_tasks == 0:
+            return
+        if combine == "sum":
+            new.add_(omega)
+        elif combine == "mean":
+            old_n = self.samples_consolidated
+            new.mul_(n / (old_n + n)).add_(omega, alpha=old_n / (old_n + n))
+        else:
+            new.mul_(1.0 - combine).add_(omega, alpha=combine)
+
+    def _first_above(self, new: torch.Tensor, omega: torch.Tensor, limit: float) -> str:
+        """The first parameter whose entries of the flat ``new`` (laid out as the buffer ``omega``)
+        are not finite or above ``limit``."""
+        base = omega.data_ptr()
+        for name, view in self.omega.items():
+            if view.untyped_storage().data_ptr() != omega.untyped_storage().data_ptr():
+                continue
+            start = (view.data_ptr() - base) // view.element_size()
+            part = new[start:start + view.numel()]
+            if not bool(torch.isfinite(part).all()) or (part.numel() and float(part.amax()) > limit):
+                return name
+        return "?"
 
     def snapshot(self, params: dict[str, torch.Tensor]) -> None:
         """theta* <- theta."""

@@ -56,7 +56,9 @@ void abs_accumulate_(const std::vector<at::Tensor>& omegas, const std::vector<at
     TORCH_CHECK(s == at::kFloat || s == at::kBFloat16 || s == at::kHalf,
                 "mas_kernels abs_accumulate_: tensors must be float32/bfloat16/float16, got ", s);
     TORCH_CHECK(tensors[i].sizes() == omegas[i].sizes(), "mas_kernels abs_accumulate_: shapes differ at index ", i);
+    check_writable(omegas[i], "abs_accumulate_", "omegas", static_cast<int64_t>(i));
   }
+  check_scalar(alpha, 1.0, "abs_accumulate_", "alpha");
   const float a = static_cast<float>(alpha);
   if (!cross_tensor_hazard(omegas, {tensors})) {
     std::vector<Prepared> prepared;

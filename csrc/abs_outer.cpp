@@ -91,6 +91,11 @@ void abs_outer_accumulate_(at::Tensor omega, const at::Tensor& a, const at::Tens
                   omega.size(0) == a.size(1) && omega.size(1) == b.size(1),
               "mas_kernels abs_outer_accumulate_: expected omega (J, I), a (N, J), b (N, I), got omega ",
               omega.sizes(), ", a ", a.sizes(), ", b ", b.sizes());
+  check_scalar(alpha, 1.0, "abs_outer_accumulate_", "alpha");
+  check_writable(omega, "abs_outer_accumulate_", "omega");
+  TORCH_CHECK_VALUE(!shares_memory(omega, a) && !shares_memory(omega, b),
+                    "mas_kernels abs_outer_accumulate_: omega shares memory with a or b, which the op reads while ",
+                    "it writes omega; pass a clone");
   if (omega.numel() == 0 || a.size(0) == 0) return;
   const at::Tensor abs_a = abs_f32(a, "a");
   const at::Tensor abs_b = abs_f32(b, "b");

@@ -1,6 +1,12 @@
 #include "multi_tensor.h"
 
+#include <ATen/MemoryOverlap.h>
+#include <c10/core/InferenceMode.h>
+
 #include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
 #include <utility>
 
 namespace mas_kernels {
@@ -96,6 +102,35 @@ bool cross_tensor_hazard(const std::vector<at::Tensor>& outs,
     }
   }
   return false;
+}
+
+namespace {
+
+std::string arg_name(const char* arg, int64_t index) {
+  return index < 0 ? std::string(arg) : std::string(arg) + "[" + std::to_string(index) + "]";
+}
+
+}  // namespace
+
+void check_writable(const at::Tensor& out, const char* op, const char* arg, int64_t index) {
+  TORCH_CHECK_VALUE(!out.is_inference() || c10::InferenceMode::is_enabled(), "mas_kernels ", op, ": ",
+                    arg_name(arg, index), " is an inference tensor (made under torch.inference_mode()), which PyTorch ",
+                    "does not let anything update in place outside inference mode; call the op inside ",
+                    "torch.inference_mode(), or pass a normal tensor");
+  TORCH_CHECK_VALUE(out.is_contiguous() || at::has_internal_overlap(out) != at::MemOverlap::Yes, "mas_kernels ", op,
+                    ": ", arg_name(arg, index), " has elements that share memory (an expanded or stride-0 view), ",
+                    "so the in-place update would write them more than once; pass a contiguous tensor");
+}
+
+void check_scalar(double x, double scale, const char* op, const char* arg) {
+  const double limit = static_cast<double>(std::numeric_limits<float>::max());
+  TORCH_CHECK_VALUE(std::isfinite(x) && std::fabs(x) * scale <= limit, "mas_kernels ", op, ": ", arg, "=", x,
+                    " must be finite and at most ", limit / scale, " in magnitude (the kernels compute in float32)");
+}
+
+bool shares_memory(const at::Tensor& x, const at::Tensor& y) {
+  if (x.numel() == 0 || y.numel() == 0) return false;
+  return overlaps(span_of(x, 0), span_of(y, 0));
 }
 
 }  // namespace mas_kernels

@@ -189,4 +189,15 @@ void parallel_chunks(const WorkList& work, F&& f) {
 bool cross_tensor_hazard(const std::vector<at::Tensor>& outs,
                          const std::vector<std::vector<at::Tensor>>& ins);
 
+// The checks every kernel makes before its first write, the same as the
+// Python kernels' guards (mas_kernels/ops/_checks.py), raising ValueError:
+// `out` can be written in place element by element (no inference tensor
+// outside inference mode, no two elements sharing memory), and a scalar is
+// finite with `scale * x` within float32's range.
+void check_writable(const at::Tensor& out, const char* op, const char* arg, int64_t index = -1);
+void check_scalar(double x, double scale, const char* op, const char* arg);
+
+// Whether the memory ranges of x and y overlap (conservative: interleaved views count).
+bool shares_memory(const at::Tensor& x, const at::Tensor& y);
+
 }  // namespace mas_kernels

@@ -15,7 +15,7 @@ void abs_outer_accumulate_(at::Tensor omega, const at::Tensor& a, const at::Tens
 // omega_i += alpha * |t_i| for every i; omegas fp32, tensors fp32/bf16/fp16.
 void abs_accumulate_(const std::vector<at::Tensor>& omegas, const std::vector<at::Tensor>& tensors, double alpha);
 
-// Returns lam * sum_i sum Omega_i (p_i - a_i)^2 (0-dim fp32) and adds
+// Returns lam * sum_i sum Omega_i (p_i - a_i)^2 (0-dim fp32; Omega fp32/bf16/fp16) and adds
 // 2 lam Omega_i (p_i - a_i) into grads[i].
 at::Tensor penalty_grad_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& anchors,
                          const std::vector<at::Tensor>& omegas, double lam, const std::vector<at::Tensor>& grads);

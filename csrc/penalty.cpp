@@ -33,11 +33,35 @@ MAS_KERNELS_INLINE double penalty_range(const P* __restrict p, const A* __restri
   return acc;
 }
 
+// n <= kChunk elements of 16-bit Omega as fp32, in a buffer of this thread's
+// (a piece of the work list is at most one chunk): 16-bit Omega halves its
+// memory, and converting a chunk while it is in cache costs little next to
+// the pass itself, with no template per Omega dtype.
+template <typename T>
+MAS_KERNELS_INLINE const float* to_f32_chunk(const T* __restrict x, int64_t n) {
+  thread_local std::vector<float> buf(static_cast<size_t>(kChunk));
+  float* __restrict y = buf.data();
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] = load_f32(x[i]);
+  return y;
+}
+
+MAS_KERNELS_INLINE const float* omega_f32(const at::Tensor& o, int64_t b, int64_t e) {
+  switch (o.scalar_type()) {
+    case at::kBFloat16:
+      return to_f32_chunk(o.const_data_ptr<at::BFloat16>() + b, e - b);
+    case at::kHalf:
+      return to_f32_chunk(o.const_data_ptr<at::Half>() + b, e - b);
+    default:
+      return o.const_data_ptr<float>() + b;  // float32: checked before the parallel loop
+  }
+}
+
 template <typename P, typename A>
 MAS_KERNELS_INLINE double dispatch_grad(const Prepared& t, int64_t b, int64_t e, float two_lam) {
   const P* p = t.ins[0].const_data_ptr<P>() + b;
   const A* a = t.ins[1].const_data_ptr<A>() + b;
-  const float* o = t.ins[2].const_data_ptr<float>() + b;
+  const float* o = omega_f32(t.ins[2], b, e);
   switch (t.work.scalar_type()) {
     case at::kFloat:
       return penalty_range(p, a, o, t.work.data_ptr<float>() + b, e - b, two_lam);
@@ -116,11 +140,13 @@ at::Tensor penalty_grad_(const std::vector<at::Tensor>& params, const std::vecto
     TORCH_CHECK(anchors[i].sizes() == params[i].sizes() && omegas[i].sizes() == params[i].sizes() &&
                     grads[i].sizes() == params[i].sizes(),
                 "mas_kernels penalty_grad_: shapes differ at index ", i);
-    TORCH_CHECK(omegas[i].scalar_type() == at::kFloat, "mas_kernels penalty_grad_: omegas must be float32");
+    check_dtype(omegas[i], "omegas");
     check_dtype(params[i], "params");
     check_dtype(anchors[i], "anchors");
     check_dtype(grads[i], "grads");
+    check_writable(grads[i], "penalty_grad_", "grads", static_cast<int64_t>(i));
   }
+  check_scalar(lam, 2.0, "penalty_grad_", "lam");
   const float two_lam = static_cast<float>(2.0 * lam);
   double sum = 0.0;
   if (!cross_tensor_hazard(grads, {params, anchors, omegas})) {

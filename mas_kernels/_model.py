@@ -2,10 +2,12 @@
 
 * :func:`unwrap` finds the user's module under DDP / DataParallel /
   ``torch.compile`` wrappers; parameter names are those of that module.
-* :class:`TrackedParams` says which parameters are tracked and notices when
-  that changes (a parameter or a submodule added, removed or replaced),
-  without any per-step work: torch's global registration hooks mark every
-  live watcher stale, and the next use re-reads ``named_parameters()``.
+* :class:`TrackedParams` says which parameters are tracked (a user filter,
+  ``requires_grad``) and notices when that changes (a parameter or a
+  submodule added, removed or replaced) at almost no per-step cost: torch's
+  global registration hooks mark every live watcher stale, a deleted module
+  breaks one of the links it keeps, and the next use re-reads
+  ``named_parameters()``.
 * :func:`modes` and :func:`requiring_grad` set module modes and
   ``requires_grad`` for a block and restore them after, whatever happens.
 """
@@ -66,36 +68,129 @@ class TrackedParams:
     Args:
         module: the (unwrapped) model.
         include_frozen: also track parameters with ``requires_grad=False``.
+        keep: names tracked before (frozen since, they stay tracked).
+        select: which parameters to track: a callable ``(name, param) -> bool``
+            or a collection of names (each must name a parameter of the model:
+            an unknown one raises ``ValueError`` naming it); ``None``: all.
+
+    A parameter is tracked when ``select`` accepts it and it requires grad (or
+    ``include_frozen``); once tracked it stays tracked while the model holds
+    it, also when it is frozen later (its importance is kept for when it is
+    unfrozen).
+
+    What notices a change: parameters or submodules *registered* anywhere
+    (torch's global registration hooks mark every live watcher stale, no
+    per-step work); a submodule *deleted* or replaced on the path to a
+    tracked parameter (:meth:`changed` compares, per module on those paths,
+    one dict entry with what it was: ``del model[2]`` is noticed on the next
+    use); a parameter removed from its module (:meth:`changed` with
+    ``full=True``, at the wrapper's non-step entry points).
     """
 
-    def __init__(self, module: nn.Module, include_frozen: bool = False):
+    def __init__(self, module: nn.Module, include_frozen: bool = False, select=None, keep=()):
         self.module = module
         self.include_frozen = include_frozen
+        self.select = _selector(module, select, include_frozen)
         self.stale = False
+        self.params: dict[str, nn.Parameter] = dict.fromkeys(keep)  # tracked before (a copy's original)
         self.params = self.read()
+        self._links, self._owners = self._paths()
         _install_global_hooks()
         _LIVE.add(self)
 
     def read(self) -> dict[str, nn.Parameter]:
         """The tracked parameters as the module has them now."""
-        return {name: p for name, p in self.module.named_parameters() if p.requires_grad or self.include_frozen}
+        keep, select = self.params, self.select
+        return {name: p for name, p in self.module.named_parameters()
+                if (p.requires_grad or self.include_frozen or name in keep) and select(name, p)}
 
-    def changed(self) -> dict[str, nn.Parameter] | None:
+    def _paths(self) -> tuple[list, list]:
+        """(parent, key, child) for every module on the path to a tracked parameter, and
+        (owner's parameter dict, key, parameter) for every tracked parameter."""
+        links: dict = {}
+        owners = []
+        for name, p in self.params.items():
+            *path, leaf = name.split(".")
+            mod = self.module
+            for key in path:
+                child = mod._modules.get(key)
+                if child is None:  # not reachable by its name (should not happen for named_parameters names)
+                    break
+                links[(id(mod), key)] = (mod, key, child)
+                mod = child
+            owners.append((mod._parameters, leaf, p))
+        return list(links.values()), owners
+
+    def intact(self, full: bool = False) -> bool:
+        """Whether every module on the paths to the tracked parameters is still where it was
+        (``full``: and every tracked parameter too)."""
+        for mod, key, child in self._links:
+            if mod._modules.get(key) is not child:
+                return False
+        if full:
+            for params, key, p in self._owners:
+                if params.get(key) is not p:
+                    return False
+        return True
+
+    def changed(self, full: bool = False) -> dict[str, nn.Parameter] | None:
         """The new tracked parameters if any was added, removed or replaced since the last call, else None.
 
-        Cheap when nothing was registered anywhere since (one flag).
+        Cheap when nothing was registered anywhere since (one flag, and one
+        dict look-up per module on the paths to the tracked parameters).
         """
-        if not self.stale:
+        if not self.stale and self.intact(full):
             return None
         self.stale = False
         params = self.read()
         if list(params) == list(self.params) and all(params[n] is self.params[n] for n in params):
+            self._links, self._owners = self._paths()
             return None
         self.params = params
+        self._links, self._owners = self._paths()
         return params
 
     def forget(self) -> None:
         _LIVE.discard(self)
+
+
+def _selector(module: nn.Module, select, include_frozen: bool):
+    """``select`` as a ``(name, param) -> bool`` callable, names checked against ``module``."""
+    if select is None:
+        return _everything
+    if callable(select):
+        return select
+    if isinstance(select, (str, bytes)) or not hasattr(select, "__iter__"):
+        raise ValueError(f"MAS: params= must be a callable (name, param) -> bool or a list of parameter names, "
+                         f"got {type(select).__name__} {select!r}")
+    names = list(select)
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        raise ValueError(f"MAS: params= lists {bad!r}, which are not parameter names (strings)")
+    have = dict(module.named_parameters())
+    unknown = [n for n in names if n not in have]
+    if unknown:
+        raise ValueError(f"MAS: params= names {unknown}, which the model does not have; its parameters are "
+                         f"{list(have)[:8]}{' ...' if len(have) > 8 else ''}")
+    frozen = [n for n in names if not have[n].requires_grad and not include_frozen]
+    if frozen:
+        raise ValueError(f"MAS: params= names {frozen}, which have requires_grad=False; pass include_frozen=True "
+                         "to track frozen parameters")
+    return _Names(names)
+
+
+def _everything(name: str, p) -> bool:
+    return True
+
+
+class _Names:
+    """A selection by name (a class, not a closure, so that a wrapper using it can be pickled)."""
+
+    def __init__(self, names):
+        self.names = frozenset(names)
+
+    def __call__(self, name: str, p) -> bool:
+        return name in self.names
 
 
 @contextlib.contextmanager

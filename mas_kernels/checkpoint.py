@@ -2,18 +2,33 @@
 
 A file holds ``omega/<name>``, ``anchors/<name>`` and ``accumulator/<name>``
 tensors (``<name>`` the parameter's ``named_parameters()`` name) and JSON
-metadata, ``format`` = :data:`FORMAT` among it. :func:`write` writes a temp
-file in the target's folder and renames it into place, so a reader never sees
-a torn file; :func:`read` checks the container and the format before handing
-the parts back, and the caller checks names and shapes before it changes
-anything.
+metadata: ``format`` = :data:`FORMAT`, the wrapper's settings and counts, and
+``checksums``, a CRC32 of each part's tensors (names, dtypes, shapes, bytes).
+
+:func:`write` guarantees, for the path the user gave:
+
+* a reader never sees a torn file: the bytes go into one temp file in the
+  target's folder, which is fsynced and then renamed into place (the folder
+  is fsynced after the rename, so the new name survives a crash); on any
+  failure the temp file is removed and the target is untouched;
+* a file it replaces keeps its permission bits; a new file gets the umask's
+  default (``0o666 & ~umask``), as ``open()`` would give it;
+* a symlink is written through: its target is replaced, the link stays;
+* errors name the user's path (a missing or read-only folder says which).
+
+:func:`read` checks the container, the format and the checksums (files
+written before checksums existed still load) before handing the parts back;
+the caller checks names, shapes and values before it changes anything.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import tempfile
+import zlib
 from typing import Any
 
 import torch
@@ -22,24 +37,109 @@ FORMAT = "mas_kernels.MAS/1"
 PARTS = ("omega", "anchors", "accumulator")
 
 
-def write(path: str | os.PathLike, parts: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]) -> None:
+def check_path(path, who: str) -> str:
+    """``path`` as a ``str``; ``TypeError`` naming it for anything else (bytes included)."""
+    raw = os.fspath(path) if isinstance(path, os.PathLike) else path
+    if isinstance(raw, bytes):
+        raise TypeError(f"{who}: path must be a str or a pathlib.Path, got bytes {raw!r}; "
+                        f"pass {raw!r}.decode() (or os.fsdecode(path))")
+    if not isinstance(raw, str):
+        raise TypeError(f"{who}: path must be a str or a pathlib.Path, got {type(path).__name__}")
+    if not raw:
+        raise ValueError(f"{who}: path is empty")
+    return raw
+
+
+def _bytes(t: torch.Tensor):
+    """The raw bytes of a contiguous CPU tensor, without a copy."""
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+def checksum(named: dict[str, torch.Tensor]) -> str:
+    """CRC32 of the tensors (sorted by name: name, dtype, shape, then the bytes), as 8 hex digits."""
+    crc = 0
+    for name in sorted(named):
+        t = named[name].detach().contiguous().cpu()
+        crc = zlib.crc32(f"{name}|{t.dtype}|{tuple(t.shape)}".encode(), crc)
+        crc = zlib.crc32(_bytes(t), crc)
+    return f"{crc:08x}"
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read it by setting it (and put it straight back)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_folder(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return  # a folder that cannot be opened (e.g. on Windows) cannot be fsynced either
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):  # file systems without it
+            raise
+    finally:
+        os.close(fd)
+
+
+def _named_error(exc: OSError, who: str, what: str, path: str) -> OSError:
+    return type(exc)(exc.errno, f"{who}: {what} ({exc.strerror})", path)
+
+
+def write(path: str | os.PathLike, parts: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any],
+          who: str = "MAS.save") -> None:
     """Write ``parts`` (``{part: {name: tensor}}``) and ``meta`` (JSON-able values) to ``path`` atomically."""
     from safetensors.torch import save_file
 
+    path = check_path(path, who)
+    target = os.path.realpath(path)  # through a symlink: the link stays and its target is replaced
+    folder = os.path.dirname(target)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(errno.ENOENT, f"{who}: the folder {folder!r} does not exist; create it first", path)
     tensors = {}
     for part, named in parts.items():
         for name, t in named.items():
             tensors[f"{part}/{name}"] = t.detach().contiguous().cpu()
-    header = {k: json.dumps(v) for k, v in {"format": FORMAT, **meta}.items()}
-    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
-    fd, tmp = tempfile.mkstemp(prefix=".mas-", suffix=".tmp", dir=folder)
+    sums = {part: checksum(named) for part, named in parts.items()}
+    header = {k: json.dumps(v) for k, v in {"format": FORMAT, **meta, "checksums": sums}.items()}
+    try:
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        mode = 0o666 & ~_umask()
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".mas-", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise _named_error(exc, who, f"cannot create a file in the folder {folder!r}", path) from exc
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=header)
-        os.replace(tmp, os.fspath(path))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        save_file(tensors, tmp, metadata=header)  # streams into the one temp file (no copy in memory)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fchmod(fd, mode)
+            os.fsync(fd)  # the data is on disk before the name points at it
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+        tmp = None
+        _fsync_folder(folder)
+    except BaseException as exc:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        if isinstance(exc, OSError):
+            raise _named_error(exc, who, f"writing {path!r} failed", path) from exc
         raise
 
 
@@ -48,10 +148,13 @@ def read(path: str | os.PathLike, who: str = "MAS.load",
     """``({part: {name: tensor}}, metadata)`` from a file :func:`write` wrote; ``ValueError`` otherwise.
 
     ``parts``: which parts to read (others in the file are skipped unread).
+    The checksum of each part read is verified when the file has one.
     """
     from safetensors import safe_open
 
-    path = os.fspath(path)
+    path = check_path(path, who)
+    if not os.path.exists(path):
+        raise FileNotFoundError(errno.ENOENT, f"{who}: no such file", path)
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             raw = f.metadata() or {}
@@ -65,7 +168,7 @@ def read(path: str | os.PathLike, who: str = "MAS.load",
                     raise ValueError(f"{who}: {path} has an unexpected entry {key!r}")
                 if part in out:
                     out[part][name] = f.get_tensor(key)
-    except (FileNotFoundError, ValueError):
+    except (OSError, ValueError):
         raise
     except Exception as exc:  # safetensors raises its own error types on bad headers / sizes
         raise ValueError(f"{who}: {path} is not a readable safetensors file ({exc})") from exc
@@ -73,4 +176,12 @@ def read(path: str | os.PathLike, who: str = "MAS.load",
         meta = {k: json.loads(v) for k, v in raw.items()}
     except json.JSONDecodeError as exc:
         raise ValueError(f"{who}: {path} has corrupt metadata ({exc})") from exc
+    sums = meta.get("checksums")
+    if sums is not None:
+        if not isinstance(sums, dict):
+            raise ValueError(f"{who}: {path} has corrupt metadata (checksums={sums!r})")
+        for part, named in out.items():
+            if part in sums and sums[part] != checksum(named):
+                raise ValueError(f"{who}: {path} is corrupt: the checksum of its {part} tensors does not match "
+                                 "the one written with them (the file changed after it was saved)")
     return out, meta

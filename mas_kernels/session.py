@@ -99,7 +99,7 @@ class Session:
             for lm in self.rule.plan.modules():
                 self.handles.append(lm.register_forward_pre_hook(own_hook(lm, self._layer_pre)))
             if self.local:
-                self.handles.extend(self.rule.hooks(self.state.staging, lambda: not _quiet(), lambda: self._n))
+                self.handles.extend(self.rule.hooks(lambda: self.state.staging, lambda: not _quiet(), lambda: self._n))
             self.handles.append(m.register_forward_hook(own_hook(m, self._post), with_kwargs=True))
         except BaseException:
             self.close()

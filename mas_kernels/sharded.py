@@ -16,7 +16,7 @@ from . import checkpoint
 from ._model import unwrap
 from .distributed import local_shard, local_tensor
 from .regularizer import Regularizer
-from .state import FlatBuffers
+from .state import FlatBuffers, ImportanceState
 
 
 def _read_state(state) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
@@ -55,8 +55,9 @@ class ShardedPenalty:
         include_frozen: also penalize parameters with ``requires_grad=False``.
 
     Parameters the state has no entry for (e.g. a new head) get no penalty and
-    are listed in ``self.skipped``; a name the model lacks, or a shape that
-    differs, raises ``ValueError``.
+    are listed in ``self.skipped``; a name the model lacks, a shape that
+    differs, or an entry that is not finite (or a negative Omega) raises
+    ``ValueError`` naming it.
     """
 
     def __init__(self, model: nn.Module, state, lam: float | None = None, *, include_frozen: bool = False):
@@ -71,6 +72,9 @@ class ShardedPenalty:
                 shape = tuple(omega[name].shape)
                 raise ValueError(f"ShardedPenalty: state entry for {name!r} has shape {shape} or no theta*, "
                                  f"the model's parameter has {tuple(p.shape)}")
+            if name in omega:  # finite, Omega >= 0, float, real data: a bad entry never loads
+                for part, named in (("omega", omega), ("anchors", anchors)):
+                    ImportanceState._check_tensor("ShardedPenalty", part, name, named[name], tuple(p.shape))
         self.names = [n for n in params if n in omega]
         self.skipped = [n for n in params if n not in omega]
         locals_ = {n: local_tensor(params[n].detach()) for n in self.names}

@@ -8,6 +8,8 @@ buffers instead of one tensor per parameter.
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 from typing import Iterable
 
@@ -44,6 +46,16 @@ class FlatBuffers:
 
     def names(self) -> list[str]:
         return list(self.views)
+
+    def nbytes(self) -> int:
+        """Bytes held by the buffers."""
+        return sum(b.numel() * b.element_size() for b in self.buffers.values())
+
+    def swap(self, other: "FlatBuffers") -> None:
+        """Exchange contents with ``other`` (same layout): no copy, and whoever holds either object
+        sees the other's values from now on."""
+        self.buffers, other.buffers = other.buffers, self.buffers
+        self.views, other.views = other.views, self.views
 
     def zero_(self) -> None:
         for b in self.buffers.values():
@@ -92,38 +104,106 @@ def check_combine(combine, who: str = "MAS") -> str | float:
     """``"sum"``, ``"mean"`` or a float alpha in [0, 1]."""
     if isinstance(combine, str):
         if combine not in COMBINE:
-            raise ValueError(f"{who}: combine={combine!r} must be 'sum', 'mean' or a float alpha in [0, 1]")
+            try:
+                hint = f"; for alpha pass the number {float(combine)!r}, not a string"
+            except ValueError:
+                hint = ""
+            raise ValueError(f"{who}: combine={combine!r} must be 'sum', 'mean' or a float alpha in [0, 1]{hint}")
         return combine
+    if isinstance(combine, bool) or not isinstance(combine, numbers.Real):
+        raise ValueError(f"{who}: combine={combine!r} must be 'sum', 'mean' or a float alpha in [0, 1]")
     alpha = float(combine)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"{who}: combine alpha={alpha} must lie in [0, 1]")
     return alpha
 
 
+def grows(old: tuple, new: tuple) -> bool:
+    """Whether shape ``new`` extends ``old``: as many dims, none smaller (e.g. a head gaining classes)."""
+    return len(old) == len(new) and all(o <= n for o, n in zip(old, new))
+
+
+def leading(shape: tuple) -> tuple:
+    """The index of the leading ``shape`` block of a tensor at least that big in every dim."""
+    return tuple(slice(0, s) for s in shape)
+
+
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+# What Omega and theta* may be stored in: float32's range (float16's ends at 65504, and would
+# turn large importances into inf and tiny ones into 0).
+STATE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _layer(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
 class ImportanceState:
     r"""What a MAS wrapper knows about its parameters, by name.
 
-    * ``omega``: the importance Omega after the consolidated tasks (fp32);
-    * ``anchors``: theta*, the parameters at the last consolidation (their dtype);
-    * ``acc``: the open task's importance numerators (sums over samples, fp32);
-    * ``staging``: one batch's numerators, added to ``acc`` only when all finite;
+    * ``omega``: the importance Omega after the consolidated tasks (``omega_dtype``, float32 by default);
+    * ``anchors``: theta*, the parameters at the last consolidation (``anchor_dtype``;
+      default: each parameter's own dtype);
+    * ``acc``: the open task's importance numerators (sums over samples, float32);
+    * ``staging``: one batch's numerators, added to ``acc`` only when the batch is finite
+      and the running sum stays finite;
     * ``num_samples`` and ``num_batches`` (open task), ``samples_consolidated``, ``num_tasks``.
+
+    Memory: ``omega`` and ``anchors`` are held for life; ``acc`` and ``staging``
+    (float32, one element per tracked parameter element each) only from the
+    first batch of a task until :meth:`fold` (``consolidate()``), so outside
+    estimation the state is ``(omega bytes + anchor bytes)`` per element:
+    8 bytes for a float32 model by default, 4 with bfloat16 Omega and anchors.
+
+    Finite check of a batch (:meth:`commit_batch`), where the error surfaces:
+
+    * on CPU, at once: the batch's ``commit`` raises ``FloatingPointError``
+      naming the layer, and neither the batch nor its samples are counted;
+    * on other devices (CUDA), without a host synchronization per batch: a
+      batch that is not finite, or that would make the float32 running sum
+      overflow, is discarded on the device (``acc = where(ok, acc + batch,
+      acc)``), a sticky device flag records it with the layer, and the error
+      is raised at the next :meth:`check_finite` (``MAS.consolidate()``,
+      ``save()``, ``state_dict()``, ``check_finite()``), once; the other
+      batches stay in the accumulator. :attr:`defer_finite_check` chooses the
+      deferred path on every device (tests use it on CPU).
 
     Args:
         params: the tracked parameters, by name.
-        old: a previous state whose values carry over by name (same shape), as
-            do the counts; a parameter whose shape changed starts from zero,
-            with a warning.
+        old: a previous state whose values carry over by name, as do the
+            counts. A parameter that *grew* (same number of dims, none smaller,
+            e.g. a head gaining classes) keeps Omega, theta* and the open
+            accumulator on its leading entries in every dim; its new entries
+            start at zero importance (theta* = the parameter's values then).
+            A parameter whose shape changed otherwise starts from zero, with a
+            warning naming it.
+        omega_dtype: float32 (default) or bfloat16 storage for Omega.
+        anchor_dtype: storage for theta*; None (default): each parameter's dtype when
+            first tracked (kept across rebuilds: ``old``'s, or ``anchor_dtypes[name]``).
     """
 
     PARTS = ("omega", "anchors", "accumulator")
+    COUNTS = ("num_samples", "num_batches", "samples_consolidated", "num_tasks")
+    OPTIONAL = {"num_batches": 0}  # files written before it was kept
+    defer_finite_check: bool | None = None  # None: deferred on devices other than CPU
 
-    def __init__(self, params: dict[str, torch.Tensor], old: "ImportanceState | None" = None):
-        specs = [(n, p.shape, p.device, p.dtype) for n, p in params.items()]
-        self.omega = FlatBuffers(specs, dtype=torch.float32)
-        self.anchors = FlatBuffers(specs)
-        self.acc = FlatBuffers(specs, dtype=torch.float32)
-        self.staging = FlatBuffers(specs, dtype=torch.float32)
+    def __init__(self, params: dict[str, torch.Tensor], old: "ImportanceState | None" = None, *,
+                 omega_dtype: torch.dtype = torch.float32, anchor_dtype: torch.dtype | None = None,
+                 anchor_dtypes: dict[str, torch.dtype] | None = None):
+        self.specs = [(n, p.shape, p.device, p.dtype) for n, p in params.items()]
+        self.omega_dtype, self.anchor_dtype = omega_dtype, anchor_dtype
+        self.omega = FlatBuffers(self.specs, dtype=omega_dtype)
+        # theta* keeps the dtype it was made with (a parameter's dtype when first tracked): a later
+        # model.half() does not round the anchors of a state rebuilt for another reason.
+        kept = {} if old is None else {n: t.dtype for n, t in old.anchors.items()}
+        kept.update(anchor_dtypes or {})
+        self.anchors = FlatBuffers([(n, shape, dev, anchor_dtype or kept.get(n, dt))
+                                    for n, shape, dev, dt in self.specs])
+        self._acc: FlatBuffers | None = None
+        self._staging: FlatBuffers | None = None
+        self._totals: list[float] = []   # per acc buffer: an upper bound of its sum (immediate check)
+        self._flags: dict | None = None  # device-side record of rejected batches (deferred check)
+        self._pending: str | None = None  # a rejected batch's error, not yet raised
         self.num_samples = 0
         self.num_batches = 0
         self.samples_consolidated = 0
@@ -132,66 +212,249 @@ class ImportanceState:
             for name, p in params.items():
                 self.anchors[name].copy_(p)
             if old is not None:
-                for key in self.COUNTS:
-                    setattr(self, key, getattr(old, key))
-                for name, p in params.items():
-                    if name not in old.omega:
-                        continue
-                    if old.omega[name].shape != p.shape:
-                        warnings.warn(f"MAS: parameter {name!r} changed shape; its importance starts from zero",
-                                      stacklevel=4)
-                        continue
-                    self.omega[name].copy_(old.omega[name])
-                    self.anchors[name].copy_(old.anchors[name])
-                    self.acc[name].copy_(old.acc[name])
+                self._carry(params, old)
+
+    def _carry(self, params: dict[str, torch.Tensor], old: "ImportanceState") -> None:
+        old.settle()
+        for key in self.COUNTS:
+            setattr(self, key, getattr(old, key))
+        self._pending = old._pending
+        for name, p in params.items():
+            if name not in old.omega:
+                continue
+            before, now = tuple(old.omega[name].shape), tuple(p.shape)
+            if before == now:
+                where = ...
+            elif grows(before, now):
+                where = leading(before)
+            else:
+                warnings.warn(f"MAS: parameter {name!r} changed shape from {before} to {now}; its importance and "
+                              "theta* start from zero (they are kept only for a parameter that grows: as many "
+                              "dims, none smaller). Restore the shape, or load a state saved for this shape, to "
+                              "keep them", stacklevel=5)
+                continue
+            self.omega[name][where].copy_(old.omega[name])
+            self.anchors[name][where].copy_(old.anchors[name])
+            if old.has_acc():
+                self.acc[name][where].copy_(old.acc[name])
+        if self.has_acc():
+            self._totals = [float(b.sum()) for b in self._acc.buffers.values()]
+
+    # ------------------------------------------------------------- buffers
+    @property
+    def acc(self) -> FlatBuffers:
+        """The open task's numerators, allocated (zeros) on first use and released by :meth:`fold`."""
+        if self._acc is None:
+            self._acc = FlatBuffers(self.specs, dtype=torch.float32)
+            self._totals = [0.0] * len(self._acc.buffers)
+        return self._acc
+
+    @property
+    def staging(self) -> FlatBuffers:
+        """One batch's numerators, allocated on first use and released by :meth:`release`."""
+        if self._staging is None:
+            self._staging = FlatBuffers(self.specs, dtype=torch.float32)
+        return self._staging
+
+    def has_acc(self) -> bool:
+        return self._acc is not None
+
+    def release(self, staging: bool = True) -> None:
+        """Drop the accumulator (its values must have been folded or be unwanted) and the staging buffers."""
+        self._acc, self._totals = None, []
+        if staging:
+            self._staging = None
+
+    def nbytes(self) -> int:
+        """Bytes the state holds now (Omega, theta*, and the accumulator and staging while allocated)."""
+        return sum(b.nbytes() for b in (self.omega, self.anchors, self._acc, self._staging) if b is not None)
 
     def stores(self) -> dict[str, FlatBuffers]:
-        """The per-parameter stores by their ``state_dict`` name."""
+        """The per-parameter stores by their ``state_dict`` name (allocates the accumulator)."""
         return {"omega": self.omega, "anchors": self.anchors, "accumulator": self.acc}
 
     # ------------------------------------------------------------- batches
+    def deferred(self) -> bool:
+        """Whether batches are checked on the device, without a host synchronization (see the class docstring)."""
+        if self.defer_finite_check is not None:
+            return bool(self.defer_finite_check)
+        return any(key[0].type != "cpu" for key in self.omega.buffers)
+
     def begin_batch(self) -> None:
         self.staging.zero_()
 
     def commit_batch(self, n: int, weight: float = 1.0) -> None:
-        """Move the batch's numerators (times ``weight``) into the accumulator and count the batch and its
-        ``n`` samples, unless any numerator is not finite."""
-        if not self.staging.all_finite():
-            bad = self.staging.first_non_finite()
-            layer = bad.rsplit(".", 1)[0] if "." in bad else bad
-            raise FloatingPointError(
-                f"MAS: non-finite activations or gradients in layer {layer!r} (parameter {bad!r}); "
-                "this batch was not added to the importance"
-            )
-        for key, buf in self.staging.buffers.items():
-            self.acc.buffers[key].add_(buf, alpha=weight)
+        """Add the batch's numerators (times ``weight`` > 0) to the accumulator and count the batch and
+        its ``n`` samples, unless a numerator is not finite or the float32 running sum would overflow.
+
+        The accumulator is updated by exchanging buffers (``staging <- acc + weight * staging``, then
+        swap), so a rejected batch leaves it exactly as it was.
+        """
+        if self.deferred():
+            self._commit_on_device(n, weight)
+        else:
+            self._commit_now(n, weight)
         self.num_samples += n
         self.num_batches += 1
 
+    def _commit_now(self, n: int, weight: float) -> None:
+        staging, acc = self.staging, self.acc
+        # The batch: a finite float32 sum proves every element finite (one reduction per buffer);
+        # a non-finite one is a NaN/inf or an overflow of finite values, which float64 tells apart.
+        sums = []
+        for b in staging.buffers.values():
+            s = float(b.sum())
+            if not math.isfinite(s) and not math.isfinite(float(b.sum(dtype=torch.float64))):
+                bad = staging.first_non_finite()
+                raise FloatingPointError(
+                    f"MAS: non-finite activations or gradients in layer {_layer(bad)!r} (parameter {bad!r}); "
+                    "this batch was not added to the importance")
+            sums.append(s)
+        # The running sum: numerators are >= 0, so no element of acc + weight * batch exceeds the sum of
+        # both totals; only when that bound nears float32's max is the new sum checked element-wise.
+        totals = [t + weight * s for t, s in zip(self._totals, sums)]
+        for (key, b), a in zip(staging.buffers.items(), acc.buffers.values()):
+            torch.add(a, b, alpha=weight, out=b)
+        if any(not t < 0.5 * _FLOAT32_MAX for t in totals) and not staging.all_finite():
+            bad = staging.first_non_finite()
+            raise FloatingPointError(
+                f"MAS: the float32 sum of this task's importance overflows in layer {_layer(bad)!r} "
+                f"(parameter {bad!r}); this batch was not added. Activations or gradients are too large: "
+                "rescale the inputs, or consolidate() more often")
+        acc.swap(staging)
+        self._totals = [t if t < 0.5 * _FLOAT32_MAX else float(b.sum(dtype=torch.float64))
+                        for t, b in zip(totals, acc.buffers.values())]
+
+    def _commit_on_device(self, n: int, weight: float) -> None:
+        # No host synchronization: everything below is queued on the device.
+        staging, acc = self.staging, self.acc
+        flags = self._device_flags()
+        for b, a in zip(staging.buffers.values(), acc.buffers.values()):
+            torch.add(a, b, alpha=weight, out=b)  # the new sum, in the staging buffer
+        # Per parameter, the largest |value| of the new sum: inf or NaN exactly when the batch had a
+        # non-finite value there or the running sum overflowed (empty parameters cannot be either).
+        bad = [(~torch.isfinite(torch.stack(torch._foreach_norm([staging[n] for n in names], float("inf")))))
+               .to(flags["device"], non_blocking=True) for names in flags["groups"]]
+        bad = torch.cat(bad) if bad else torch.zeros(0, dtype=torch.bool, device=flags["device"])
+        batch_bad = bad.any()
+        for b, a in zip(staging.buffers.values(), acc.buffers.values()):
+            torch.where(batch_bad.to(a.device, non_blocking=True), a, b, out=b)
+        acc.swap(staging)
+        first = batch_bad & ~flags["bad"]
+        torch.where(first, bad, flags["params"], out=flags["params"])
+        flags["bad"] |= batch_bad
+        hit = batch_bad.to(torch.int64)
+        flags["samples"].add_(hit, alpha=n)
+        flags["batches"].add_(hit)
+
+    def _device_flags(self) -> dict:
+        if self._flags is None:
+            device = next(iter(self.omega.buffers))[0] if self.omega.buffers else torch.device("cpu")
+            groups: dict = {}
+            for name, shape, dev, _ in self.specs:
+                if math.prod(shape):
+                    groups.setdefault(torch.device(dev), []).append(name)
+            self._flags = {
+                "device": device,
+                "groups": list(groups.values()),
+                "names": [n for names in groups.values() for n in names],  # the order of "params"
+                "bad": torch.zeros((), dtype=torch.bool, device=device),
+                "params": torch.zeros(sum(map(len, groups.values())), dtype=torch.bool, device=device),
+                "samples": torch.zeros((), dtype=torch.int64, device=device),
+                "batches": torch.zeros((), dtype=torch.int64, device=device),
+            }
+        return self._flags
+
+    def settle(self) -> None:
+        """Read the device flag of the deferred check (one host synchronization); a rejected batch's
+        samples leave the counts and its error waits for :meth:`check_finite`."""
+        flags = self._flags
+        if flags is None:
+            return
+        self._flags = None
+        if not bool(flags["bad"]):
+            return
+        self.num_samples -= int(flags["samples"])
+        self.num_batches -= int(flags["batches"])
+        names = flags["names"]
+        bad = names[int(flags["params"].nonzero()[0, 0])] if bool(flags["params"].any()) else "?"
+        if self._pending is None:
+            self._pending = (
+                f"MAS: a batch had non-finite activations or gradients, or made the float32 sum of the "
+                f"importance overflow, in layer {_layer(bad)!r} (parameter {bad!r}); it was not added to the "
+                f"importance ({int(flags['batches'])} batch(es), {int(flags['samples'])} samples left out; "
+                "the other batches are kept)")
+
+    def check_finite(self) -> None:
+        """Raise the ``FloatingPointError`` of a rejected batch, once (see the class docstring)."""
+        self.settle()
+        if self._pending is not None:
+            msg, self._pending = self._pending, None
+            raise FloatingPointError(msg)
+
     # --------------------------------------------------------------- tasks
     def fold(self, n: int, combine: str | float, divisor: float | None = None) -> None:
-        """Omega <- combine(Omega, acc / divisor); the accumulator is emptied and the counts move on.
+        """Omega <- combine(Omega, acc / divisor); the accumulator is released and the counts move on.
 
         ``n``: the task's sample count (summed over ranks by the caller when
         distributed); ``divisor``: what the accumulator is divided by (default
-        ``n``; the number of batches for per-batch means).
+        ``n``; the number of batches for per-batch means). The combination is
+        computed in float32 and rounded once into Omega's dtype.
         """
+        divisor = n if divisor is None else divisor
+        pairs = list(zip(self.omega.buffers.values(), self.acc.buffers.values()))
         with torch.no_grad():
-            for key, omega in self.omega.buffers.items():
-                new = self.acc.buffers[key].div_(n if divisor is None else divisor)
-                if self.num_tasks == 0:
-                    omega.copy_(new)
-                elif combine == "sum":
-                    omega.add_(new)
-                elif combine == "mean":
-                    old_n = self.samples_consolidated
-                    omega.mul_(old_n / (old_n + n)).add_(new, alpha=n / (old_n + n))
-                else:
-                    omega.mul_(combine).add_(new, alpha=1.0 - combine)
-        self.acc.zero_()
+            # Every value is >= 0, so the result is at most max(Omega) + max(acc) / divisor: when that
+            # fits Omega's dtype the combination is made in the accumulator's buffer (no copy) and
+            # rounded once into Omega; only near the end of the range is it checked first.
+            limit = float(torch.finfo(self.omega_dtype).max)
+            tops = [(float(o.amax()) if o.numel() else 0.0, float(a.amax()) / divisor if a.numel() else 0.0)
+                    for o, a in pairs]
+            safe = all(to + ta < 0.5 * limit for to, ta in tops)
+            results = []
+            for omega, acc in pairs:
+                new = acc.div_(divisor) if safe else acc / divisor
+                self._combine(new, omega, n, combine)
+                results.append(new)
+            if not safe:
+                for (omega, _), new in zip(pairs, results):
+                    if not bool(torch.isfinite(new).all()) or float(new.amax()) > limit:
+                        bad = self._first_above(new, omega, limit)
+                        raise FloatingPointError(
+                            f"MAS.consolidate: Omega of layer {_layer(bad)!r} (parameter {bad!r}) would exceed "
+                            f"{self.omega_dtype}'s range combined with the previous tasks (combine={combine!r}); "
+                            "nothing changed. Activations or gradients are too large: rescale the inputs")
+            for (omega, _), new in zip(pairs, results):
+                omega.copy_(new)
+        self.release(staging=False)
         self.samples_consolidated += n
         self.num_samples = self.num_batches = 0
         self.num_tasks += 1
+
+    def _combine(self, new: torch.Tensor, omega: torch.Tensor, n: int, combine: str | float) -> None:
+        """``new <- combine(Omega, new)`` in place in ``new`` (float32)."""
+        if self.num_tasks == 0:
+            return
+        if combine == "sum":
+            new.add_(omega)
+        elif combine == "mean":
+            old_n = self.samples_consolidated
+            new.mul_(n / (old_n + n)).add_(omega, alpha=old_n / (old_n + n))
+        else:
+            new.mul_(1.0 - combine).add_(omega, alpha=combine)
+
+    def _first_above(self, new: torch.Tensor, omega: torch.Tensor, limit: float) -> str:
+        """The first parameter whose entries of the flat ``new`` (laid out as the buffer ``omega``)
+        are not finite or above ``limit``."""
+        base = omega.data_ptr()
+        for name, view in self.omega.items():
+            if view.untyped_storage().data_ptr() != omega.untyped_storage().data_ptr():
+                continue
+            start = (view.data_ptr() - base) // view.element_size()
+            part = new[start:start + view.numel()]
+            if not bool(torch.isfinite(part).all()) or (part.numel() and float(part.amax()) > limit):
+                return name
+        return "?"
 
     def snapshot(self, params: dict[str, torch.Tensor]) -> None:
         """theta* <- theta."""
@@ -200,43 +463,88 @@ class ImportanceState:
                 self.anchors[name].copy_(p)
 
     # ------------------------------------------------------------- state_dict
-    COUNTS = ("num_samples", "num_batches", "samples_consolidated", "num_tasks")
-    OPTIONAL = {"num_batches": 0}  # files written before it was kept
-
     def state_dict(self) -> dict:
-        """Copies of Omega, anchors and the accumulator by parameter name, and the counts."""
-        out: dict = {part: {n: t.detach().clone() for n, t in store.items()} for part, store in self.stores().items()}
+        """Copies of Omega, anchors and the accumulator (zeros when no task is open) by parameter name,
+        and the counts."""
+        self.settle()
+        out: dict = {"omega": {n: t.detach().clone() for n, t in self.omega.items()},
+                     "anchors": {n: t.detach().clone() for n, t in self.anchors.items()}}
+        if self.has_acc():
+            out["accumulator"] = {n: t.detach().clone() for n, t in self._acc.items()}
+        else:
+            out["accumulator"] = {n: torch.zeros(shape, dtype=torch.float32, device=device)
+                                  for n, shape, device, _ in self.specs}
         out.update({k: getattr(self, k) for k in self.COUNTS})
         return out
 
-    def check(self, state: dict, who: str) -> None:
-        """Raise ``ValueError`` naming the entry at fault unless ``state`` fits these parameters exactly."""
+    def check(self, state, who: str) -> None:
+        """Raise ``ValueError`` naming the entry at fault unless ``state`` fits these parameters exactly.
+
+        Every field is checked: the three parts are dicts with a tensor per
+        parameter name (no other names) of the parameter's shape, a float
+        dtype and real data (not ``meta``); Omega, theta* and the accumulator
+        are finite, Omega and the accumulator >= 0 (a negated or NaN Omega
+        would turn the penalty into a reward for drift); the counts are
+        integers >= 0.
+        """
+        if not isinstance(state, dict):
+            raise ValueError(f"{who}: expected a dict from MAS.state_dict(), got {type(state).__name__}")
         for key in self.PARTS + self.COUNTS:
             if key not in state and key not in self.OPTIONAL:
                 raise ValueError(f"{who}: missing entry {key!r}")
-        for part, store in self.stores().items():
+        for key in self.COUNTS:
+            value = state.get(key, self.OPTIONAL.get(key))
+            if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_floating_point:
+                value = value.item()
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                raise ValueError(f"{who}: {key}={value!r} must be an integer >= 0")
+        for part in self.PARTS:
             given = state[part]
-            for name in store:
+            if not isinstance(given, dict):
+                raise ValueError(f"{who}: {part} must be a dict of tensors by parameter name, "
+                                 f"got {type(given).__name__}")
+            for name, shape, _, _ in self.specs:
                 if name not in given:
                     raise ValueError(f"{who}: {part} has no entry for parameter {name!r}")
-                t = given[name]
-                if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(store[name].shape):
-                    shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                    raise ValueError(
-                        f"{who}: {part}[{name!r}] has shape {shape}, the model's parameter has {tuple(store[name].shape)}"
-                    )
-                if not t.dtype.is_floating_point:
-                    raise ValueError(f"{who}: {part}[{name!r}] has dtype {t.dtype}")
+                self._check_tensor(who, part, name, given[name], tuple(shape))
             for name in given:
-                if name not in store:
+                if name not in self.omega:
                     raise ValueError(f"{who}: {part} has parameter {name!r}, which the model lacks")
+
+    @staticmethod
+    def _check_tensor(who: str, part: str, name: str, t, shape: tuple) -> None:
+        where = f"{part}[{name!r}]"
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{who}: {where} must be a tensor, got {type(t).__name__}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{who}: {where} has shape {tuple(t.shape)}, the model's parameter has {shape}")
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"{who}: {where} has dtype {t.dtype}, expected a float dtype")
+        if t.device.type == "meta":
+            raise ValueError(f"{who}: {where} is a meta tensor (no data)")
+        t = t.detach()
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{who}: {where} has non-finite values")
+        if part != "anchors" and t.numel() and bool((t < 0).any()):
+            raise ValueError(f"{who}: {where} has negative values (min {float(t.min()):.3g}); importance is >= 0, "
+                             "and a negative one would turn the penalty into a reward for drift")
 
     def load_state_dict(self, state: dict, who: str = "MAS.load_state_dict") -> None:
         """Load what :meth:`state_dict` gave; everything is checked before anything changes."""
         self.check(state, who)
+        acc = state["accumulator"]
+        open_task = int(state["num_samples"]) > 0 or any(bool(t.any()) for t in acc.values())
         with torch.no_grad():
-            for part, store in self.stores().items():
-                for name, view in store.items():
-                    view.copy_(state[part][name])
+            for name in self.omega:
+                self.omega[name].copy_(state["omega"][name])
+                self.anchors[name].copy_(state["anchors"][name])
+            if open_task:
+                for name, view in self.acc.items():
+                    view.copy_(acc[name])
+                self._totals = [float(b.sum(dtype=torch.float64)) for b in self._acc.buffers.values()]
+            else:
+                self.release(staging=False)
+        self._flags, self._pending = None, None
         for key in self.COUNTS:
-            setattr(self, key, int(state.get(key, self.OPTIONAL.get(key))))
+            value = state.get(key, self.OPTIONAL.get(key))
+            setattr(self, key, int(value.item() if isinstance(value, torch.Tensor) else value))

@@ -44,8 +44,11 @@ class LocalRule:
     def layers(self) -> list[Layer]:
         return [layer for layer in self.plan.layers if layer.rule.local_supported]
 
-    def hooks(self, staging, active: Callable[[], bool], n: Callable[[], int | None] = lambda: None) -> list:
+    def hooks(self, staging: Callable, active: Callable[[], bool], n: Callable[[], int | None] = lambda: None) -> list:
         """Register one forward hook per layer; each does nothing unless ``active()``.
+
+        ``staging()``: the staging buffers the numerators go into (asked per call: the state may
+        reallocate them).
 
         ``n()``: the batch's sample count, for layers that read one row for the
         whole batch (a position embedding), whose numerators count once per sample.
@@ -69,6 +72,7 @@ class LocalRule:
             args, y = expand_shared(layer, n(), tuple(a.detach() if isinstance(a, torch.Tensor) else a
                                                       for a in args), y)
             call = Call(args, kwargs, y, [None], [0])
-            layer.rule.local(layer, call, {a: staging[n] for a, n in layer.attrs.items()})
+            stage = staging()
+            layer.rule.local(layer, call, {a: stage[n] for a, n in layer.attrs.items()})
 
         return hook

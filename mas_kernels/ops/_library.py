@@ -18,9 +18,16 @@ dispatcher picks, and nothing chooses per call (bitsandbytes' shape):
   ``torch.library.register_autograd``.
 * A fake kernel, for ``torch.compile``, ``torch.export`` and ``opcheck``.
 
-Every Python kernel runs its implementation under ``no_grad`` and then bumps
-the version counter of each tensor it wrote, as an in-place PyTorch op does
-(Triton writes through data pointers, which autograd cannot see).
+Every Python kernel first runs the op's *guard*: the few checks that keep a
+direct ``torch.ops.mas_kernels.*`` call from writing anything wrong, the same
+as the native kernels make in C++ (scalars finite in float32, outputs
+writable element by element, no output sharing memory with an input it is
+tiled against). The full, worded validation is the ops' Python front doors';
+the guard only makes every backend refuse the same calls, before the first
+write, at a cost of an attribute read or two per tensor. Then the kernel runs
+its implementation under ``no_grad`` and bumps the version counter of each
+tensor it wrote, as an in-place PyTorch op does (Triton writes through data
+pointers, which autograd cannot see).
 
 Why the low-level ``torch.library.Library`` API and not ``custom_op``:
 ``custom_op`` wraps every call in three Python dispatcher kernels (autograd, a
@@ -51,6 +58,7 @@ class Op:
     name: str
     impls: dict[str, str]   # backend -> "module:function" (imported on first call)
     mutated: tuple[int, ...]
+    guard: Callable | None = None  # raises ValueError before anything is written
 
     def load(self, backend: str) -> Callable:
         module, _, fn = self.impls[backend].partition(":")
@@ -65,8 +73,11 @@ class Op:
         """
         impl: list[Callable] = []
         mutated = self.mutated
+        guard = self.guard
 
         def run(*args):
+            if guard is not None:
+                guard(*args)
             if not impl:
                 if before is not None:
                     before()
@@ -85,17 +96,18 @@ OPS: dict[str, Op] = {}
 
 
 def define(schema: str, fake: Callable, impls: dict[str, str], *, mutated: tuple[int, ...] = (),
-           differentiable: bool = False) -> str:
+           differentiable: bool = False, guard: Callable | None = None) -> str:
     """Define ``mas_kernels::<schema>``; returns the qualified name.
 
     ``impls`` maps backend names to ``"module:function"``; ``"torch"`` is
     required and becomes the ``CompositeExplicitAutograd`` kernel.
     ``mutated``: positions of the arguments written in place (a tensor or a
-    list of tensors).
+    list of tensors). ``guard``: checks every Python kernel of the op runs first
+    (see the module docstring).
     """
     name = schema.split("(", 1)[0]
     qualname = f"{NAMESPACE}::{name}"
-    op = Op(name, dict(impls), tuple(mutated))
+    op = Op(name, dict(impls), tuple(mutated), guard)
     LIB.define(schema)
     LIB.impl(name, op.kernel("torch"), "CompositeExplicitAutograd")
     torch.library.register_fake(qualname, fake, lib=LIB)

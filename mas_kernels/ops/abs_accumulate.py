@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_like, check_list, check_not_requiring_grad, check_same_device, check_scalar, check_tensor
+from ._checks import (check_like, check_list, check_not_requiring_grad, check_outputs, check_same_device, check_scalar,
+                      check_tensor)
 from ._library import define
 
 OP = "abs_accumulate_"
@@ -28,7 +29,15 @@ def _check(omegas, tensors, alpha) -> tuple[list, list, float]:
     if omegas:
         check_same_device(OP, "omegas", omegas, omegas[0].device)
     check_not_requiring_grad(OP, "omegas", omegas)
-    return omegas, tensors, check_scalar(OP, "alpha", alpha)
+    alpha = check_scalar(OP, "alpha", alpha)
+    check_outputs(OP, "omegas", omegas)
+    return omegas, tensors, alpha
+
+
+def guard(omegas, tensors, alpha) -> None:
+    """What every kernel of the op checks (the registered ones too): cheap, before any write."""
+    check_scalar(OP, "alpha", alpha)
+    check_outputs(OP, "omegas", omegas)
 
 
 def abs_accumulate_torch(omegas: list[torch.Tensor], tensors: list[torch.Tensor], alpha: float) -> None:
@@ -44,7 +53,7 @@ def _fake(omegas, tensors, alpha) -> None:
 define("abs_accumulate_(Tensor(a!)[] omegas, Tensor[] tensors, float alpha) -> ()", _fake,
        {"torch": f"{__name__}:abs_accumulate_torch",
         "triton": "mas_kernels.ops.triton.multi_tensor:abs_accumulate_triton"},
-       mutated=(0,))
+       mutated=(0,), guard=guard)
 
 
 def abs_accumulate_(omegas, tensors, alpha: float = 1.0) -> list[torch.Tensor]:
@@ -57,8 +66,12 @@ def abs_accumulate_(omegas, tensors, alpha: float = 1.0) -> list[torch.Tensor]:
         alpha: scale.
 
     Not differentiable. Raises ``ValueError`` naming the list and index at
-    fault (also when an ``omega`` requires grad with grad mode on) before any
-    ``omega`` is touched. Empty lists and empty tensors are fine.
+    fault before any ``omega`` is touched, the same on every backend (also
+    when an ``omega`` requires grad with grad mode on, has elements sharing
+    memory, e.g. an expanded view, or is an inference tensor outside
+    ``torch.inference_mode()``, and when ``alpha`` is not finite or
+    overflows float32). Empty lists and empty tensors are fine. An ``omega``
+    listed twice is added to twice, as one call per pair in order would.
     """
     omegas, tensors, alpha = _check(omegas, tensors, alpha)
     if not omegas:

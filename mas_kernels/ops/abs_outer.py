@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_not_requiring_grad, check_scalar, check_tensor
+from ._checks import check_not_requiring_grad, check_output, check_scalar, check_tensor, shares_memory
 from ._library import define
 
 OP = "abs_outer_accumulate_"
@@ -42,7 +42,25 @@ def _check(omega, a, b, alpha) -> float:
         if t.device != omega.device:
             raise ValueError(f"{OP}: {name} is on {t.device} but omega is on {omega.device}")
     check_not_requiring_grad(OP, "omega", omega)
-    return check_scalar(OP, "alpha", alpha)
+    alpha = check_scalar(OP, "alpha", alpha)
+    check_written(omega, a, b)
+    return alpha
+
+
+def check_written(omega: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``omega`` can be written while ``a`` and ``b`` are read: see :func:`check_output`, and no
+    memory shared with an input (a tiled kernel would read elements it already overwrote)."""
+    check_output(OP, "omega", omega)
+    for name, t in (("a", a), ("b", b)):
+        if shares_memory(omega, t):
+            raise ValueError(f"{OP}: omega shares memory with {name}, which the op reads while it writes omega; "
+                             f"pass {name}.clone()")
+
+
+def guard(omega, a, b, alpha) -> None:
+    """What every kernel of the op checks (the registered ones too): cheap, before any write."""
+    check_scalar(OP, "alpha", alpha)
+    check_written(omega, a, b)
 
 
 def abs_outer_torch(omega: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
@@ -56,7 +74,7 @@ def _fake(omega, a, b, alpha) -> None:
 
 define("abs_outer_accumulate_(Tensor(a!) omega, Tensor a, Tensor b, float alpha) -> ()", _fake,
        {"torch": f"{__name__}:abs_outer_torch", "triton": "mas_kernels.ops.triton.abs_outer:abs_outer_triton"},
-       mutated=(0,))
+       mutated=(0,), guard=guard)
 
 
 def abs_outer_accumulate_(omega: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
@@ -70,8 +88,12 @@ def abs_outer_accumulate_(omega: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
 
     The products are accumulated in float32 whatever the input dtype.
     Not differentiable (no autograd graph is recorded). Raises ``ValueError``
-    (naming the argument) on a shape, dtype or device mismatch, or when
-    ``omega`` requires grad with grad mode on, before ``omega`` is touched.
+    (naming the argument) before ``omega`` is touched, the same on every
+    backend: on a shape, dtype or device mismatch; when ``omega`` requires
+    grad with grad mode on; when ``omega`` shares memory with ``a`` or ``b``
+    or with itself (an expanded view); when ``omega`` is an inference tensor
+    outside ``torch.inference_mode()``; when ``alpha`` is not finite or
+    overflows float32.
     """
     alpha = _check(omega, a, b, alpha)
     if omega.numel() == 0 or a.shape[0] == 0:

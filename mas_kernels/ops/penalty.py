@@ -8,16 +8,23 @@ r"""The MAS penalty and its gradient, fused over all parameters.
 ``penalty_grad_`` returns ``L`` and adds the gradient into given buffers in the
 same pass over memory (per element: read theta, theta*, Omega, grad; write
 grad). ``penalty`` is the same value as a differentiable function of the
-parameters. (FACIL's MAS halves this penalty; Avalanche and the paper's code do
-not.)
+parameters, which also has a second derivative (the Hessian of ``L`` is
+``2 lambda Omega``, diagonal). (FACIL's MAS halves this penalty; Avalanche and
+the paper's code do not.)
+
+Omega may be float32, bfloat16 or float16 (products are taken in float32).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._checks import (FLOAT_DTYPES, check_like, check_list, check_not_requiring_grad, check_same_device, check_scalar,
-                      check_tensor)
+import functools
+import warnings
+
+from ._checks import (FLOAT_DTYPES, check_like, check_list, check_not_requiring_grad, check_output, check_outputs,
+                      check_same_device,
+                      check_scalar, check_tensor)
 from ._library import LIB, define
 
 OP = "penalty_grad_"
@@ -27,13 +34,13 @@ def _all_valid(params, anchors, omegas, grads) -> bool:
     """One cheap pass for the common case (this runs on every training step)."""
     if not params:
         return True
-    fl, f32, Tensor = FLOAT_DTYPES, torch.float32, torch.Tensor
+    fl, Tensor = FLOAT_DTYPES, torch.Tensor
     device = params[0].device if isinstance(params[0], Tensor) else None
     for p, a, o, g in zip(params, anchors, omegas, grads if grads is not None else params):
         if not (isinstance(p, Tensor) and isinstance(a, Tensor) and isinstance(o, Tensor) and isinstance(g, Tensor)):
             return False
         shape = p.shape
-        if (p.dtype not in fl or a.dtype not in fl or g.dtype not in fl or o.dtype != f32
+        if (p.dtype not in fl or a.dtype not in fl or g.dtype not in fl or o.dtype not in fl
                 or a.shape != shape or o.shape != shape or g.shape != shape
                 or p.device != device or a.device != device or o.device != device or g.device != device):
             return False
@@ -47,20 +54,20 @@ def _check(op, params, anchors, omegas, lam, grads=None):
     if grads is not None:
         grads = check_list(op, "grads", grads, len(params), "params")
     if _all_valid(params, anchors, omegas, grads):
-        return params, anchors, omegas, check_scalar(op, "lam", lam), grads
+        return params, anchors, omegas, check_scalar(op, "lam", lam, scale=2.0), grads
     # Something is off: the per-argument checks below say what, and where.
     for i, p in enumerate(params):
         check_tensor(op, "params", p, i)
         check_tensor(op, "anchors", anchors[i], i)
         check_like(op, "anchors", anchors[i], "params", p, i)
-        check_tensor(op, "omegas", omegas[i], i, dtypes=(torch.float32,))
+        check_tensor(op, "omegas", omegas[i], i)
         check_like(op, "omegas", omegas[i], "params", p, i)
         if grads is not None:
             check_tensor(op, "grads", grads[i], i)
             check_like(op, "grads", grads[i], "params", p, i)
     if params:
         check_same_device(op, "params", params, params[0].device)
-    return params, anchors, omegas, check_scalar(op, "lam", lam), grads
+    return params, anchors, omegas, check_scalar(op, "lam", lam, scale=2.0), grads
 
 
 def penalty_grad_torch(params, anchors, omegas, lam: float, grads) -> torch.Tensor:
@@ -73,6 +80,34 @@ def penalty_grad_torch(params, anchors, omegas, lam: float, grads) -> torch.Tens
         total += (od * d).sum()
         g.add_(od, alpha=2.0 * lam)
     return total * lam
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_triton_omega(dtype: torch.dtype) -> None:
+    warnings.warn(f"mas_kernels: the Triton penalty kernel reads float32 Omega; {dtype} Omega runs on the "
+                  "PyTorch path (same values, slower)", RuntimeWarning, stacklevel=3)
+
+
+def penalty_grad_triton_or_torch(params, anchors, omegas, lam: float, grads) -> torch.Tensor:
+    """The Triton kernel for float32 Omega (what it reads); the PyTorch path for 16-bit Omega."""
+    from .triton.multi_tensor import penalty_grad_triton
+
+    f32 = torch.float32
+    for o in omegas:
+        if o.dtype is not f32:
+            _warn_triton_omega(o.dtype)
+            return penalty_grad_torch(params, anchors, omegas, lam, grads)
+    return penalty_grad_triton(params, anchors, omegas, lam, grads)
+
+
+def guard(params, anchors, omegas, lam, grads) -> None:
+    """What every kernel of ``penalty_grad_`` checks (the registered ones too): cheap, before any write."""
+    check_scalar(OP, "lam", lam, scale=2.0)
+    check_outputs(OP, "grads", grads)
+
+
+def _penalty_guard(params, anchors, omegas, lam) -> None:
+    check_scalar("penalty", "lam", lam, scale=2.0)
 
 
 def _penalty_grad_fake(params, anchors, omegas, lam, grads):
@@ -89,11 +124,12 @@ def with_grads(penalty_grad_impl):
 
 
 penalty_torch = with_grads(penalty_grad_torch)
+penalty_triton_or_torch = with_grads(penalty_grad_triton_or_torch)
 
 define("penalty_grad_(Tensor[] params, Tensor[] anchors, Tensor[] omegas, float lam, Tensor(a!)[] grads) -> Tensor",
        _penalty_grad_fake,
-       {"torch": f"{__name__}:penalty_grad_torch", "triton": "mas_kernels.ops.triton.multi_tensor:penalty_grad_triton"},
-       mutated=(4,))
+       {"torch": f"{__name__}:penalty_grad_torch", "triton": f"{__name__}:penalty_grad_triton_or_torch"},
+       mutated=(4,), guard=guard)
 
 
 def _penalty_fake(params, anchors, omegas, lam):
@@ -101,22 +137,36 @@ def _penalty_fake(params, anchors, omegas, lam):
 
 
 def _penalty_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*output[1])
-    ctx.mark_non_differentiable(*output[1])  # the gradient output is data, not a function to differentiate
+    params, anchors, omegas, lam = inputs
+    grads = output[1]
+    ctx.n = len(params)
+    ctx.lam = lam
+    # The inputs too, for a second derivative (create_graph=True): saving references costs no copy.
+    ctx.save_for_backward(*grads, *params, *anchors, *omegas)
+    ctx.mark_non_differentiable(*grads)  # the gradient output is data, not a function to differentiate
 
 
 def _penalty_backward(ctx, grad_value, grad_grads):
-    # The gradient was computed in the forward's fused pass; scale it by the incoming grad
-    # (one multi-tensor call; the saved tensors stay as they are, for a second backward).
-    grads = list(torch._foreach_mul(list(ctx.saved_tensors), grad_value))
-    none = [None] * len(grads)
+    saved = ctx.saved_tensors
+    n = ctx.n
+    none = [None] * n
+    if not torch.is_grad_enabled():
+        # First order (the common case): the gradient came out of the forward's fused pass;
+        # scale it by the incoming grad in one multi-tensor call.
+        return list(torch._foreach_mul(list(saved[:n]), grad_value)), none, list(none), None
+    # create_graph=True: the gradient as a differentiable function of the parameters, so that a
+    # second backward gives the Hessian-vector product 2 lam Omega v (times grad_value).
+    params, anchors, omegas = saved[n:2 * n], saved[2 * n:3 * n], saved[3 * n:]
+    two_lam = 2.0 * ctx.lam
+    grads = [((grad_value * two_lam) * o.float() * (p.float() - a.float())).to(p.dtype)
+             for p, a, o in zip(params, anchors, omegas)]
     return grads, none, list(none), None
 
 
 _PENALTY = define("penalty(Tensor[] params, Tensor[] anchors, Tensor[] omegas, float lam) -> (Tensor, Tensor[])",
                   _penalty_fake,
-                  {"torch": f"{__name__}:penalty_torch", "triton": "mas_kernels.ops.triton.multi_tensor:penalty_triton"},
-                  differentiable=True)
+                  {"torch": f"{__name__}:penalty_torch", "triton": f"{__name__}:penalty_triton_or_torch"},
+                  differentiable=True, guard=_penalty_guard)
 torch.library.register_autograd(_PENALTY, _penalty_backward, setup_context=_penalty_setup_context, lib=LIB)
 
 
@@ -129,8 +179,9 @@ def penalty_grad_(params, anchors, omegas, lam: float, grads=None) -> torch.Tens
 
     Args:
         params: list of float32/float16/bfloat16 tensors on one device.
-        anchors: theta*, one per param, same shape and device (any float dtype).
-        omegas: importance, float32, one per param.
+        anchors: theta*, one per param, same shape and device (any of those dtypes).
+        omegas: importance, one per param, same shape and device (any of those dtypes;
+            16-bit Omega is read into float32 element by element).
         lam: the penalty strength lambda (a runtime scalar: new values do not recompile).
         grads: optional list of gradient buffers (same shapes), updated in place.
 
@@ -138,9 +189,12 @@ def penalty_grad_(params, anchors, omegas, lam: float, grads=None) -> torch.Tens
         A 0-dim float32 tensor on the params' device (0 for empty lists).
 
     The value is not differentiable (see :func:`penalty` for that). Raises
-    ``ValueError`` naming the argument and index at fault (also when a
-    gradient buffer requires grad with grad mode on); nothing is written
-    before all checks pass.
+    ``ValueError`` naming the argument and index at fault, the same on every
+    backend, before anything is written: also when a gradient buffer requires
+    grad with grad mode on, has elements sharing memory (an expanded view) or
+    is an inference tensor outside ``torch.inference_mode()``, and when
+    ``2 * lam`` is not finite in float32. A parameter listed twice gets both
+    contributions (one ``.grad`` is allocated for it when it has none).
     """
     params, anchors, omegas, lam, grads = _check(OP, params, anchors, omegas, lam, grads)
     into_dot_grad = grads is None
@@ -151,25 +205,42 @@ def penalty_grad_(params, anchors, omegas, lam: float, grads=None) -> torch.Tens
                 check_tensor(OP, f"params[{i}].grad", g)
                 check_like(OP, f"params[{i}].grad", g, f"params[{i}]", p)
                 check_not_requiring_grad(OP, f"params[{i}].grad", g)
+                check_output(OP, f"params[{i}].grad", g)
     else:
         check_not_requiring_grad(OP, "grads", grads)
+        check_outputs(OP, "grads", grads)
     if not params:
         return torch.zeros((), dtype=torch.float32)
-    for i, p in enumerate(params):
-        if grads[i] is None:
-            grads[i] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-            if into_dot_grad:
-                p.grad = grads[i]
+    fill_missing_grads(params, grads, into_dot_grad)
     # Not differentiable (the op's Autograd key is a fallthrough): no detach needed.
     return torch.ops.mas_kernels.penalty_grad_(params, anchors, omegas, lam, grads)
+
+
+def fill_missing_grads(params, grads: list, into_dot_grad: bool = True) -> None:
+    """Zeros where ``grads[i]`` is None (set as ``params[i].grad`` when ``into_dot_grad``).
+
+    A parameter listed twice gets one buffer, found again through ``.grad``,
+    so both of its entries add into it (a tied weight listed per module).
+    """
+    for i, p in enumerate(params):
+        if grads[i] is None:
+            g = p.grad if into_dot_grad else None
+            if g is None:
+                g = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                if into_dot_grad:
+                    p.grad = g
+            grads[i] = g
 
 
 def penalty(params, anchors, omegas, lam: float) -> torch.Tensor:
     r"""``lam * sum_i sum omega_i * (p_i - anchor_i)^2``, differentiable w.r.t. ``params``.
 
     The gradient ``2 * lam * omega_i * (p_i - anchor_i)`` is computed by the same
-    fused pass as the value; backward only scales it. Same arguments and checks
-    as :func:`penalty_grad_`.
+    fused pass as the value; backward only scales it. Under
+    ``create_graph=True`` the backward is itself differentiable: a second
+    backward gives the Hessian-vector product ``2 * lam * omega_i * v_i``
+    (``torch.func`` transforms do not apply: the op is not a functorch op).
+    Same arguments and checks as :func:`penalty_grad_`.
     """
     params, anchors, omegas, lam, _ = _check("penalty", params, anchors, omegas, lam)
     if not params:

@@ -245,3 +245,18 @@ def own_hook(module: nn.Module, fn):
         return fn(mod, *rest)
 
     return hook
+
+
+class CheckedOutput:
+    """A user's ``output_fn``, whose result must be one tensor (a class, so a wrapper using it can be pickled)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, out: Any) -> torch.Tensor:
+        y = self.fn(out)
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"MAS: output_fn returned a {type(y).__name__}; it must return one tensor, whose "
+                            "squared L2 norm defines importance (e.g. output_fn=lambda out: out[0], or "
+                            "torch.cat(...) of several)")
+        return y

@@ -29,9 +29,6 @@ parameters), ``estimators`` (the rules), ``session`` (hooks per estimation),
 from __future__ import annotations
 
 import contextlib
-import copy
-import math
-import numbers
 import os
 import warnings
 import weakref
@@ -39,21 +36,19 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
 
 from . import __version__, checkpoint, distributed
-from ._model import TrackedParams, default_output, modes, remove_handles, unwrap
-from .estimators import BatchRule, ExactRule, LocalRule, Plan
+from ._copies import Copyable
+from ._model import CheckedOutput, TrackedParams, default_output, modes, remove_handles, unwrap
+from .estimators import Plan
+from .estimators.batch import call_for
+from .options import Options, check_lam
 from .regularizer import LayoutChanged, Regularizer
-from .session import Session
-from .state import STATE_DTYPES, ImportanceState, check_combine
-
-IMPORTANCE = ("local", "global", "global_batch")
-UNCOVERED = ("global", "skip", "error")
-NORMALIZATION = ("samples", "avalanche")
+from .session import Session, rules_for
+from .state import ImportanceState
 
 
-class MAS:
+class MAS(Copyable):
     r"""Memory Aware Synapses importance, consolidation and penalty for ``model``.
 
     Args:
@@ -140,57 +135,20 @@ class MAS:
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"MAS: model must be an nn.Module, got {type(model).__name__}")
-        if importance not in IMPORTANCE:
-            raise ValueError(f"MAS: importance={importance!r} is not one of {IMPORTANCE}")
-        if uncovered not in UNCOVERED:
-            raise ValueError(f"MAS: uncovered={uncovered!r} is not one of {UNCOVERED}")
-        if normalization not in NORMALIZATION:
-            raise ValueError(f"MAS: normalization={normalization!r} is not one of {NORMALIZATION}")
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
-                                       or chunk_size <= 0):
-            raise ValueError(f"MAS: chunk_size={chunk_size!r} must be a positive number of samples per chunk, "
-                             "or None to pick one that keeps per-sample gradients under ~256 MiB")
-        if output_fn is not None and not callable(output_fn):
-            raise ValueError(f"MAS: output_fn must be a callable that picks the output tensor, "
-                             f"got {type(output_fn).__name__}")
-        if omega_dtype not in STATE_DTYPES:
-            raise ValueError(f"MAS: omega_dtype={omega_dtype!r} must be torch.float32 or torch.bfloat16 (float16's "
-                             "range, up to 65504, would turn large importances into inf)")
-        if anchor_dtype is not None and anchor_dtype not in STATE_DTYPES:
-            raise ValueError(f"MAS: anchor_dtype={anchor_dtype!r} must be None (each parameter's dtype), "
-                             "torch.float32 or torch.bfloat16")
-        if memory_budget is not None and (isinstance(memory_budget, bool)
-                                          or not isinstance(memory_budget, numbers.Integral) or memory_budget <= 0):
-            raise ValueError(f"MAS: memory_budget={memory_budget!r} must be a positive number of bytes, or None "
-                             "for the default (256 MiB)")
-        if forward is not None and not callable(forward):
-            raise ValueError(f"MAS: forward must be a callable forward(model, batch) -> output, "
-                             f"got {type(forward).__name__}")
-        self._config = dict(lam=check_lam(lam), importance=importance, combine=check_combine(combine),
-                            output_fn=output_fn, uncovered=uncovered, post_activation=post_activation,
-                            include_frozen=bool(include_frozen), chunk_size=chunk_size, normalization=normalization,
-                            params=params, omega_dtype=omega_dtype, anchor_dtype=anchor_dtype,
-                            memory_budget=memory_budget, forward=forward)
+        self._options = Options(lam, importance, combine, output_fn, uncovered, post_activation, include_frozen,
+                                chunk_size, normalization, params, omega_dtype, anchor_dtype, memory_budget, forward)
         self._setup(model, process_group)
 
     def _setup(self, model: nn.Module, process_group, keep=()) -> None:
-        """Everything but the state's values, from ``self._config`` (also for copies and unpickling)."""
-        c = self._config
-        self.normalization = c["normalization"]
-        self.combine = c["combine"]
-        self._lam = c["lam"]
-        self.importance = c["importance"]
-        self.output_fn = default_output if c["output_fn"] is None else CheckedOutput(c["output_fn"])
-        self.uncovered_policy = c["uncovered"]
-        self.post_activation = c["post_activation"]
-        self.chunk_size = c["chunk_size"]
-        self.memory_budget = c["memory_budget"]
-        self.forward = c["forward"]
+        """Everything but the state's values, from ``self._options`` (also for copies and unpickling)."""
+        o = self._options
+        self.importance, self.combine, self.normalization, self._lam = o.importance, o.combine, o.normalization, o.lam
+        self.output_fn = default_output if o.output_fn is None else CheckedOutput(o.output_fn)
+        self.forward = o.forward
         self.process_group = process_group
-        self.omega_dtype, self.anchor_dtype = c["omega_dtype"], c["anchor_dtype"]
         self.wrapper = model
         self.module = unwrap(model)
-        self._tracked = TrackedParams(self.module, c["include_frozen"], c["params"], keep)
+        self._tracked = TrackedParams(self.module, o.include_frozen, o.params, keep)
         self._handles: list = []  # the open session's hooks (removed if this wrapper is collected mid-session)
         self._build(self._tracked.params)
         self._finalizer = weakref.finalize(self, remove_handles, self._handles)
@@ -200,8 +158,8 @@ class MAS:
                anchor_dtypes: dict | None = None) -> None:
         """The state, the plan of rules and the penalty's lists for ``params`` (old values kept by name)."""
         distributed.check_unsharded(self.module, params)  # FSDP1 / FSDP2 / tensor parallel: a clear error
-        state = ImportanceState(params, old, omega_dtype=self.omega_dtype, anchor_dtype=self.anchor_dtype,
-                                anchor_dtypes=anchor_dtypes)
+        state = ImportanceState(params, old, omega_dtype=self._options.omega_dtype,
+                                anchor_dtype=self._options.anchor_dtype, anchor_dtypes=anchor_dtypes)
         self._regularizer = Regularizer("MAS", list(params.values()), [state.anchors[n] for n in params],
                                         [state.omega[n] for n in params], self._lam, names=list(params))
         self._params, self._state_, self._plan = params, state, Plan(self.module, params)
@@ -236,7 +194,7 @@ class MAS:
 
     @lam.setter
     def lam(self, value: float) -> None:
-        self._lam = self._regularizer.lam = self._config["lam"] = check_lam(value)
+        self._lam = self._regularizer.lam = check_lam(value)
 
     @property
     def include_frozen(self) -> bool:
@@ -292,27 +250,6 @@ class MAS:
     def _device(self) -> torch.device:
         return next(iter(self._params.values())).device if self._params else torch.device("cpu")
 
-    def _exact(self) -> ExactRule:
-        return ExactRule(self.module, self._params, self._plan, self.output_fn, self.memory_budget, self.chunk_size)
-
-    def _rule(self):
-        if self.importance == "local":
-            return LocalRule(self._plan, self.post_activation)
-        if self.importance == "global_batch":
-            return BatchRule(self.module, self._params, self._plan, self.output_fn)
-        return self._exact()
-
-    def _extra(self) -> tuple[ExactRule, list[str]] | None:
-        """For ``"local"``: the exact rule for the parameters no local rule covers, as ``uncovered=`` says."""
-        if self.importance != "local" or not self._plan.uncovered or self.uncovered_policy == "skip":
-            return None
-        if self.uncovered_policy == "error":
-            raise ValueError(
-                f"MAS(importance='local', uncovered='error'): no local rule covers {self._plan.uncovered}; "
-                "pass uncovered='global' (exact per-sample rule) or 'skip' (zero importance)"
-            )
-        return self._exact(), self._plan.uncovered
-
     def _session(self) -> Session:
         """Hooks for one estimation session; ``requires_grad`` restored after.
 
@@ -321,7 +258,8 @@ class MAS:
         ``accumulating()`` keep their effect.
         """
         state = self._state
-        return Session(self.module, self._params, state, self._rule(), self._extra(), self._handles,
+        rule, extra = rules_for(self.module, self._params, self._plan, self._options, self.output_fn)
+        return Session(self.module, self._params, state, rule, extra, self._handles,
                        per_batch_mean=self.normalization == "avalanche")
 
     @contextlib.contextmanager
@@ -335,39 +273,6 @@ class MAS:
         """
         with self._session():
             yield self
-
-    def _call(self, batch) -> Callable[[nn.Module], Any]:
-        """How to run the model on one of ``estimate()``'s batches (on the parameters' device)."""
-        device = self._device()
-        batch = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)
-        if self.forward is not None:
-            return lambda m: self.forward(m, batch)
-
-        def hinted(call):
-            def run(m):
-                try:
-                    return call(m)
-                except TypeError as exc:
-                    if "argument" not in str(exc):
-                        raise
-                    raise TypeError(
-                        f"MAS.estimate: calling the model on the batch failed ({exc}); a tuple/list batch runs "
-                        "model(batch[0]) and a dict batch model(**batch). Pass forward=lambda model, batch: "
-                        "model(...) to say how, e.g. forward=lambda m, b: m(b[0], b[2]) for task labels"
-                    ) from exc
-            return run
-
-        if isinstance(batch, torch.Tensor):
-            return hinted(lambda m: m(batch))
-        if isinstance(batch, dict):
-            return hinted(lambda m: m(**batch))
-        if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-            return hinted(lambda m: m(batch[0]))
-        raise TypeError(
-            f"MAS.estimate: a batch is a tensor, a tuple/list whose first item is the input tensor, or a dict "
-            f"of keyword arguments; got {type(batch).__name__}. Pass forward=lambda model, batch: ... to say "
-            "how to run the model on it"
-        )
 
     def estimate(self, batches: Iterable, progress: bool = False, *, train_mode: bool = False) -> "MAS":
         """Accumulate importance over ``batches``, an iterable of batches (e.g. a DataLoader).
@@ -391,7 +296,7 @@ class MAS:
         with self._session() as session, modes(self.module, train_mode):
             for batch in tqdm(batches, total=total, disable=not progress, desc=f"MAS {self.importance}",
                               unit="batch"):
-                session.run(self._call(batch), eval_mode=not train_mode)
+                session.run(call_for(batch, self.forward, self._device()), eval_mode=not train_mode)
         return self
 
     # --------------------------------------------------------- across tasks
@@ -543,54 +448,6 @@ class MAS:
             state.release(staging=False)
             state.num_samples = state.num_batches = 0
 
-    # ----------------------------------------------------------------- copies
-    def _snapshot(self) -> dict[str, Any]:
-        if self._handles:
-            raise RuntimeError("MAS: cannot copy or pickle a wrapper while estimate()/accumulating() is open; "
-                               "copy it after the block")
-        state = self._checked_state()
-        state.settle()
-        values = state.state_dict()
-        values["pending"] = state._pending
-        return {"config": dict(self._config, lam=self._lam), "model": self.wrapper, "state": values,
-                "tracked": list(self._params)}
-
-    def _restore(self, snap: dict[str, Any], process_group) -> None:
-        self._config = snap["config"]
-        self._setup(snap["model"], process_group, snap.get("tracked", ()))
-        values = dict(snap["state"])
-        pending = values.pop("pending", None)
-        dtypes = {n: t.dtype for n, t in values["anchors"].items()}
-        if any(self._state_.anchors[n].dtype != d for n, d in dtypes.items() if n in self._state_.anchors):
-            self._build(self._params, anchor_dtypes=dtypes)  # theta* in the dtypes the original holds
-        self._state_.load_state_dict(values, "MAS (copy)")
-        self._state_._pending = pending
-
-    def __getstate__(self) -> dict[str, Any]:
-        """For pickle and ``torch.save``: the settings, the model and the state's values (not the hooks)."""
-        if self.process_group is not None:
-            raise TypeError("MAS: a wrapper with a process_group cannot be pickled (a process group belongs to "
-                            "its process); pickle the model and mas.state_dict(), or use mas.save()")
-        return self._snapshot()
-
-    def __setstate__(self, snap: dict[str, Any]) -> None:
-        self._restore(snap, None)
-
-    def __deepcopy__(self, memo: dict) -> "MAS":
-        """An independent wrapper on a deep copy of the model (the one in ``memo`` when the model is
-        copied in the same call), with a copy of the state; a process group is shared."""
-        snap = self._snapshot()
-        new = type(self).__new__(type(self))
-        memo[id(self)] = new
-        new._restore(copy.deepcopy(snap, memo), self.process_group)
-        return new
-
-    def __copy__(self) -> "MAS":
-        """An independent wrapper on the same model, with a copy of the state."""
-        new = type(self).__new__(type(self))
-        new._restore(self._snapshot(), self.process_group)
-        return new
-
     # ----------------------------------------------------------------- hooks
     def remove(self) -> None:
         """Remove every hook this wrapper registered (also done when it is garbage-collected)."""
@@ -601,30 +458,3 @@ class MAS:
         state = self._state_
         return (f"MAS(importance={self.importance!r}, combine={self.combine!r}, lam={self.lam}, "
                 f"params={len(self._params)}, tasks={state.num_tasks}, num_samples={state.num_samples})")
-
-
-def check_lam(lam, who: str = "MAS") -> float:
-    """``lam`` as a float: a finite number >= 0 whose gradient scale ``2 lam`` fits float32."""
-    if isinstance(lam, bool) or not isinstance(lam, (numbers.Real, torch.Tensor)) or (
-            isinstance(lam, torch.Tensor) and lam.numel() != 1):
-        raise ValueError(f"{who}: lam must be a number (the penalty strength, >= 0), got {type(lam).__name__} {lam!r}")
-    value = float(lam)
-    if not math.isfinite(value) or value < 0 or 2 * value > float(torch.finfo(torch.float32).max):
-        raise ValueError(f"{who}: lam={value!r} must be a finite number >= 0 (the penalty strength; 0 turns the "
-                         "penalty off)")
-    return value
-
-
-class CheckedOutput:
-    """A user's ``output_fn``, whose result must be one tensor (a class, so a wrapper using it can be pickled)."""
-
-    def __init__(self, fn: Callable):
-        self.fn = fn
-
-    def __call__(self, out: Any) -> torch.Tensor:
-        y = self.fn(out)
-        if not isinstance(y, torch.Tensor):
-            raise TypeError(f"MAS: output_fn returned a {type(y).__name__}; it must return one tensor, whose "
-                            "squared L2 norm defines importance (e.g. output_fn=lambda out: out[0], or "
-                            "torch.cat(...) of several)")
-        return y

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from ._model import modes, own_hook, remove_handles, requiring_grad
-from .estimators import ExactRule, LocalRule
+from .estimators import BatchRule, ExactRule, LocalRule, Plan
 from .estimators.batch import Batch, count_samples, first_tensor, same
 from .state import ImportanceState
 
@@ -180,3 +180,24 @@ class Session:
         self.state.begin_batch()
         self._run(self.rule, batch, eval_mode)
         self.commit(batch.n)
+
+
+def rules_for(module: nn.Module, params: dict[str, nn.Parameter], plan: Plan, options, output_fn: Callable):
+    """``(rule, extra)`` for an estimation session as ``options`` say (``extra``: for the local rule, the
+    exact rule and the parameters no local rule covers, or None)."""
+    def exact():
+        return ExactRule(module, params, plan, output_fn, options.memory_budget, options.chunk_size)
+
+    if options.importance == "global_batch":
+        return BatchRule(module, params, plan, output_fn), None
+    if options.importance == "global":
+        return exact(), None
+    rule = LocalRule(plan, options.post_activation)
+    if not plan.uncovered or options.uncovered == "skip":
+        return rule, None
+    if options.uncovered == "error":
+        raise ValueError(
+            f"MAS(importance='local', uncovered='error'): no local rule covers {plan.uncovered}; "
+            "pass uncovered='global' (exact per-sample rule) or 'skip' (zero importance)"
+        )
+    return rule, (exact(), plan.uncovered)

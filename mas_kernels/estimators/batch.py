@@ -103,3 +103,40 @@ class Batch:
         a, kw = tree_map(lambda t: t[k:k + 1] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n
                          else t, (self.args, self.kwargs))
         return fn(*a, **kw)
+
+
+def call_for(batch, forward: Callable | None, device: torch.device) -> Callable[[nn.Module], Any]:
+    """How to run the model on one of ``estimate()``'s batches, moved to ``device``.
+
+    ``forward(model, batch)`` when given; else a tensor runs ``model(batch)``,
+    a tuple/list ``model(batch[0])`` (labels ignored), a dict ``model(**batch)``.
+    """
+    batch = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)
+    if forward is not None:
+        return lambda m: forward(m, batch)
+
+    def hinted(call):
+        def run(m):
+            try:
+                return call(m)
+            except TypeError as exc:
+                if "argument" not in str(exc):
+                    raise
+                raise TypeError(
+                    f"MAS.estimate: calling the model on the batch failed ({exc}); a tuple/list batch runs "
+                    "model(batch[0]) and a dict batch model(**batch). Pass forward=lambda model, batch: "
+                    "model(...) to say how, e.g. forward=lambda m, b: m(b[0], b[2]) for task labels"
+                ) from exc
+        return run
+
+    if isinstance(batch, torch.Tensor):
+        return hinted(lambda m: m(batch))
+    if isinstance(batch, dict):
+        return hinted(lambda m: m(**batch))
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return hinted(lambda m: m(batch[0]))
+    raise TypeError(
+        f"MAS.estimate: a batch is a tensor, a tuple/list whose first item is the input tensor, or a dict "
+        f"of keyword arguments; got {type(batch).__name__}. Pass forward=lambda model, batch: ... to say "
+        "how to run the model on it"
+    )

@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from .ops import abs_accumulate_, abs_outer_accumulate_, penalty, penalty_grad_
+from .ops import abs_bmm_accumulate_
 from .mas import MAS
 from ._backend import use as use_backend
 
@@ -14,4 +15,5 @@ __all__ = [
     "abs_accumulate_",
     "penalty_grad_",
     "penalty",
+    "abs_bmm_accumulate_",
 ]

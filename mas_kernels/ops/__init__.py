@@ -6,9 +6,10 @@ the dispatcher (``MAS_KERNELS_BACKEND``; see ``mas_kernels._backend``).
 
 from .. import _backend
 from .abs_accumulate import abs_accumulate_
+from .abs_bmm import abs_bmm_accumulate_
 from .abs_outer import abs_outer_accumulate_
 from .penalty import penalty, penalty_grad_
 
 _backend.use()
 
-__all__ = ["abs_outer_accumulate_", "abs_accumulate_", "penalty_grad_", "penalty"]
+__all__ = ["abs_outer_accumulate_", "abs_accumulate_", "penalty_grad_", "penalty", "abs_bmm_accumulate_"]

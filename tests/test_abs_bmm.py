@@ -280,12 +280,42 @@ def test_triton_kernel_sample_splits():
     # split over programs (partial sums, then their sum) and with T = 1, which the op sends to abs_outer.
     from mas_kernels.ops.triton.abs_bmm import launch
 
-    for S, T, J, I, programs in [(7, 5, 20, 30, 64), (3, 1, 17, 9, 64), (5, 33, 16, 16, 1)]:
-        a, b = make((S, T, J), BF16), make((S, T, I), F16)
+    for S, T, J, I, programs, dta, dtb in [(7, 5, 20, 30, 64, BF16, F16), (3, 1, 17, 9, 64, F32, F32),
+                                           (5, 33, 16, 16, 1, F16, F16), (6, 3, 9, 21, 64, F32, BF16)]:
+        a, b = make((S, T, J), dta), make((S, T, I), dtb)
         omega = make((J, I), fill="rand")
         expected, scale = ref.abs_bmm(omega, a, b, -0.5), scale_of(omega, a, b, -0.5)
         launch(omega, a, b, -0.5, 64 << 20, programs=programs)
         assert_close(omega, expected, scale, name=f"omega (S={S}, T={T})")
+
+
+@pytest.mark.skipif(not _backend.has_triton(), reason="Triton is not installed")
+def test_triton_configs_that_spill_are_pruned(monkeypatch):
+    # What a GPU run would autotune over (the interpreter keeps one config, unpruned).
+    from mas_kernels.ops.triton import abs_bmm as tk
+
+    monkeypatch.setattr(tk._backend, "interpreting", lambda: False)
+    configs = tk._configs()
+
+    def kept(a, b, upcast, precision):
+        args = dict(zip(["a_ptr", "b_ptr"], [a, b]))
+        args.update(stride_as=a.stride(0), stride_at=a.stride(1), stride_aj=a.stride(2),
+                    stride_bs=b.stride(0), stride_bt=b.stride(1), stride_bi=b.stride(2))
+        return {(c.kwargs["BLOCK_J"], c.kwargs["BLOCK_I"], c.kwargs["BLOCK_T"])
+                for c in tk._prune(configs, args, UPCAST=upcast, PRECISION=precision)}
+
+    everything = {(c.kwargs["BLOCK_J"], c.kwargs["BLOCK_I"], c.kwargs["BLOCK_T"]) for c in configs}
+    aligned = torch.zeros(2, 32, 64, dtype=BF16)
+    assert kept(aligned, aligned, False, "ieee") == everything
+    fma = kept(aligned.float(), aligned.float(), True, "ieee")
+    assert fma and all(j * t <= 64 * 32 for j, _, t in fma)
+    odd = torch.zeros(2, 7, 13, dtype=BF16)  # position stride 13: element-wise loads
+    assert kept(odd, aligned, False, "ieee") == {(64, 64, 16), (64, 64, 32), (64, 64, 64)}
+    assert kept(odd.float(), aligned.float(), True, "ieee") == {(64, 64, 16), (64, 64, 32)}
+    assert kept(aligned[:, :, 1:], aligned[:, :, 1:], False, "ieee") <= {(64, 64, 16), (64, 64, 32), (64, 64, 64)}
+    mixed = kept(aligned, aligned.float(), True, "tf32")  # a 16-bit operand next to an fp32 one
+    assert mixed and all(j <= 64 for j, _, _ in mixed)
+    assert kept(odd, aligned.float(), True, "ieee") == {(64, 64, 16)}
 
 
 # ------------------------------------------------- the native kernel's strategies

@@ -22,15 +22,23 @@ sum over positions:
 T = 1 is ``abs_outer_accumulate_`` (``|a_s^T b_s| = |a_s|^T |b_s|`` for a
 rank-one product), and every backend runs it as that op.
 
-Scratch memory: the PyTorch path computes the per-sample products of a chunk
-of samples at once, and chunks samples, then output tiles, then positions so
-that its scratch stays within ``memory_budget`` bytes (default
-:data:`DEFAULT_MEMORY_BUDGET`, 64 MiB; set it per call with
-``memory_budget=`` or for the process by assigning
-``mas_kernels.ops.abs_bmm.DEFAULT_MEMORY_BUDGET``). The native CPU kernel
-keeps per-sample tiles in registers and needs under a few MiB, fixed; the
-Triton kernel keeps them in registers and uses the budget only for the
-partial sums of its sample splits.
+Scratch memory, ``memory_budget`` bytes at most (default
+:data:`DEFAULT_MEMORY_BUDGET`, 64 MiB; per call with ``memory_budget=``, for
+the process by assigning ``mas_kernels.ops.abs_bmm.DEFAULT_MEMORY_BUDGET``;
+at least :data:`MIN_MEMORY_BUDGET`, 64 KiB):
+
+* the PyTorch path computes the per-sample products of a chunk of samples at
+  once, and chunks samples, then output tiles, then positions so that its
+  scratch fits (:func:`chunk_plan`; any budget >= 64 KiB works);
+* the native CPU kernel (``csrc/abs_bmm.cpp``) runs a chunked bmm of about
+  1 MiB of products at a time where that is faster and fits the budget, else
+  register tiles that never store per-sample products; their fixed per-thread
+  panels (about 2 MiB with AVX-512) are not counted, the partial sums of
+  sample groups are; at T = 1 it is the native ``abs_outer_accumulate_``,
+  whose fp32 abs copies of the inputs (``4 * S * (J + I)`` bytes) are not
+  chunked;
+* the Triton kernel keeps per-sample tiles in registers and uses the budget
+  only for the partial sums of its sample splits.
 """
 
 from __future__ import annotations

@@ -3,10 +3,11 @@
 // Every sample's (J, I) product is needed before its abs. Two strategies, and
 // which one is faster depends on the shape (bmm_min_positions):
 //
-// * Chunked bmm: per chunk of samples whose products take about 1 MiB, one
-//   BLAS batched GEMM, then one fused pass omega += alpha * sum_s |product|
-//   that reads the products back while they are in L2. Best when T is long
-//   (the products' traffic is small next to the GEMM) or the products are small.
+// * Batched GEMMs by blocks of omega (abs_bmm_by_bmm): per block of 64 rows
+//   and chunk of samples (about 1 MiB of products), one BLAS batched GEMM,
+//   then omega_block += alpha * sum_s |product| while the products are in L2. Best
+//   when T is long (the products' traffic is small next to the GEMM) or the
+//   products are small.
 // * Register tiles, where products would not fit in cache and T is short: the
 //   loops of a GotoBLAS/BLIS GEMM whose reduction (sample, position) is broken
 //   at sample boundaries. Work unit = kRowTiles row tiles (kMC rows each) x NC
@@ -22,12 +23,12 @@
 //   few blocks; their partial sums are added in group order, so the result
 //   does not depend on the thread count.
 //
-// Scratch: the bmm chunk's products (~1 MiB) and fp32 copies of 16-bit inputs,
-// within memory_budget (else the tiles run); the tiles' per-thread panels and
-// accumulators (at most kTC * (kMC + NC) + 2 * kRowTiles * kMC * NC floats,
-// 2.1 MiB with AVX-512; kept per thread between calls, since fresh pages on
-// every call cost ~5%) and the groups' partial sums, (groups, J, I) floats,
-// within memory_budget.
+// Scratch: per thread, the bmm chunk's products (~1 MiB) and fp32 copies of
+// 16-bit inputs, within memory_budget (else the tiles run); the tiles'
+// per-thread panels and accumulators (at most kTC * (kMC + NC) + 2 *
+// kRowTiles * kMC * NC floats, 2.1 MiB with AVX-512; kept per thread between
+// calls, since fresh pages on every call cost ~5%) and the groups' partial
+// sums, (groups, J, I) floats, within memory_budget.
 #include "ops.h"
 
 #include "multi_tensor.h"
@@ -128,46 +129,64 @@ int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // Which strategy is faster depends on the positions T and on whether one
 // sample's product (J*I floats) stays in cache while it is written and read
 // back. Measured on the 2-core Xeon (AVX-512), single thread, time / the
-// batch weight gradient of the same shape, tiles vs chunked bmm:
-//   S=64 T=4 1024x1024: 2.7 vs 10.4     S=32 T=16 1024x1024: 1.9 vs 3.0
-//   S=16 T=49 512x4608: 1.0 vs 1.75     S=16 T=32 768x768:   2.3 vs 2.0
-//   S=16 T=128 1024x1024: 1.5 vs 1.3    S=16 T=1024 64x576:  1.6 vs 1.1
-//   S=64 T=8 256x256:     3.9 vs 3.4    S=64 T=32 128x128:   1.8 vs 1.6
-// (the tiles' packing costs ~0.5x at every T; the bmm's extra memory traffic
-// costs ~30/T where the products leave the 2 MiB L2, much less where they fit).
+// batch weight gradient of the same shape, tiles vs bmm:
+//   S=64 T=4 768x768:     3.1 vs 6.5    S=32 T=16 1024x1024:  2.0 vs 2.8
+//   S=64 T=16 512x512:    1.8 vs 2.1    S=16 T=49 512x4608:   1.2 vs 1.6
+//   S=16 T=128 3072x768:  1.3 vs 1.5    S=16 T=128 1024x1024: 1.3 vs 1.3
+//   S=16 T=32 768x768:    2.3 vs 2.0    S=32 T=64 512x512:    1.5 vs 1.4
+//   S=64 T=32 128x128:    1.8 vs 1.6    S=16 T=1024 64x576:   1.7 vs 1.1
+// (the tiles' packing costs ~0.2-0.7x at every T; the bmm's extra memory
+// traffic is large at short T, and more so where products leave the L2).
 int64_t bmm_min_positions(int64_t J, int64_t I) {
-  const int64_t product = J * I;
-  if (product <= (int64_t(1) << 18)) return 8;
-  if (product <= (int64_t(1) << 20)) return 32;
-  return 128;
+  return J * I <= (int64_t(1) << 20) ? 32 : 256;
 }
 
-// Samples per bmm chunk: about 1 MiB of products, read back while in L2.
-constexpr int64_t kBmmChunkProduct = int64_t(1) << 18;
+// The bmm strategy's work unit: kBmmRows rows of omega (all its columns, or
+// a share of them when there are fewer row blocks than threads), and per call
+// of BLAS as many samples as make about 1 MiB of products. (Measured single
+// thread, time / the bound: 64 rows x all columns 1.05-1.74x, 128 x 128 tiles
+// 1.1-1.9x, whole per-sample products 1.05-1.55x but no parallelism.)
+constexpr int64_t kBmmRows = 64;
+constexpr int64_t kBmmChunkProduct = int64_t(1) << 18;  // floats
 
-// The chunked-bmm strategy: per chunk of samples, their products a_s^T b_s in
-// one batched GEMM (fp32 copies of 16-bit inputs), then omega += alpha * sum |.|
-// in one pass. `samples`: the chunk, sized by the caller to the budget.
+struct BmmTiles {
+  int64_t rows, cols, tiles_i, tiles;
+};
+
+BmmTiles bmm_tiles(int64_t J, int64_t I) {
+  const int64_t rows = std::min(J, kBmmRows), row_blocks = (J + rows - 1) / rows;
+  const int64_t splits = std::max<int64_t>(1, (at::get_num_threads() + row_blocks - 1) / row_blocks);
+  const int64_t cols = std::min(I, round_up((I + splits - 1) / splits, 16));
+  const int64_t tiles_i = (I + cols - 1) / cols;
+  return {rows, cols, tiles_i, row_blocks * tiles_i};
+}
+
 void abs_bmm_by_bmm(at::Tensor& omega, const at::Tensor& a, const at::Tensor& b, float alpha, int64_t samples) {
   const int64_t S = a.size(0), J = a.size(2), I = b.size(2);
-  at::Tensor prod = at::empty({samples, J, I}, omega.options());
+  const auto [rows, cols, tiles_i, tiles] = bmm_tiles(J, I);
   float* const out = omega.data_ptr<float>();
   const int64_t so0 = omega.stride(0), so1 = omega.stride(1);
-  for (int64_t s0 = 0; s0 < S; s0 += samples) {
-    const int64_t ns = std::min(samples, S - s0);
-    at::Tensor p = prod.narrow(0, 0, ns);
-    at::bmm_out(p, a.narrow(0, s0, ns).to(at::kFloat).transpose(1, 2), b.narrow(0, s0, ns).to(at::kFloat));
-    const float* const src = p.const_data_ptr<float>();
-    at::parallel_for(0, J, std::max<int64_t>(1, kChunk / std::max<int64_t>(1, ns * I)), [&](int64_t j0, int64_t j1) {
-      for (int64_t j = j0; j < j1; ++j) {
-        float* dst = out + j * so0;
-        for (int64_t s = 0; s < ns; ++s) {
-          const float* row = src + (s * J + j) * I;
-          for (int64_t i = 0; i < I; ++i) dst[i * so1] += alpha * std::fabs(row[i]);
-        }
+  at::parallel_for(0, tiles, 1, [&](int64_t u0, int64_t u1) {
+    at::Tensor prod = at::empty({samples * rows * cols}, omega.options());
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t j0 = u / tiles_i * rows, i0 = u % tiles_i * cols;
+      const int64_t jn = std::min(rows, J - j0), in = std::min(cols, I - i0);
+      const at::Tensor a_cols = a.narrow(2, j0, jn), b_cols = b.narrow(2, i0, in);
+      for (int64_t s0 = 0; s0 < S; s0 += samples) {
+        const int64_t ns = std::min(samples, S - s0);
+        at::Tensor p = prod.narrow(0, 0, ns * jn * in).view({ns, jn, in});
+        at::bmm_out(p, a_cols.narrow(0, s0, ns).to(at::kFloat).transpose(1, 2),
+                    b_cols.narrow(0, s0, ns).to(at::kFloat));
+        const float* const src = p.const_data_ptr<float>();
+        for (int64_t s = 0; s < ns; ++s)
+          for (int64_t j = 0; j < jn; ++j) {
+            const float* row = src + (s * jn + j) * in;
+            float* dst = out + (j0 + j) * so0 + i0 * so1;
+            for (int64_t i = 0; i < in; ++i) dst[i * so1] += alpha * std::fabs(row[i]);
+          }
       }
-    });
-  }
+    }
+  });
 }
 
 // This thread's scratch, kept between calls.
@@ -181,10 +200,13 @@ float* thread_scratch(int64_t floats) {
 
 int64_t abs_bmm_bmm_chunk(int64_t S, int64_t T, int64_t J, int64_t I, int64_t memory_budget) {
   if (S == 0 || T <= 1 || J * I == 0 || T < bmm_min_positions(J, I)) return 0;
-  // Scratch per sample: fp32 copies of its a and b (none for fp32, counted anyway) and its product.
-  const int64_t per_sample = int64_t(sizeof(float)) * (T * (J + I) + J * I);
-  // 0 when one sample's scratch is over the budget: then the tiles run, which need none of it.
-  return std::min({S, memory_budget / per_sample, std::max<int64_t>(1, kBmmChunkProduct / (J * I))});
+  const BmmTiles t = bmm_tiles(J, I);
+  // Scratch per sample and thread: fp32 copies of its a and b columns (none for
+  // fp32, counted anyway) and its product block.
+  const int64_t per_sample = int64_t(sizeof(float)) * (T * (t.rows + t.cols) + t.rows * t.cols);
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), t.tiles);
+  // 0 when one sample per thread is over the budget: then the tiles run, which need none of it.
+  return std::min({S, memory_budget / (per_sample * threads), std::max<int64_t>(1, kBmmChunkProduct / (t.rows * t.cols))});
 }
 
 void abs_bmm_accumulate_(at::Tensor omega, const at::Tensor& a, const at::Tensor& b, double alpha,

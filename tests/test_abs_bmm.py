@@ -352,7 +352,10 @@ def test_native_bmm_chunk_fits_the_budget(native):
                                (8, 512, 1024, 1024, 4 << 20), (4, 100, 100, 100, 64 << 10)]:
         n = native.abs_bmm_bmm_chunk(S, T, J, I, budget)
         assert 0 <= n <= S
-        assert n * 4 * (T * (J + I) + J * I) <= budget
+        # Per thread, n samples' fp32 copies of 64 rows of a, at most all of b, and their products.
+        rows = min(J, 64)
+        assert torch.get_num_threads() * n * 4 * (T * (rows + I) + rows * I) <= budget
+    assert native.abs_bmm_bmm_chunk(4, 300, 100, 100, 64 << 10) == 0  # not even one sample: the tiles run
 
 
 @needs_native

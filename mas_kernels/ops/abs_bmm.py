@@ -93,7 +93,7 @@ def _check_budget(memory_budget) -> int:
     if memory_budget < MIN_MEMORY_BUDGET:
         raise ValueError(f"{OP}: memory_budget={memory_budget} bytes is below the minimum {MIN_MEMORY_BUDGET} "
                          f"({MIN_MEMORY_BUDGET >> 10} KiB)")
-    return memory_budget
+    return min(memory_budget, 1 << 62)  # the schema's int is 64-bit; no machine has more
 
 
 def _check(omega, a, b, alpha, memory_budget) -> tuple[float, int]:

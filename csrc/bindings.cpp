@@ -36,6 +36,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("penalty_grad_", &mas_kernels::penalty_grad_, py::arg("params"), py::arg("anchors"), py::arg("omegas"),
         py::arg("lam"), py::arg("grads"), py::call_guard<py::gil_scoped_release>(),
         "returns lam * sum_i sum omega_i (p_i - a_i)^2 (0-dim fp32); grads[i] += 2 lam omega_i (p_i - a_i)");
+  m.def("abs_bmm_accumulate_", &mas_kernels::abs_bmm_accumulate_, py::arg("omega"), py::arg("a"), py::arg("b"),
+        py::arg("alpha"), py::arg("memory_budget"), py::call_guard<py::gil_scoped_release>(),
+        "omega += alpha * sum_s |a_s^T @ b_s| (fp32 accumulate), in place");
+  m.def("abs_bmm_bmm_chunk", &mas_kernels::abs_bmm_bmm_chunk, py::arg("S"), py::arg("T"), py::arg("J"), py::arg("I"),
+        py::arg("memory_budget"), "samples per chunked-bmm chunk abs_bmm_accumulate_ uses, 0 for its register tiles");
   m.def("register_cpu_kernels", &mas_kernels::register_cpu_kernels,
         "make the C++ kernels the CPU kernels of the mas_kernels:: ops (mas_kernels._backend calls it)");
   m.def("unregister_cpu_kernels", &mas_kernels::unregister_cpu_kernels,

@@ -38,6 +38,14 @@ void abs_outer_cpu(at::Tensor& omega, const at::Tensor& a, const at::Tensor& b, 
   bump(omega);
 }
 
+void abs_bmm_cpu(at::Tensor& omega, const at::Tensor& a, const at::Tensor& b, double alpha, int64_t memory_budget) {
+  {
+    at::NoGradGuard no_grad;  // the bmm strategy and T = 1 run ATen ops
+    abs_bmm_accumulate_(omega, a, b, alpha, memory_budget);
+  }
+  bump(omega);
+}
+
 void abs_accumulate_cpu(at::TensorList omegas, at::TensorList tensors, double alpha) {
   abs_accumulate_(omegas.vec(), tensors.vec(), alpha);
   for (const auto& o : omegas) bump(o);
@@ -78,6 +86,7 @@ void register_cpu_kernels() {
   registration->impl("abs_accumulate_", TORCH_FN(abs_accumulate_cpu));
   registration->impl("penalty_grad_", TORCH_FN(penalty_grad_cpu));
   registration->impl("penalty", TORCH_FN(penalty_cpu));
+  registration->impl("abs_bmm_accumulate_", TORCH_FN(abs_bmm_cpu));
 }
 
 void unregister_cpu_kernels() {

@@ -1,4 +1,4 @@
-// The three ops of mas_kernels._C (see mas_kernels/ops/*.py for the contract).
+// The ops of mas_kernels._C (see mas_kernels/ops/*.py for the contract).
 // The Python layer validates arguments and names the culprit; the checks here
 // only guard the kernels against calls that bypass it.
 #pragma once
@@ -19,5 +19,13 @@ void abs_accumulate_(const std::vector<at::Tensor>& omegas, const std::vector<at
 // 2 lam Omega_i (p_i - a_i) into grads[i].
 at::Tensor penalty_grad_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& anchors,
                          const std::vector<at::Tensor>& omegas, double lam, const std::vector<at::Tensor>& grads);
+
+// omega += alpha * sum_s |a_s^T b_s|; omega (J, I) fp32, a (S, T, J), b (S, T, I) fp32/bf16/fp16.
+void abs_bmm_accumulate_(at::Tensor omega, const at::Tensor& a, const at::Tensor& b, double alpha,
+                         int64_t memory_budget);
+
+// The strategy abs_bmm_accumulate_ takes for a shape: samples per chunked-bmm
+// chunk, or 0 for the register tiles (and for T <= 1, which is abs_outer).
+int64_t abs_bmm_bmm_chunk(int64_t S, int64_t T, int64_t J, int64_t I, int64_t memory_budget);
 
 }  // namespace mas_kernels

@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 from . import _backend
 from ._backend import use as use_backend
 from .mas import MAS
-from .ops import abs_accumulate_, abs_outer_accumulate_, penalty, penalty_grad_
+from .ops import abs_accumulate_, abs_bmm_accumulate_, abs_outer_accumulate_, penalty, penalty_grad_
 from .sharded import ShardedPenalty
 
 _backend.use()  # the kernels MAS_KERNELS_BACKEND asks for (default: auto) go on the dispatcher
@@ -17,6 +17,7 @@ __all__ = [
     "use_backend",
     "abs_outer_accumulate_",
     "abs_accumulate_",
+    "abs_bmm_accumulate_",
     "penalty_grad_",
     "penalty",
 ]

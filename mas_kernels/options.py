@@ -63,6 +63,9 @@ class Options:
                       "as memory_budget allows)")
         _positive_int(self.memory_budget, "memory_budget", "a positive number of bytes, or None for the default "
                       "(256 MiB)")
+        if self.memory_budget is not None and self.memory_budget < 1 << 16:
+            raise ValueError(f"MAS: memory_budget={self.memory_budget} is below the 64 KiB the per-sample kernels "
+                             "need at least; pass a larger budget (bytes)")
         for name in ("output_fn", "forward"):
             fn = getattr(self, name)
             if fn is not None and not callable(fn):

@@ -35,6 +35,17 @@ def penalty_and_grads(params, anchors, omegas, lam, grads):
     return lam * value, new_grads
 
 
+def abs_bmm(omega, a, b, alpha):
+    """omega + alpha * sum_s |sum_t outer(a_st, b_st)|: per sample, the sum over positions first, then abs."""
+    out = omega.to(F64).clone()
+    for s in range(a.shape[0]):
+        g = torch.zeros(a.shape[2], b.shape[2], dtype=F64)
+        for t in range(a.shape[1]):
+            g += torch.outer(a[s, t].to(F64), b[s, t].to(F64))
+        out += alpha * g.abs()
+    return out
+
+
 # ------------------------------------------------------------ MAS importance
 def _named(model):
     return dict(model.named_parameters())

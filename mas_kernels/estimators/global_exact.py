@@ -24,13 +24,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..ops import abs_outer_accumulate_
 from .batch import Batch
 from .capture import backward, capture
 from .global_batch import squared_norm
 from .plan import Plan
 from .rules import Context
-from .rules._bmm import abs_bmm
+from ..ops import abs_bmm_accumulate_
 
 DEFAULT_BUDGET = 256 << 20  # bytes of per-sample scratch at once
 
@@ -187,10 +186,7 @@ class ExactRule:
         if all(f is not None for f in factors):
             a = torch.cat([f[0].float() for f in factors], 1)
             b = torch.cat([f[1].float() for f in factors], 1)
-            if a.shape[1] == 1:
-                abs_outer_accumulate_(acc, a[:, 0], b[:, 0])
-            else:
-                abs_bmm(acc, a, b, budget=ctx.budget)
+            abs_bmm_accumulate_(acc, a, b, memory_budget=ctx.budget)
             return
         step = max(1, min(ctx.n, ctx.max_chunk or ctx.n, ctx.budget // (4 * acc.numel() * len(uses) or 1)))
         for lo in range(0, ctx.n, step):
@@ -223,7 +219,7 @@ class ExactRule:
             return
         a = torch.cat([f[0].float() for f in factors], 1)
         b = torch.cat([f[1].float() for f in factors], 1)
-        abs_bmm(acc, a, b, budget=ctx.budget)
+        abs_bmm_accumulate_(acc, a, b, memory_budget=ctx.budget)
         for k in torch.unique(sample).tolist():
             sel = (sample == k).nonzero()[:, 0]
             r = row[sel]

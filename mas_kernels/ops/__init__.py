@@ -6,7 +6,8 @@ chosen backend's kernels on the dispatcher (``MAS_KERNELS_BACKEND``; see
 """
 
 from .abs_accumulate import abs_accumulate_
+from .abs_bmm import abs_bmm_accumulate_
 from .abs_outer import abs_outer_accumulate_
 from .penalty import penalty, penalty_grad_
 
-__all__ = ["abs_outer_accumulate_", "abs_accumulate_", "penalty_grad_", "penalty"]
+__all__ = ["abs_outer_accumulate_", "abs_accumulate_", "abs_bmm_accumulate_", "penalty_grad_", "penalty"]

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...ops import abs_bmm_accumulate_
 from .base import Rule
-from ._bmm import abs_bmm
 
 _CONV_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
 
@@ -91,7 +91,7 @@ class ConvRule(Rule):
             cols = patches(module, x[lo:lo + step].float())  # (n, L, C*K)
             d = delta[lo:lo + step].float().flatten(2).transpose(1, 2)  # (n, L, O)
             if g == 1:
-                abs_bmm(omega[0], d, cols, budget=ctx.budget)
+                abs_bmm_accumulate_(omega[0], d, cols, memory_budget=ctx.budget)
             else:
                 per = torch.einsum("nlgo,nlgc->ngoc", d.unflatten(2, (g, o // g)), cols.unflatten(2, (g, ck)))
                 omega.add_(per.abs_().sum(0))

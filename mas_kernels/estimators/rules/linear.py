@@ -11,10 +11,9 @@ before the absolute value. Local: ``sum |y| |x|^T`` over every row.
 from __future__ import annotations
 
 import torch
-from ...ops import abs_outer_accumulate_
+from ...ops import abs_bmm_accumulate_, abs_outer_accumulate_
 from ..capture import Call
 from .base import Rule, batched, sample_dim
-from ._bmm import abs_bmm
 
 
 def _factors(calls: list[Call], ctx, layer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,10 +47,7 @@ class LinearRule(Rule):
         delta, x = _factors(calls, ctx, layer)
         if "weight" in accs:
             a, b = (x, delta) if self.transposed else (delta, x)
-            if a.shape[1] == 1:
-                abs_outer_accumulate_(accs["weight"], a[:, 0], b[:, 0])
-            else:
-                abs_bmm(accs["weight"], a, b, budget=ctx.budget)
+            abs_bmm_accumulate_(accs["weight"], a, b, memory_budget=ctx.budget)  # T = 1: the abs_outer GEMM
         if "bias" in accs:
             _bias(accs["bias"], delta)
 

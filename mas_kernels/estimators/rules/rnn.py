@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from ...ops import abs_outer_accumulate_
+from ...ops import abs_bmm_accumulate_, abs_outer_accumulate_
 from .base import Rule
-from ._bmm import abs_bmm
 
 _GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "LSTM": 4, "GRU": 3}
 
@@ -207,7 +206,7 @@ class RNNRule(Rule):
             else:
                 a = torch.cat([p[0] for p in pairs], 1)
                 b = torch.cat([p[1] for p in pairs], 1)
-                abs_bmm(accs[attr], a, b, budget=ctx.budget)
+                abs_bmm_accumulate_(accs[attr], a, b, memory_budget=ctx.budget)
 
     def factors(self, layer, calls, ctx, attr):
         pairs = self._factors(layer, calls, ctx).get(attr)

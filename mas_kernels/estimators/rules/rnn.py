@@ -82,10 +82,11 @@ class Replay:
                 c = c0[idx] if c0 is not None else None
                 order = range(steps - 1, -1, -1) if d == 1 else range(steps)
                 hs, prevs, zhs, rs = [None] * steps, [None] * steps, [None] * steps, [None] * steps
+                zi_t = zi.unbind(1)  # one backward node for all steps (zi[:, t] would write a zeros-filled copy each)
                 for t in order:
                     zh = torch.nn.functional.linear(h, w_hh, b_hh)
                     prevs[t], zhs[t] = h, zh
-                    h, c, rs[t] = self._cell(zi[:, t], zh, h, c)
+                    h, c, rs[t] = self._cell(zi_t[t], zh, h, c)
                     hs[t] = h
                 r = torch.stack(rs, 1).detach() if module.mode == "GRU" else None
                 self.inputs[(layer, d == 1)] = (inp, torch.stack(prevs, 1), zi, torch.stack(zhs, 1), r)

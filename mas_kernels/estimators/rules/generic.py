@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ...ops import abs_outer_accumulate_
+from ...ops import abs_bmm_accumulate_, abs_outer_accumulate_
 
 from .base import Rule
 
@@ -129,8 +129,9 @@ class MultiheadAttentionRule(GenericRule):
     """``nn.MultiheadAttention``: its projections (in_proj/q/k/v, out_proj, bias_k/v), all through its own call.
 
     ``out_proj`` is an ``nn.Linear`` that MHA never calls (it reads the weight
-    directly), so this rule, not the Linear's, covers it. Exact: the
-    module-local per-sample vjp. Local: see :meth:`local`.
+    directly), so this rule, not the Linear's, covers it. Exact: see
+    :meth:`exact` (the module-local per-sample vjp with ``add_bias_kv``).
+    Local: see :meth:`local`.
     """
 
     local_supported = True
@@ -180,7 +181,78 @@ class MultiheadAttentionRule(GenericRule):
             dims.append((qd if i == 0 else 0) if qd is not None else None)
         return dims
 
+    def exact(self, layer, calls, ctx, accs):
+        """The attention replayed around its projections, then one abs_bmm per projection weight.
 
+        ``F.multi_head_attention_forward`` runs on our own projections ``q = query
+        W_q^T + b_q`` (and k, v) with identity projection weights, so the masks
+        and the attention are PyTorch's own; backpropagating the recorded output
+        gradient through it gives ``dq``, ``dk``, ``dv`` and the gradient at the
+        output projection's input. Per sample then ``g_Wq = sum_t dq_t query_t^T``
+        (k, v alike; the rows of the packed ``in_proj_weight``), ``g_Wo = sum_t
+        delta_t attn_t^T`` and the biases' sums over positions.
+        """
+        m = layer.module
+        if m.bias_k is not None:  # bias_k/v are one key/value row for the whole batch: the per-sample vjp
+            return super().exact(layer, calls, ctx, accs)
+        E = m.embed_dim
+        eye = torch.eye(E, dtype=torch.float32, device=accs[next(iter(accs))].device)
+        zero = torch.zeros(3 * E, dtype=torch.float32, device=eye.device)
+        f = torch.nn.functional
+        uses: dict[str, list] = {}  # attr (or attr[rows]) -> [(a, b)] factors per call
+        for call in calls:
+            if call.deltas[0] is None:
+                continue
+            a = _mha_arguments(m, call)
+            q, k, v = (a[name].detach().float() for name in ("query", "key", "value"))
+            if q.dim() == 2:  # unbatched: a batch of one
+                q, k, v = (t.unsqueeze(1) for t in (q, k, v))
+                delta = call.deltas[0].float().unsqueeze(1)
+            elif m.batch_first:
+                q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+                delta = call.deltas[0].float().transpose(0, 1)
+            else:
+                delta = call.deltas[0].float()
+            if m._qkv_same_embed_dim:
+                ws = list(m.in_proj_weight.detach().float().chunk(3))
+            else:
+                ws = [w.detach().float() for w in (m.q_proj_weight, m.k_proj_weight, m.v_proj_weight)]
+            bs = list(m.in_proj_bias.detach().float().chunk(3)) if m.in_proj_bias is not None else [None] * 3
+            with torch.enable_grad():
+                proj = [f.linear(t, w, b).requires_grad_() for t, w, b in zip((q, k, v), ws, bs)]
+                attn, _ = f.multi_head_attention_forward(
+                    *proj, E, m.num_heads, None, zero, None, None, m.add_zero_attn, 0.0, eye, None, training=False,
+                    key_padding_mask=a["key_padding_mask"], need_weights=False, attn_mask=a["attn_mask"],
+                    use_separate_proj_weight=True, q_proj_weight=eye, k_proj_weight=eye, v_proj_weight=eye,
+                    is_causal=a.get("is_causal", False))
+                pre = attn  # with the identity out projection: the output projection's input
+                out = f.linear(pre, m.out_proj.weight.detach().float(),
+                               None if m.out_proj.bias is None else m.out_proj.bias.detach().float())
+                dq, dk, dv = torch.autograd.grad(out, proj, delta)
+            to_nte = lambda t: t.transpose(0, 1)  # noqa: E731  (L, N, E) -> (N, L, E)
+            names = ("q", "k", "v")
+            for i, (d, x) in enumerate(zip((dq, dk, dv), (q, k, v))):
+                uses.setdefault(names[i], []).append((to_nte(d), to_nte(x)))
+            uses.setdefault("out", []).append((to_nte(delta), to_nte(pre.detach())))
+        for key, pairs in uses.items():
+            a_ = torch.cat([p[0] for p in pairs], 1)
+            b_ = torch.cat([p[1] for p in pairs], 1)
+            i = "qkv".find(key)
+            if key == "out":
+                if "out_proj.weight" in accs:
+                    abs_bmm_accumulate_(accs["out_proj.weight"], a_, b_, memory_budget=ctx.budget)
+                if "out_proj.bias" in accs:
+                    accs["out_proj.bias"].add_(a_.sum(1).abs().sum(0))
+                continue
+            if m._qkv_same_embed_dim:
+                if "in_proj_weight" in accs:
+                    abs_bmm_accumulate_(accs["in_proj_weight"][i * E:(i + 1) * E], a_, b_, memory_budget=ctx.budget)
+            else:
+                wname = f"{key}_proj_weight"
+                if wname in accs:
+                    abs_bmm_accumulate_(accs[wname], a_, b_, memory_budget=ctx.budget)
+            if "in_proj_bias" in accs:
+                accs["in_proj_bias"][i * E:(i + 1) * E].add_(a_.sum(1).abs().sum(0))
 
     def local(self, layer, call, accs):
         """Hebbian numerators of nn.MultiheadAttention (the Linear convention per projection).

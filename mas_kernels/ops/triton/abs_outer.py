@@ -44,20 +44,19 @@ CONFIGS = {
     ],
     # TF32 tensor cores: fp32 tiles, twice the shared memory per element.
     "tf32": [
-        (64, 64, 32, 4, 3),
+        (64, 64, 32, 8, 3),
         (128, 128, 32, 8, 3),
         (128, 64, 32, 4, 4),
         (64, 128, 32, 4, 4),
     ],
-    # fp32 FMA: every product exact. The accumulator and the operand
-    # fragments live in registers, so tiles are smaller.
+    # fp32 FMA: every product exact; no tensor cores, so the tile is bounded by
+    # the registers of the accumulator and operand fragments (64-227 per thread).
     "ieee": [
         (64, 64, 32, 8, 3),
         (128, 64, 32, 8, 3),
         (64, 128, 32, 8, 3),
         (128, 128, 16, 8, 3),
         (128, 128, 32, 8, 2),
-        (64, 64, 16, 4, 3),
     ],
 }
 CONFIGS["bf16"] = CONFIGS["f16"]
@@ -143,9 +142,14 @@ def precision(a_dtype: torch.dtype, b_dtype: torch.dtype, allow_tf32: bool) -> s
 
 
 def abs_outer_triton(omega: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
+    rule = precision(a.dtype, b.dtype, torch.backends.cuda.matmul.allow_tf32)
+    if a.stride(0) == 1 and a.shape[1] > 1 and not (b.stride(0) == 1 and b.shape[1] > 1):
+        # a is contiguous along N (a transposed view): compute omega^T += |b|^T |a|,
+        # which puts it in b's place. In a's place an N-contiguous 16-bit tile
+        # converted for TF32 is copied 8 bytes at a time on sm_90; in b's place, 16.
+        omega, a, b = omega.t(), b, a
     N, J = a.shape
     I = b.shape[1]
-    rule = precision(a.dtype, b.dtype, torch.backends.cuda.matmul.allow_tf32)
     if _backend.interpreting():
         rule = "ieee"  # the interpreter: fp32 operands (its bf16 math is wrong), exact products
     upcast = rule in ("tf32", "ieee")

@@ -95,7 +95,8 @@ class Entry:
     must be runtime arguments, never ``tl.constexpr``: a new value would
     recompile); ``chunked``: the kernel works in chunks with an unmasked
     full-chunk path and a masked tail (the multi-tensor kernels), so
-    ``full_chunk_path`` is reported for it.
+    ``full_chunk_path`` is reported for it; ``tensor_cores``: a matmul-like
+    kernel, which must use tensor-core instructions when every input is 16-bit.
     """
 
     op: str
@@ -103,6 +104,7 @@ class Entry:
     cases: Callable[[], list[Case]]
     scalars: tuple[str, ...]
     chunked: bool = False
+    tensor_cores: bool = False
 
 
 def _zeros(*shape, dtype=F32):
@@ -122,9 +124,11 @@ def _abs_outer_cases() -> list[Case]:
             def args(n=n, j=j, i=i, da=da, db=db, a_layout=a_layout):
                 a = _zeros(n, j, dtype=da) if a_layout == "contiguous" else _zeros(j, n, dtype=da).t()
                 return _zeros(j, i), a, _zeros(n, i, dtype=db), 0.5
-            ci = (shape == "aligned" and a_layout == "contiguous" and not tf32
-                  and (da, db) in ((F32, F32), (F16, F16), (F16, BF16))) or (
-                shape == "aligned" and a_layout == "transposed" and tf32 and (da, db) == (F32, F32))
+            # CI: every config of each precision rule once per arch, and both of a's layouts:
+            # fp32 FMA and fp16 tensor cores with a contiguous, the TF32 rule (f16 x bf16)
+            # with a transposed (the launcher then swaps a and b).
+            ci = shape == "aligned" and not tf32 and ((a_layout == "contiguous" and (da, db) in ((F32, F32), (F16, F16)))
+                                                      or (a_layout == "transposed" and (da, db) == (F16, BF16)))
             label = f"{shape} N,J,I={n},{j},{i}; a {a_layout}" + ("; allow_tf32" if tf32 else "")
             cases.append(Case(label, {"a": SHORT[da], "b": SHORT[db]}, args, allow_tf32=tf32, ci=ci,
                               expect=("vector_io",) if shape == "aligned" else ()))
@@ -164,7 +168,7 @@ def _penalty_cases() -> list[Case]:
         def args(dp=dp, da=da, dg=dg, misaligned=misaligned):
             params, anchors, omegas, grads = _lists((dp, da, F32, dg), _SIZES, misaligned)
             return params, anchors, omegas, 0.5, grads
-        ci = not misaligned and (dp, da, dg) in ((F32, F32, F32), (BF16, BF16, BF16), (F16, F32, F16))
+        ci = (not misaligned and (dp, da, dg) in ((BF16, BF16, BF16), (F16, F32, F16))) or (dp, da, dg) == (F32, F32, F32)
         cases.append(Case("a misaligned view" if misaligned else "aligned",
                           {"params": SHORT[dp], "anchors": SHORT[da], "grads": SHORT[dg]}, args, ci=ci))
     return cases
@@ -172,7 +176,7 @@ def _penalty_cases() -> list[Case]:
 
 ENTRIES: list[Entry] = [
     Entry("abs_outer_accumulate_", "mas_kernels.ops.triton.abs_outer:abs_outer_triton", _abs_outer_cases,
-          scalars=("alpha",)),
+          scalars=("alpha",), tensor_cores=True),
     Entry("abs_accumulate_", "mas_kernels.ops.triton.multi_tensor:abs_accumulate_triton", _abs_accumulate_cases,
           scalars=("alpha",), chunked=True),
     Entry("penalty_grad_", "mas_kernels.ops.triton.multi_tensor:penalty_grad_triton", _penalty_cases,
@@ -232,6 +236,7 @@ class Job:
     case: Case
     chunked: bool
     scalars: tuple[str, ...]
+    expect: tuple[str, ...]
     fn: Any
     arch: int
     config: dict
@@ -289,7 +294,10 @@ def plan(entries=None, archs=ARCHS, ci=False) -> list[Job]:
                     shown = {k: v for k, v in kwargs.items() if k.isupper() or k in ("num_warps", "num_stages")}
                     for arch in archs:
                         sig, cx, attrs, options = _bind(launch.fn, launch.args, kwargs, arch)
-                        jobs.append(Job(entry.op, case, entry.chunked, entry.scalars, launch.fn, arch,
+                        expect = tuple(case.expect)
+                        if entry.tensor_cores and all(_is16(d) for d in case.dtypes.values()):
+                            expect += ("tensor_cores",)
+                        jobs.append(Job(entry.op, case, entry.chunked, entry.scalars, expect, launch.fn, arch,
                                         _config_dict(shown), launch.key, sig, cx, attrs, options))
     return jobs
 
@@ -494,7 +502,7 @@ def _compile(i: int) -> dict:
     rec: dict[str, Any] = {
         "op": job.op, "kernel": job.fn.__name__, "arch": job.arch, "triton": triton.__version__,
         "dtypes": job.case.dtypes, "case": job.case.label, "allow_tf32": job.case.allow_tf32,
-        "config": job.config, "autotune_key": list(job.key), "ci": job.case.ci, "expect": list(job.case.expect),
+        "config": job.config, "autotune_key": list(job.key), "ci": job.case.ci, "expect": list(job.expect),
         "smem_limit": SMEM_LIMIT[job.arch],
     }
     # Step-varying scalars: runtime arguments (a float type in the signature), never constexpr.
@@ -566,7 +574,7 @@ def check(rec: dict) -> list[str]:
         for kind in ("load_bits", "store_bits"):
             if rec[kind] is not None and rec[kind][0] < 128:
                 bad.append(f"full-chunk path has {rec[kind][0]}-bit accesses ({kind}={rec[kind]})")
-    if rec["op"] == "abs_outer_accumulate_" and all(_is16(d) for d in rec["dtypes"].values()) and not rec["mma"]:
+    if "tensor_cores" in rec.get("expect", ()) and not rec["mma"]:
         bad.append("16-bit inputs without tensor-core instructions")
     if "vector_io" in rec.get("expect", ()):
         for kind in ("load_bits", "store_bits"):
@@ -575,8 +583,29 @@ def check(rec: dict) -> list[str]:
     return bad
 
 
+def _variant(rec: dict) -> str:
+    """The compile-time choices of a record other than tile sizes and dtypes (e.g. a precision rule)."""
+    keep = [f"{k}={v}" for k, v in rec["config"].items()
+            if k.isupper() and not k.startswith("BLOCK") and not k.endswith("DTYPE")]
+    if rec.get("full_chunk_path") is not None:
+        keep.append("full chunks" if rec["full_chunk_path"] else "masked only")
+    return ", ".join(keep) or "-"
+
+
+def _tile(cfg: dict) -> str:
+    blocks = "x".join(str(v) for k, v in cfg.items() if k.startswith("BLOCK"))
+    return f"{blocks} w{cfg.get('num_warps', '?')} s{cfg.get('num_stages', '-')}"
+
+
+def _span(xs) -> str:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "-"
+    return f"{min(xs)}" if min(xs) == max(xs) else f"{min(xs)}-{max(xs)}"
+
+
 def summary(records: list[dict]) -> str:
-    """The text report: totals, then one line per (op, kernel, arch, dtypes, case) with the worst config."""
+    """A short text report: totals, one line per (op, variant, arch, config), then every problem found."""
     lines = []
     ok = [r for r in records if not check(r)]
     compiled = [r for r in records if r["compiled"]]
@@ -587,29 +616,42 @@ def summary(records: list[dict]) -> str:
     over = sum(1 for r in compiled if r["smem_bytes"] > r["smem_limit"])
     full = [r for r in compiled if r["full_chunk_path"]]
     full128 = sum(1 for r in full if r["load_bits"] and r["load_bits"][0] >= 128 and r["store_bits"][0] >= 128)
-    mm16 = [r for r in compiled if r["op"] == "abs_outer_accumulate_" and all(_is16(d) for d in r["dtypes"].values())]
+    mm16 = [r for r in compiled if "tensor_cores" in r.get("expect", ())]
     lines.append(f"  spilling compiles: {spills}; over the shared-memory limit: {over}; "
                  f"full-chunk paths with 128-bit loads and stores: {full128}/{len(full)}; "
-                 f"16-bit abs_outer compiles with tensor cores: {sum(1 for r in mm16 if r['mma'])}/{len(mm16)}")
+                 f"16-bit matmul compiles with tensor cores: {sum(1 for r in mm16 if r['mma'])}/{len(mm16)}")
+    lines.append("  one line per (op, variant, arch, config) over every dtype combination and case; load/store bits:")
+    lines.append("  [narrowest, widest] global data access (the full-chunk path where there is one) over the aligned")
+    lines.append("  cases; the per-compile records, with each source line's widths, are in the JSON")
     lines.append("")
-    head = (f"{'op':<22} {'arch':<5} {'dtypes':<16} {'case':<44} {'config':<22} {'regs':>4} {'spill':>5} "
-            f"{'smem KiB':>8} {'full':>5} {'load bits':>10} {'store bits':>10} {'mma':<24} problems")
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["op"], _variant(r), r["arch"], _tile(r["config"])), []).append(r)
+    head = (f"{'op':<22} {'variant':<34} {'arch':<5} {'config':<20} {'n':>3} {'dtypes':<16} {'regs':>7} {'spill':>5} "
+            f"{'smem KiB':>8} {'load bits':>10} {'store bits':>10}  mma")
     lines.append(head)
     lines.append("-" * len(head))
-    for r in records:
-        cfg = r["config"]
-        if "BLOCK_J" in cfg:
-            c = f"{cfg['BLOCK_J']}x{cfg['BLOCK_I']}x{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}"
-        else:
-            c = " ".join(f"{k}={v}" for k, v in cfg.items() if k in ("MODE", "BLOCK", "num_warps"))
-        dt = "/".join(r["dtypes"].values())
-        smem = f"{r['smem_bytes'] / 1024:.1f}" if r["compiled"] else "-"
-        fb = {True: "yes", False: "no", None: "-"}[r["full_chunk_path"]]
-        mma = (r["mma"] or "-").replace("mma_async.sync.aligned.", "").replace("mma.sync.aligned.", "mma.")
-        problems = "; ".join(check(r)) or "ok"
-        lines.append(f"{r['op']:<22} sm{r['arch']:<3} {dt:<16} {r['case'][:44]:<44} {c[:22]:<22} "
-                     f"{r['registers'] if r['compiled'] else '-':>4} {r['spill_bytes'] if r['compiled'] else '-':>5} "
-                     f"{smem:>8} {fb:>5} {str(r['load_bits']):>10} {str(r['store_bits']):>10} {mma[:24]:<24} {problems}")
+    for (op, variant, arch, tile), rs in groups.items():
+        good = [r for r in rs if r["compiled"]]
+        aligned = [r for r in good if "vector_io" in r.get("expect", ()) or r["full_chunk_path"] is not None]
+        dts = sorted({"/".join(r["dtypes"].values()) for r in rs})
+        dt = dts[0] if len(dts) == 1 else f"{len(dts)} combinations"
+        lb = [b for r in aligned if r["load_bits"] for b in r["load_bits"]]
+        sb = [b for r in aligned if r["store_bits"] for b in r["store_bits"]]
+        mma = sorted({(r["mma"] or "-").replace("mma_async.sync.aligned.", "").replace("mma.sync.aligned.", "mma.")
+                      for r in good})
+        smem = [r["smem_bytes"] / 1024 for r in good]
+        lines.append(
+            f"{op:<22} {variant[:34]:<34} sm{arch:<3} {tile:<20} {len(rs):>3} {dt[:16]:<16} "
+            f"{_span([r['registers'] for r in good]):>7} {max([r['spill_bytes'] for r in good], default=0):>5} "
+            f"{(f'{max(smem):.0f}' if smem else '-'):>8} {f'[{min(lb)}, {max(lb)}]' if lb else '-':>10} "
+            f"{f'[{min(sb)}, {max(sb)}]' if sb else '-':>10}  {', '.join(mma)}")
+    problems = [(r, check(r)) for r in records if check(r)]
+    lines.append("")
+    lines.append(f"problems: {len(problems)}")
+    for r, bad in problems:
+        lines.append(f"  {r['op']} sm_{r['arch']} {r['dtypes']} {r['case']} {_tile(r['config'])} {_variant(r)}: "
+                     + "; ".join(bad))
     return "\n".join(lines) + "\n"
 
 
@@ -623,6 +665,8 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: CPU count, at most 8)")
     p.add_argument("--quiet", action="store_true")
     ns = p.parse_args(argv)
+    # Triton 3.9 warns that its default (fp fusion on) will change; audit with today's default, quietly.
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     entries = [e for e in ENTRIES if not ns.op or e.op in ns.op]
     started = time.perf_counter()
 

@@ -60,7 +60,7 @@ def test_ci_subset_covers_every_kernel_and_property(ci_records):
         assert all(r["scalars_runtime"] for r in mine), e.op
     outer = [r for r in records if r["op"] == "abs_outer_accumulate_"]
     sixteen = [r for r in outer if set(r["dtypes"].values()) <= {"f16", "bf16"}]
-    assert sixteen and all(r["mma"] for r in sixteen)
+    assert sixteen and all("tensor_cores" in r["expect"] and r["mma"] for r in sixteen)
     assert any("wgmma" in r["mma"] for r in sixteen if r["arch"] == 90)
     # every autotune config of a rule is compiled, and the rule is part of the autotune key
     assert all("PRECISION" in r["autotune_key"] for r in outer)
@@ -127,7 +127,8 @@ def test_check_flags_each_problem():
     clean = {"op": "abs_outer_accumulate_", "compiled": True, "error": None, "spill_bytes": 0, "smem_bytes": 1024,
              "smem_limit": 2048, "scalars_runtime": True, "scalar_args": {"alpha": "fp32"}, "full_chunk_path": None,
              "load_bits": [128, 128], "store_bits": [128, 128], "dtypes": {"a": "f16", "b": "bf16"},
-             "mma": "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32", "expect": ["vector_io"], "arch": 80}
+             "mma": "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32", "expect": ["vector_io", "tensor_cores"],
+             "arch": 80}
     assert audit.check(clean) == []
     for change, word in [({"spill_bytes": 8}, "spills"), ({"smem_bytes": 4096}, "shared memory"),
                          ({"mma": None}, "tensor-core"), ({"scalars_runtime": False}, "runtime"),

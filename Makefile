@@ -3,6 +3,8 @@
 #   make test   set up .venv and run the test suite (Triton under its interpreter
 #               when there is no GPU)
 #   make bench  set up .venv and run the benchmarks (writes bench/results/cpu.{json,png,txt})
+#   make audit  set up .venv and compile every Triton kernel for sm_80/sm_90 (no GPU
+#               needed): registers, spills, shared memory, access widths, tensor cores
 #
 # torch is installed first and pinned: on a CPU machine `torch==2.13.0` takes the
 # local CPU wheel, while a bare `torch` requirement could pull a multi-GB CUDA
@@ -13,7 +15,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test demo bench audit clean
 
 venv: $(STAMP)
 
@@ -35,6 +37,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench --json bench/results/cpu.json --plot bench/results/cpu.png --txt bench/results/cpu.txt
+
+# The audit compiles for real GPU targets, so never under the Triton interpreter.
+audit: $(STAMP)
+	env -u TRITON_INTERPRET TRITON_DEFAULT_FP_FUSION=1 $(BIN)/python -m mas_kernels.audit \
+		--json bench/results/audit.json --summary bench/results/audit.txt --quiet
 
 clean:
 	rm -rf $(VENV) build *.egg-info

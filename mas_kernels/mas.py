@@ -237,6 +237,12 @@ class MAS(Copyable):
         return state.num_samples
 
     @property
+    def nbytes(self) -> int:
+        """Bytes the wrapper's state holds now: Omega and theta*, and the accumulator and staging
+        buffers while a task is open (plus at most 16 bytes of alignment padding per tensor)."""
+        return self._state.nbytes()
+
+    @property
     def samples_consolidated(self) -> int:
         """Samples in all consolidated tasks."""
         return self._state.samples_consolidated

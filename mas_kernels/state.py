@@ -19,6 +19,11 @@ import torch
 class FlatBuffers:
     """Named views into flat buffers grouped by (device, dtype).
 
+    Each view starts on a 16-byte boundary (the buffers hold a few zeros of
+    padding between views), so every view qualifies for the kernels'
+    128-bit full-chunk path: an unpadded 10-element bias would leave every
+    view after it misaligned.
+
     Args:
         specs: ``(name, shape, device, dtype)`` for each parameter, in order.
         dtype: force one dtype for every buffer (e.g. float32 for Omega);
@@ -31,7 +36,8 @@ class FlatBuffers:
         where: list[tuple] = []
         for name, shape, device, pdtype in specs:
             key = (torch.device(device), dtype or pdtype)
-            start = sizes.get(key, 0)
+            align = max(1, 16 // key[1].itemsize)
+            start = -(-sizes.get(key, 0) // align) * align
             n = 1
             for s in shape:
                 n *= int(s)

@@ -480,13 +480,20 @@ def _resnet18_sized():
     return model
 
 
+def holds(mas, bytes_per_element: int, n: int, tensors: int) -> bool:
+    """``mas.nbytes`` is ``bytes_per_element * n`` plus at most 16 bytes of alignment padding per view."""
+    stores = max(1, bytes_per_element // 2)
+    return bytes_per_element * n <= mas.nbytes <= bytes_per_element * n + 16 * tensors * stores
+
+
 def test_accumulator_lives_only_while_a_task_is_open(tmp_path):
     model = mlp(20, 30, 4)
     n = sum(p.numel() for p in model.parameters())
+    k = len(list(model.parameters()))
     mas = mk.MAS(model, importance="local")
-    assert mas._state.nbytes() == 8 * n  # Omega + theta*, float32
+    assert holds(mas, 8, n, k)  # Omega + theta*, float32
     mas.estimate([torch.randn(5, 20)])
-    assert mas._state.nbytes() == 16 * n  # + accumulator + staging
+    assert holds(mas, 16, n, k)  # + accumulator + staging
     # The open accumulator survives state_dict(), save() and load().
     sd = mas.state_dict()
     mas.save(tmp_path / "open.st")
@@ -497,7 +504,7 @@ def test_accumulator_lives_only_while_a_task_is_open(tmp_path):
     third.load_state_dict(sd)
     for m in (mas, other, third):
         m.consolidate()
-        assert m._state.nbytes() == 8 * n
+        assert holds(m, 8, n, k)
     torch.testing.assert_close(other.omega["0.weight"], mas.omega["0.weight"])
     torch.testing.assert_close(third.omega["0.weight"], mas.omega["0.weight"])
 
@@ -506,10 +513,11 @@ def test_memory_of_a_resnet18_sized_wrapper():
     model = _resnet18_sized()
     n = sum(p.numel() for p in model.parameters())
     assert 11_000_000 < n < 12_000_000
+    k = len(list(model.parameters()))
     full = mk.MAS(model, importance="global_batch")
     small = mk.MAS(model, importance="global_batch", omega_dtype=torch.bfloat16, anchor_dtype=torch.bfloat16)
-    assert full._state.nbytes() == 8 * n  # today's main: 16 * n for life
-    assert small._state.nbytes() == 4 * n
+    assert holds(full, 8, n, k)  # today's main: 16 * n for life
+    assert holds(small, 4, n, k)
 
 
 @pytest.mark.parametrize("omega_dtype,anchor_dtype,bound", [

@@ -14,6 +14,7 @@ pad(|x|)`` for every padding mode).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -85,13 +86,15 @@ class ConvRule(Rule):
         g, o = module.groups, w.shape[0]
         ck = w[0].numel()  # C/groups * K
         positions = delta[0, 0].numel()
-        step = self.chunk(module, ctx, 4 * positions * (ck * g + o) + (4 * w.numel() if g > 1 else 0))
+        # Half the budget for a chunk's patches, half for the per-sample products abs_bmm forms from them.
+        half = dataclasses.replace(ctx, budget=max(1 << 16, ctx.budget // 2))
+        step = self.chunk(module, half, 4 * positions * (ck * g + o) + (4 * w.numel() if g > 1 else 0))
         omega = accs["weight"].view(g, o // g, ck)
         for lo in range(0, n, step):
             cols = patches(module, x[lo:lo + step].float())  # (n, L, C*K)
             d = delta[lo:lo + step].float().flatten(2).transpose(1, 2)  # (n, L, O)
             if g == 1:
-                abs_bmm_accumulate_(omega[0], d, cols, memory_budget=ctx.budget)
+                abs_bmm_accumulate_(omega[0], d, cols, memory_budget=half.budget)
             else:
                 per = torch.einsum("nlgo,nlgc->ngoc", d.unflatten(2, (g, o // g)), cols.unflatten(2, (g, ck)))
                 omega.add_(per.abs_().sum(0))

@@ -22,7 +22,7 @@ import mas_kernels as mk
 from mas_kernels.ops.abs_accumulate import abs_accumulate_torch
 from mas_kernels.ops.penalty import penalty_grad_torch
 
-from .harness import Case, ours_backend, sync
+from .harness import Case, ours_backend, peak_memory, sync
 from .models import KINDS, build
 
 LAM = 1e-3  # small, so grads that accumulate over hundreds of timed calls stay finite in bf16
@@ -388,26 +388,6 @@ def inference_case(kind: str, batch: int, device: torch.device) -> Case:
                 1.0, {"plain": plain, "online local importance": online}, baseline="plain")
     case.notes["_session"] = session  # closed after measuring
     return case
-
-
-def peak_memory(fn: Callable[[], object]) -> int:
-    """Peak bytes allocated (above what was live before) during ``fn()``, from the profiler's memory events.
-
-    On CPU, torch keeps no allocator statistics: the profiler records each
-    op's allocations and each free, and their running sum in time order peaks
-    at the high-water mark.
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    deltas = sorted((e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
-                    for e in prof.events())
-    cur = peak = 0
-    for _, d in deltas:
-        cur += d
-        peak = max(peak, cur)
-    return peak
 
 
 def importance_case(kind: str, device: torch.device, quick: bool) -> Case:

@@ -167,3 +167,23 @@ def run_case(case: Case, device: torch.device, reps: int, info: dict, quick: boo
             row["notes"] = dict(case.notes)
         rows.append(row)
     return rows
+
+
+def peak_memory(fn: Callable[[], object]) -> int:
+    """Peak bytes allocated (above what was live before) during ``fn()``, from the profiler's memory events.
+
+    On CPU, torch keeps no allocator statistics: the profiler records each
+    op's allocations and each free, and their running sum in time order peaks
+    at the high-water mark.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    deltas = sorted((e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
+                    for e in prof.events())
+    cur = peak = 0
+    for _, d in deltas:
+        cur += d
+        peak = max(peak, cur)
+    return peak

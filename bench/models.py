@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 
-class _Block(nn.Module):
+class BasicBlock(nn.Module):
+    """A ResNet basic block: conv-BN-ReLU(inplace)-conv-BN + shortcut (1x1 conv + BN when the shape changes)."""
+
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
@@ -34,7 +36,7 @@ def resnet18(width: int = 64, classes: int = 10) -> nn.Module:
               nn.MaxPool2d(3, 2, 1)]
     cin = width
     for mult, stride in ((1, 1), (1, 1), (2, 2), (2, 1), (4, 2), (4, 1), (8, 2), (8, 1)):
-        layers.append(_Block(cin, width * mult, stride))
+        layers.append(BasicBlock(cin, width * mult, stride))
         cin = width * mult
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes)]
     return nn.Sequential(*layers)

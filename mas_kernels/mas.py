@@ -368,13 +368,7 @@ class MAS(Copyable):
         Its backward is differentiable too: ``create_graph=True`` gives the
         Hessian-vector products ``2 lam Omega v`` of a second backward.
         """
-        if self._state.num_tasks == 0:
-            return self._regularizer.zero()
-        try:
-            return self._regularizer.penalty()
-        except LayoutChanged:  # a parameter's storage changed shape or device: the state follows it
-            self._checked_state()
-            return self._regularizer.penalty()
+        return self._apply_penalty("penalty")
 
     def add_penalty_grad_(self) -> torch.Tensor:
         """Add ``2 lam Omega (theta - theta*)`` into each ``.grad`` (after ``backward()``); return the penalty.
@@ -382,13 +376,18 @@ class MAS(Copyable):
         A frozen parameter (``requires_grad=False``) without a ``.grad`` gets
         none, and its term is left out. No host synchronization.
         """
+        return self._apply_penalty("add_grad_")
+
+    def _apply_penalty(self, how: str) -> torch.Tensor:
+        """``Regularizer.penalty`` or ``add_grad_`` (0 before the first task); a parameter whose storage
+        changed shape or device since is followed first."""
         if self._state.num_tasks == 0:
             return self._regularizer.zero()
         try:
-            return self._regularizer.add_grad_()
-        except LayoutChanged:  # a parameter's storage changed shape or device: the state follows it
+            return getattr(self._regularizer, how)()
+        except LayoutChanged:
             self._checked_state()
-            return self._regularizer.add_grad_()
+            return getattr(self._regularizer, how)()
 
     # ----------------------------------------------------------------- state
     def _meta(self, state: ImportanceState) -> dict[str, Any]:

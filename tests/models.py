@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bench.models import BasicBlock as Block
+
 
 def randomize_norms(model: nn.Module) -> nn.Module:
     with torch.no_grad():
@@ -23,25 +25,6 @@ def randomize_norms(model: nn.Module) -> nn.Module:
                 m.running_mean.uniform_(-0.3, 0.3)
                 m.running_var.uniform_(0.5, 1.5)
     return model.eval()
-
-
-class Block(nn.Module):
-    """A ResNet basic block: conv-BN-ReLU(inplace)-conv-BN + shortcut (1x1 conv + BN when the shape changes)."""
-
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.down = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-                     if stride != 1 or cin != cout else None)
-
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + (x if self.down is None else self.down(x)))
 
 
 class ResNetish(nn.Module):

@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 import mas_kernels as mk
-from tests import reference as ref
 
 TOL = dict(atol=1e-6, rtol=2e-5)
 

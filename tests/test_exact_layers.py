@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import mas_kernels as mk
+from bench.harness import peak_memory
 from tests import models
 from tests import reference as ref
 from tests.helpers import HYPOTHESIS
@@ -403,21 +403,6 @@ def test_exact_rule_scratch_stays_within_the_memory_budget(monkeypatch):
     close(mas.omega, ref.global_exact(model, [x]))
 
 
-def _peak_bytes(fn) -> int:
-    """Peak bytes allocated during ``fn()``, from the profiler's allocation and free events (CPU)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    deltas = sorted((e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
-                    for e in prof.events())
-    cur = peak = 0
-    for _, d in deltas:
-        cur += d
-        peak = max(peak, cur)
-    return peak
-
-
 def test_exact_rule_peak_memory_stays_within_the_budget_over_a_plain_backward():
     """The whole exact pass, measured: its peak over a plain forward+backward is at most the budget (the conv
     rule's patches and per-sample products) plus what the recorded calls keep alive until the rules run (each
@@ -432,8 +417,8 @@ def test_exact_rule_peak_memory_stays_within_the_budget_over_a_plain_backward():
     budget = 1 << 20
     mas = mk.MAS(model, importance="global", memory_budget=budget)
     mas.estimate([x])  # allocates the accumulator and staging (held across batches)
-    base = _peak_bytes(plain)
-    peak = _peak_bytes(lambda: mas.estimate([x]))
+    base = peak_memory(plain)
+    peak = peak_memory(lambda: mas.estimate([x]))
     params = 4 * sum(p.numel() for p in model.parameters())
     recorded = 2 * 2 * 4 * 32 * 16 * 16 * 16  # the two convs' outputs and output gradients
     assert peak - base <= budget + 2 * params + recorded, (peak, base)

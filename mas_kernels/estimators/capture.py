@@ -35,6 +35,8 @@ class Call:
     output: Any
     deltas: list  # per output tensor (in tree_flatten order): the gradient, None until backward gives one
     versions: list  # the output tensors' version counters when the layer returned them
+    replay: Any = None  # what a rule's own forward left for it (an RNN's step-by-step replay)
+    targets: list = dataclasses.field(default_factory=list)  # more tensors the backward must reach
 
     @property
     def outputs(self) -> list[torch.Tensor]:
@@ -93,6 +95,9 @@ class Recorder:
                 output = new = expanded
         outs = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
         call = Call(args, kwargs, output, [None] * len(outs), [t._version for t in outs])
+        replay = self._pending.pop(module, None)
+        if replay is not None:
+            call.replay, call.targets = replay, replay.targets()
         if self.grads:
             for i, t in enumerate(outs):
                 if t.requires_grad:
@@ -101,14 +106,37 @@ class Recorder:
         return new
 
     def __enter__(self) -> "Recorder":
+        self._pending: dict = {}
+        self._forwards: list = []
         for m in self.calls:
             self.handles.append(m.register_forward_hook(self._hook, with_kwargs=True))
+            layer = self.plan.reader(m) if self.plan is not None and self.grads else None
+            if layer is not None and hasattr(layer.rule, "inline_forward"):
+                self._inline(m, layer)
         return self
+
+    def _inline(self, module: nn.Module, layer) -> None:
+        """Run ``layer.rule.inline_forward`` as the module's forward during the recorded pass."""
+        had = "forward" in module.__dict__
+        self._forwards.append((module, had, module.__dict__.get("forward")))
+
+        def forward(*args, **kwargs):
+            out, replay = layer.rule.inline_forward(layer, args, kwargs)
+            self._pending[module] = replay
+            return out
+
+        module.forward = forward
 
     def __exit__(self, *exc) -> None:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        for module, had, old in self._forwards:
+            if had:
+                module.forward = old
+            else:
+                del module.forward
+        self._forwards.clear()
 
 
 def _store(slots: list, i: int) -> Callable:
@@ -129,6 +157,8 @@ def backward(loss: torch.Tensor, rec: Recorder) -> None:
     targets: dict[int, torch.Tensor] = {}
     for module, calls in rec.calls.items():
         for call in calls:
+            for t in call.targets:
+                targets[id(t)] = t
             ins = [t for t in tree_flatten((call.args, call.kwargs))[0]
                    if isinstance(t, torch.Tensor) and t.requires_grad]
             if ins:

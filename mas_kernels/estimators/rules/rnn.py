@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from ...ops import abs_bmm_accumulate_, abs_outer_accumulate_
+from ..capture import Call
 from .base import Rule
 
 _GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "LSTM": 4, "GRU": 3}
@@ -40,10 +41,15 @@ class Replay:
     for GRU's ``n`` gate, ``dzh_n = dzi_n * r``.
     """
 
-    def __init__(self, module, call, grad: bool):
+    def __init__(self, module, call, grad: bool, inline: bool = False):
+        """``grad``: build the graph (detached inputs made to require grad); ``inline``: keep the
+        inputs' own graph (the replay stands in for the layer's forward) and record each ``zi``'s
+        gradient as the main backward passes (:attr:`dzi`)."""
         self.module = module
+        self.dzi: dict = {}
         x = call.args[0] if call.args else call.kwargs["input"]
         hx = call.args[1] if len(call.args) > 1 else call.kwargs.get("hx")
+        self.dtype = x.dtype
         unbatched = x.dim() == 2
         if unbatched:
             x = x.unsqueeze(0 if module.batch_first else 1)
@@ -52,9 +58,12 @@ class Replay:
         if not module.batch_first:
             x = x.transpose(0, 1)  # (N, T, D)
         self.unbatched = unbatched
-        x = x.detach().float()
-        if grad:
-            x = x.requires_grad_()
+        if inline:
+            x = x.float()
+        else:
+            x = x.detach().float()
+            if grad:
+                x = x.requires_grad_()
         n, steps = x.shape[:2]
         dirs = 2 if module.bidirectional else 1
         H = module.hidden_size
@@ -77,6 +86,8 @@ class Replay:
                 b_hh = b_hh.detach().float() if b_hh is not None else None
                 zi = torch.nn.functional.linear(inp, w_ih.detach().float(),
                                                 None if b_ih is None else b_ih.detach().float())
+                if inline and not zi.requires_grad:  # inputs that need no gradient: the graph starts here
+                    zi.requires_grad_()
                 idx = layer * dirs + d
                 h = h0[idx]
                 c = c0[idx] if c0 is not None else None
@@ -90,6 +101,8 @@ class Replay:
                     hs[t] = h
                 r = torch.stack(rs, 1).detach() if module.mode == "GRU" else None
                 self.inputs[(layer, d == 1)] = (inp, torch.stack(prevs, 1), zi, torch.stack(zhs, 1), r)
+                if inline and zi.requires_grad:
+                    zi.register_hook(_store(self.dzi, (layer, d == 1)))
                 seqs.append(torch.stack(hs, 1))
                 outs_h.append(h)
                 if c is not None:
@@ -98,6 +111,31 @@ class Replay:
         self.output = inp  # (N, T, dirs * H)
         self.h_n = torch.stack(outs_h, 0)
         self.c_n = torch.stack(outs_c, 0) if outs_c else None
+
+    def outputs(self):
+        """What the layer itself returns: ``(output, h_n)`` (LSTM: ``(output, (h_n, c_n))``) in its layout and dtype."""
+        m = self.module
+        out = self.output if m.batch_first else self.output.transpose(0, 1)
+        h_n, c_n = self.h_n, self.c_n
+        if self.unbatched:
+            out = out.squeeze(0 if m.batch_first else 1)
+            h_n = h_n.squeeze(1)
+            c_n = c_n.squeeze(1) if c_n is not None else None
+        cast = lambda t: t.to(self.dtype)  # noqa: E731
+        return (cast(out), (cast(h_n), cast(c_n))) if m.mode == "LSTM" else (cast(out), cast(h_n))
+
+    def targets(self) -> list:
+        """The tensors a backward must reach for :attr:`dzi` to be recorded."""
+        return [v[2] for v in self.inputs.values() if v[2].requires_grad]
+
+    def grads(self) -> dict:
+        """(layer, reverse) -> (dzi, dzh) from what the main backward recorded."""
+        out = {}
+        for key, (_, _, zi, _, r) in self.inputs.items():
+            dzi = self.dzi.get(key)
+            dzi = torch.zeros_like(zi) if dzi is None else dzi.float()
+            out[key] = (dzi, _dzh(dzi, r))
+        return out
 
     def _cell(self, zi, zh, h, c):
         mode = self.module.mode
@@ -141,14 +179,22 @@ class Replay:
         out = {}
         for k, z, dzi in zip(keys, wrt, got):
             dzi = torch.zeros_like(z) if dzi is None else dzi
-            r = self.inputs[k][4]
-            if r is None:
-                dzh = dzi
-            else:
-                H = r.shape[-1]
-                dzh = torch.cat([dzi[..., :2 * H], dzi[..., 2 * H:] * r], -1)
-            out[k] = (dzi, dzh)
+            out[k] = (dzi, _dzh(dzi, self.inputs[k][4]))
         return out
+
+
+def _dzh(dzi: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
+    """The recurrent pre-activations' gradient: ``dzi`` itself (gates add ``zi + zh``), except GRU's n gate."""
+    if r is None:
+        return dzi
+    H = r.shape[-1]
+    return torch.cat([dzi[..., :2 * H], dzi[..., 2 * H:] * r], -1)
+
+
+def _store(slots: dict, key):
+    def hook(grad):
+        slots[key] = grad
+    return hook
 
 
 class RNNRule(Rule):
@@ -159,6 +205,14 @@ class RNNRule(Rule):
 
     def reads(self, layer, x):
         return None if x.dim() == 2 else (0 if layer.module.batch_first else 1)
+
+    def inline_forward(self, layer, args: tuple, kwargs: dict):
+        """The layer's forward for the exact rule's recorded pass: the step-by-step replay itself, on the
+        inputs' own graph, so the one backward gives every step's gate gradients. ``(outputs, replay)``."""
+        call = Call(args, kwargs, None, [], [])
+        self._check_input(layer, call)
+        rep = Replay(layer.module, call, grad=True, inline=True)
+        return rep.outputs(), rep
 
     def check(self, layer):
         m = layer.module
@@ -186,9 +240,13 @@ class RNNRule(Rule):
             self._check_input(layer, call)
             if all(d is None for d in call.deltas):
                 continue
-            with torch.enable_grad():
-                rep = Replay(layer.module, call, grad=True)
-                dz = rep.backward(call)
+            rep = getattr(call, "replay", None)
+            if rep is not None:  # the recorded pass ran the replay itself: its backward recorded dz
+                dz = rep.grads()
+            else:
+                with torch.enable_grad():
+                    rep = Replay(layer.module, call, grad=True)
+                    dz = rep.backward(call)
             for (lyr, rev), (dzi, dzh) in dz.items():
                 x, h_prev = rep.inputs[(lyr, rev)][:2]
                 w_ih, w_hh, b_ih, b_hh = _names(lyr, rev)

@@ -84,8 +84,14 @@ class Replay:
                 w_ih, w_hh, b_ih, b_hh = (getattr(module, nm, None) for nm in _names(layer, d == 1))
                 w_hh = w_hh.detach().float()
                 b_hh = b_hh.detach().float() if b_hh is not None else None
-                zi = torch.nn.functional.linear(inp, w_ih.detach().float(),
-                                                None if b_ih is None else b_ih.detach().float())
+                b_in = None if b_ih is None else b_ih.detach().float()
+                # With gradients (the exact rule) the recurrent product is never needed alone (dzh = dzi,
+                # the gates add zi + zh): b_hh goes into zi and each step is one addmm. GRU's n gate
+                # multiplies zh by r, so GRU (and the local rule, which needs |zh|) keep zh apart.
+                fused = grad and module.mode != "GRU"
+                if fused and b_hh is not None:
+                    b_in, b_hh = (b_hh if b_in is None else b_in + b_hh), None
+                zi = torch.nn.functional.linear(inp, w_ih.detach().float(), b_in)
                 if inline and not zi.requires_grad:  # inputs that need no gradient: the graph starts here
                     zi.requires_grad_()
                 idx = layer * dirs + d
@@ -94,13 +100,19 @@ class Replay:
                 order = range(steps - 1, -1, -1) if d == 1 else range(steps)
                 hs, prevs, zhs, rs = [None] * steps, [None] * steps, [None] * steps, [None] * steps
                 zi_t = zi.unbind(1)  # one backward node for all steps (zi[:, t] would write a zeros-filled copy each)
+                w_hh_t = w_hh.T
                 for t in order:
-                    zh = torch.nn.functional.linear(h, w_hh, b_hh)
-                    prevs[t], zhs[t] = h, zh
-                    h, c, rs[t] = self._cell(zi_t[t], zh, h, c)
+                    prevs[t] = h
+                    if fused:
+                        h, c = self._fused_cell(torch.addmm(zi_t[t], h, w_hh_t), c)
+                    else:
+                        zh = torch.nn.functional.linear(h, w_hh, b_hh)
+                        zhs[t] = zh
+                        h, c, rs[t] = self._cell(zi_t[t], zh, h, c)
                     hs[t] = h
                 r = torch.stack(rs, 1).detach() if module.mode == "GRU" else None
-                self.inputs[(layer, d == 1)] = (inp, torch.stack(prevs, 1), zi, torch.stack(zhs, 1), r)
+                zh_all = None if fused else torch.stack(zhs, 1)
+                self.inputs[(layer, d == 1)] = (inp, torch.stack(prevs, 1), zi, zh_all, r)
                 if inline and zi.requires_grad:
                     zi.register_hook(_store(self.dzi, (layer, d == 1)))
                 seqs.append(torch.stack(hs, 1))
@@ -136,6 +148,18 @@ class Replay:
             dzi = torch.zeros_like(zi) if dzi is None else dzi.float()
             out[key] = (dzi, _dzh(dzi, r))
         return out
+
+    def _fused_cell(self, gates, c):
+        """One step from the summed pre-activations (RNN, LSTM), in few ops: ``(h, c)``."""
+        mode = self.module.mode
+        if mode == "RNN_TANH":
+            return torch.tanh(gates), None
+        if mode == "RNN_RELU":
+            return torch.relu(gates), None
+        H = gates.shape[1] // 4
+        s = torch.sigmoid(gates)
+        c = torch.addcmul(s[:, H:2 * H] * c, s[:, :H], torch.tanh(gates[:, 2 * H:3 * H]))
+        return s[:, 3 * H:] * torch.tanh(c), c
 
     def _cell(self, zi, zh, h, c):
         mode = self.module.mode

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import importlib
 import importlib.util
+import os
 import sys
 
 import pytest
@@ -31,6 +32,11 @@ def _import_torchvision() -> None:
     pure-Python torchvision that Avalanche imports at start-up (transforms, dataset classes) load.
     Nothing on Avalanche's MAS path calls a torchvision op.
     """
+    # `make` installs that torchvision into its own folder, off sys.path for every other test (transformers
+    # imports torchvision when it finds one); this module alone puts it on the path.
+    aside = os.path.join(sys.prefix, "avalanche-torchvision")
+    if importlib.util.find_spec("torchvision") is None and os.path.isdir(aside):
+        sys.path.append(aside)
     try:
         import torchvision  # noqa: F401
         return

@@ -7,52 +7,19 @@ Avalanche's plugin (importance from its per-batch loop, penalty as a loss term) 
 from __future__ import annotations
 
 import copy
-import importlib
 import importlib.util
-import os
-import sys
 
 import pytest
 import torch
 from torch import nn
 
+from bench.integrations import import_torchvision
+
 if importlib.util.find_spec("avalanche") is None:
     pytest.skip("avalanche-lib is not installed (pip install 'mas_kernels[avalanche]'; `make test` installs it)",
                 allow_module_level=True)
 
-
-def _import_torchvision() -> None:
-    """Import torchvision, also where its compiled ops cannot load.
-
-    PyPI's torchvision wheel for x86_64 is built against a CUDA torch: beside the CPU torch that
-    ``make`` installs its ``_C`` library does not load, and torchvision 0.28's
-    ``_meta_registrations`` then fails on import ("operator torchvision::nms does not exist"): it
-    registers fake kernels for ``nms`` and ``qnms`` without checking that the ops exist, as it does
-    for its other ops. Declaring those two schemas (no kernels: calling them still raises) lets the
-    pure-Python torchvision that Avalanche imports at start-up (transforms, dataset classes) load.
-    Nothing on Avalanche's MAS path calls a torchvision op.
-    """
-    # `make` installs that torchvision into its own folder, off sys.path for every other test (transformers
-    # imports torchvision when it finds one); this module alone puts it on the path.
-    aside = os.path.join(sys.prefix, "avalanche-torchvision")
-    if importlib.util.find_spec("torchvision") is None and os.path.isdir(aside):
-        sys.path.append(aside)
-    try:
-        import torchvision  # noqa: F401
-        return
-    except RuntimeError as exc:
-        if "torchvision::nms does not exist" not in str(exc):
-            raise
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-        del sys.modules[name]
-    lib = torch.library.Library("torchvision", "FRAGMENT")
-    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    _import_torchvision.lib = lib  # the definitions live as long as the library object
-    import torchvision  # noqa: F401,F811
-
-
-_import_torchvision()
+import_torchvision()  # Avalanche imports it: see bench/integrations.py for how, beside a CPU torch
 
 from avalanche.benchmarks import nc_benchmark  # noqa: E402
 from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset  # noqa: E402

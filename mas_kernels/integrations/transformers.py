@@ -71,6 +71,7 @@ _transformers = require("transformers", "transformers", "mas_kernels.integration
 
 FILE = "mas.safetensors"
 _RESERVED = ("forward",)
+_LABELS = ("labels", "label", "label_ids")
 
 
 def logits(out: Any) -> torch.Tensor:
@@ -128,6 +129,7 @@ class MASCallback(_transformers.TrainerCallback):
         self.output_fn = output_fn or logits
         self.dataloader, self.max_batches = dataloader, max_batches
         self.label_names = None if label_names is None else tuple(label_names)
+        self._labels = set(self.label_names or _LABELS)  # the Trainer's label_names replace it when given
         self.mask_padding, self.clip_penalty, self.save, self.progress = mask_padding, clip_penalty, save, progress
         self.mas: MAS | None = None
         self.last_penalty: torch.Tensor | None = None
@@ -178,7 +180,7 @@ class MASCallback(_transformers.TrainerCallback):
             raise ValueError("MASCallback: DeepSpeed clips and steps inside its engine, where the penalty's "
                              "gradient cannot be added; train without DeepSpeed (DDP works)")
         self._labels = set(self.label_names if self.label_names is not None
-                           else (getattr(args, "label_names", None) or ("labels", "label", "label_ids")))
+                           else (getattr(args, "label_names", None) or _LABELS))
         mas = self._wrapper(model)
         if state.global_step > 0:  # resuming: the state saved beside that checkpoint
             path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", FILE)

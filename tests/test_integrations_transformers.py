@@ -172,3 +172,26 @@ def test_options_are_checked_when_made():
         MASCallback(lamda=1.0)
     with pytest.raises(ValueError, match="max_batches"):
         MASCallback(max_batches=0)
+
+
+def test_the_penalty_is_added_to_unscaled_gradients():
+    """fp16 AMP: gradients still scaled by the GradScaler when the hook runs are unscaled first, so the
+    step's unscaling does not divide the penalty's gradient by the loss scale."""
+    from types import SimpleNamespace
+
+    model = torch.nn.Linear(3, 2)
+    cb = MASCallback(lam=2.0, importance="global_batch")
+    cb._wrapper(model)
+    cb.mas.estimate([{"input": torch.randn(4, 3)}]).consolidate()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(model(torch.randn(5, 3)).sum()).backward()
+    scaled = {n: p.grad.clone() for n, p in model.named_parameters()}
+    cb.on_pre_optimizer_step(SimpleNamespace(max_grad_norm=0.0), None, None, model=model,
+                             optimizer=SimpleNamespace(scaler=scaler, optimizer=inner))
+    for n, p in model.named_parameters():
+        expected = scaled[n] / 1024.0 + 2 * 2.0 * cb.mas.omega[n] * (p.detach() - cb.mas.anchors[n])
+        torch.testing.assert_close(p.grad, expected, msg=n)
+    scaler.step(inner)  # the scaler knows they are unscaled: no second division

@@ -12,7 +12,7 @@ at each optimizer step, the state beside the Trainer's checkpoints.
                                                       # Omega <- combine(Omega, this task), theta* <- theta
 
 A task is one ``trainer.train()`` (a new Trainer per task, or the same one
-with a new ``train_dataset``). What runs where (read from transformers 5.x's
+with a new ``train_dataset``). What runs where (read from transformers 5.24's
 ``Trainer._inner_training_loop``):
 
 * **on_train_begin**: the ``mas_kernels.MAS`` wrapper is made on the
@@ -32,7 +32,10 @@ with a new ``train_dataset``). What runs where (read from transformers 5.x's
   micro-batch would count it once per micro-batch where the Trainer scales
   the loss by the number of items rather than by the steps); on every rank
   after the all-reduce (theta, theta* and Omega are the same on every rank,
-  so the penalty's gradient is too; it is not averaged again); unscaled.
+  so the penalty's gradient is too; it is not averaged again); on unscaled
+  gradients (the norm the Trainer measures at every step, also with
+  ``max_grad_norm=0``, unscales fp16 ones; were they still scaled, the
+  callback unscales them first).
 * **clipping**: since the Trainer clips *before* ``on_pre_optimizer_step``,
   with ``clip_penalty=True`` (default) and ``max_grad_norm > 0`` the callback
   takes the step's clipping over: it sets ``args.max_grad_norm`` to 0 from
@@ -87,6 +90,23 @@ def logits(out: Any) -> torch.Tensor:
         return out[0]
     raise TypeError(f"MASCallback: the model returned a {type(out).__name__} without logits; pass "
                     "output_fn= to pick the output tensor whose squared L2 norm defines importance")
+
+
+def _unscaled(optimizer) -> None:
+    """Unscale fp16 gradients held by accelerate's ``GradScaler`` if nothing has yet this step.
+
+    transformers 5.x measures the gradient norm at every step (``accelerator.clip_grad_norm_``, also
+    with ``max_grad_norm=0``), which unscales them before ``on_pre_optimizer_step``; were they still
+    scaled, the penalty's gradient added now would be divided by the loss scale in the step.
+    """
+    scaler = getattr(optimizer, "scaler", None)
+    inner = getattr(optimizer, "optimizer", None)
+    if scaler is None or inner is None or not scaler.is_enabled():
+        return
+    from torch.amp.grad_scaler import OptState
+
+    if scaler._per_optimizer_states[id(inner)]["stage"] is OptState.READY:
+        scaler.unscale_(inner)
 
 
 class MASCallback(_transformers.TrainerCallback):
@@ -202,10 +222,11 @@ class MASCallback(_transformers.TrainerCallback):
             args.max_grad_norm = max_norm
         return max_norm
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         max_norm = self._restore(args)
         if self.mas is None or self.mas.num_tasks == 0:
             return
+        _unscaled(optimizer)
         self.last_penalty = self.mas.add_penalty_grad_()
         if max_norm is not None:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)

@@ -22,7 +22,6 @@ import mas_kernels as mk
 from mas_kernels.ops.abs_accumulate import abs_accumulate_torch
 from mas_kernels.ops.penalty import penalty_grad_torch
 
-from . import integrations
 from .harness import Case, ours_backend, sync
 from .models import KINDS, build
 
@@ -474,6 +473,8 @@ def plan(quick: bool, device: torch.device, use_compile: bool) -> list[tuple[str
         cases.append(("e2e", lambda k=kind, b=batch: inference_case(k, b, device)))
     for kind in (("resnet18", "gpt2", "lstm") if quick else KINDS):
         cases.append(("importance", lambda k=kind: importance_case(k, device, quick)))
-    if not quick:  # the frameworks' own loops, where they are installed (bench/integrations.py)
-        cases += integrations.plan(device)
+    if not quick:  # the frameworks' own loops, where they are installed
+        from .integrations import plan as integrations
+
+        cases += integrations(device)
     return cases

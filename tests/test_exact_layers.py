@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -262,6 +263,21 @@ def test_tied_weights_and_a_module_called_twice():
             return self.b(torch.tanh(self.a(self.a(x))))
 
     exact(Tied(), [torch.randn(6, 4)])
+
+
+def test_a_parameter_used_outside_its_layer_still_gets_its_exact_importance():
+    class Stray(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Linear(4, 5)  # never called: its weight is read directly below
+            self.head = nn.Linear(5, 2)
+
+        def forward(self, x):
+            return self.head(torch.tanh(F.linear(x, self.inner.weight, self.inner.bias)))
+
+    model = Stray()
+    with pytest.warns(RuntimeWarning, match=r"inner.weight.*outside the forward"):
+        exact(model, [torch.randn(6, 4)])
 
 
 def test_two_embeddings_sharing_one_table():

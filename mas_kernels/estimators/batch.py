@@ -97,13 +97,6 @@ class Batch:
             raise TypeError("MAS: the forward function did not call the model")
         return out
 
-    def forward_one(self, fn: Callable, k: int) -> Any:
-        """``fn(*args_k, **kwargs_k)``: the call with sample k alone (a batch of one) in every batched tensor."""
-        n = self.n
-        a, kw = tree_map(lambda t: t[k:k + 1] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n
-                         else t, (self.args, self.kwargs))
-        return fn(*a, **kw)
-
 
 def call_for(batch, forward: Callable | None, device: torch.device) -> Callable[[nn.Module], Any]:
     """How to run the model on one of ``estimate()``'s batches, moved to ``device``.

@@ -152,7 +152,7 @@ def capture(modules: list[nn.Module], grads: bool = True, plan=None, n=None) -> 
         yield rec
 
 
-def backward(loss: torch.Tensor, rec: Recorder) -> None:
+def backward(loss: torch.Tensor, rec: Recorder, retain_graph: bool = False) -> None:
     """One backward pass of ``loss`` that fills the recorded calls' ``deltas``, writing no ``.grad``."""
     targets: dict[int, torch.Tensor] = {}
     for module, calls in rec.calls.items():
@@ -178,4 +178,4 @@ def backward(loss: torch.Tensor, rec: Recorder) -> None:
                     p = min(ps, key=lambda q: q.numel())
                     targets[id(p)] = p
     if targets and loss.requires_grad:
-        torch.autograd.grad(loss, list(targets.values()), allow_unused=True)
+        torch.autograd.grad(loss, list(targets.values()), allow_unused=True, retain_graph=retain_graph)

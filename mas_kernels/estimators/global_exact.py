@@ -12,7 +12,8 @@ The whole model's per-sample gradients are never formed.
 
 A parameter whose layer was not called although the loss depends on it (the
 model reads it outside that layer's forward) gets its exact per-sample
-gradient from a whole-model ``torch.func`` pass, with a warning naming it.
+gradient from one backward pass per sample through the same recorded graph,
+with a warning naming it.
 """
 
 from __future__ import annotations
@@ -79,28 +80,6 @@ def _subsets(layer, calls: list, ctx: Context) -> list | None:
     )
 
 
-def per_sample_exact(module: nn.Module, params: dict[str, torch.Tensor], forward_one: Callable, n: int,
-                     output_fn: Callable, accs: dict[str, torch.Tensor], chunk_size: int) -> None:
-    """``sum_k |d ||F(x_k)||^2 / d theta|`` for ``params`` from a whole-model ``vmap(grad)`` over samples.
-
-    ``forward_one(k)`` runs the model on sample k alone (a batch of one).
-    """
-    from torch.func import functional_call, grad, vmap
-
-    detached = {name: p.detach() for name, p in params.items()}
-
-    def loss_of(ps, k):
-        return squared_norm(output_fn(forward_one(lambda *a, **kw: functional_call(module, ps, a, kw,
-                                                                                    strict=False), k)))
-
-    for lo in range(0, n, chunk_size):
-        ks = torch.arange(lo, min(n, lo + chunk_size))
-        grads = vmap(grad(loss_of), in_dims=(None, 0), randomness="different")(detached, ks)
-        with torch.no_grad():
-            for name, g in grads.items():
-                accs[name].add_(g.abs().sum(0, dtype=torch.float32))
-
-
 class ExactRule:
     """Exact per-sample importance of the tracked parameters for one batch, into the staging buffers.
 
@@ -136,19 +115,21 @@ class ExactRule:
         modules = list({id(layer.module): layer.module for layer in layers}.values())
         with torch.enable_grad():
             with capture(modules, plan=self.plan, n=lambda: batch.n) as rec:
-                out = batch.forward(self.plan)
-            loss = squared_norm(self.output_fn(out))
-            backward(loss, rec)
-        n = batch.n
-        ctx = Context(n, self.budget, self.max_chunk, batch.layout)
-        with torch.no_grad():
+                out = self.output_fn(batch.forward(self.plan))
+            loss = squared_norm(out)
+            # A layer not called although the loss depends on its parameters: the model uses them
+            # outside that layer's forward, where no per-layer rule sees them.
             uncalled = [layer for layer in layers if not rec.calls[layer.module]]
             stray: list[str] = []
             if uncalled:
                 reached = _graph_params(loss)
                 stray = [name for layer in uncalled for name in layer.names()
                          if name in wanted and id(self.params[name]) in reached]
-            del loss, out
+            backward(loss, rec, retain_graph=bool(stray))
+        n = batch.n
+        ctx = Context(n, self.budget, self.max_chunk, batch.layout)
+        with torch.no_grad():
+            del loss
             for layer in layers:
                 calls = rec.calls[layer.module]
                 accs = {a: staging[name] for a, name in layer.attrs.items()
@@ -164,8 +145,9 @@ class ExactRule:
             for name in self.plan.shared:
                 if name in wanted and name not in stray:
                     self._shared(name, rec.calls, ctx, staging[name])
-        if stray:
-            self._stray(stray, batch, staging)
+        if stray:  # after the rules: its backward passes fire the recorded calls' hooks again
+            with torch.enable_grad():
+                self._stray(stray, out, batch, staging)
 
     def _shared(self, name: str, calls: dict, ctx: Context, acc: torch.Tensor) -> None:
         """One parameter, several layers: their per-sample contributions summed, then the absolute value."""
@@ -226,19 +208,33 @@ class ExactRule:
             dense = a[k][:, r].T @ b[k]  # (rows, D): L_k at the sample's rows
             acc.index_add_(0, r, (dense + e[sel]).abs_() - dense.abs_())
 
-    def _stray(self, names: list[str], batch: Batch, staging) -> None:
+    def _stray(self, names: list[str], out: torch.Tensor, batch: Batch, staging) -> None:
+        """Parameters used outside their layers' forward: one backward per sample through the recorded graph.
+
+        Sample k's gradient of ``||F(x_k)||^2`` is the gradient of its slice of the
+        output (the samples are independent in eval mode), so this is exact for any
+        use, ``forward=``'s own steps included; it costs N backward passes.
+        """
         new = [nm for nm in names if nm not in self._warned]
         if new:
             self._warned.update(new)
             warnings.warn(
                 f"MAS: parameters {new} are used by the model outside the forward of the layers that own "
                 "them (those layers were not called), so no per-layer rule sees the use; their exact "
-                "importance comes from a slower whole-model per-sample pass. Register a rule for the module "
+                "importance comes from one backward pass per sample (slow). Register a rule for the module "
                 "that uses them (mas_kernels.register_rule) to make it fast.",
                 RuntimeWarning, stacklevel=5,
             )
-        per_sample = 4 * sum(self.params[nm].numel() for nm in names) or 1
-        chunk = max(1, min(batch.n, self.max_chunk or batch.n, self.budget // per_sample))
-        with torch.enable_grad():
-            per_sample_exact(self.module, {nm: self.params[nm] for nm in names}, batch.forward_one, batch.n,
-                             self.output_fn, {nm: staging[nm] for nm in names}, chunk)
+        params = [self.params[nm] for nm in names]
+        dim = batch.layout if batch.layout is not None and out.dim() > batch.layout else 0
+        if out.dim() == 0 or out.shape[dim] != batch.n:
+            raise ValueError(f"MAS: parameters {names} are used outside their layers' forward, and the output "
+                             f"{tuple(out.shape)} has no dim of the batch's {batch.n} samples to tell their "
+                             "per-sample gradients apart; use importance='global_batch' for this model")
+        for k in range(batch.n):
+            grads = torch.autograd.grad(squared_norm(out.narrow(dim, k, 1)), params, allow_unused=True,
+                                        retain_graph=True)
+            with torch.no_grad():
+                for nm, g in zip(names, grads):
+                    if g is not None:
+                        staging[nm].add_(g.abs().float())

@@ -23,7 +23,7 @@ class Copyable:
         state = self._checked_state()
         state.settle()
         values = state.state_dict()
-        values["pending"] = state._pending
+        values["pending"] = state.pending
         return {"options": dataclasses.replace(self._options, lam=self._lam), "model": self.wrapper,
                 "state": values, "tracked": list(self._params)}
 
@@ -36,7 +36,7 @@ class Copyable:
         if any(self._state_.anchors[n].dtype != d for n, d in dtypes.items() if n in self._state_.anchors):
             self._build(self._params, anchor_dtypes=dtypes)  # theta* in the dtypes the original holds
         self._state_.load_state_dict(values, "MAS (copy)")
-        self._state_._pending = pending
+        self._state_.pending = pending
 
     def __getstate__(self) -> dict[str, Any]:
         """For pickle and ``torch.save``: the settings, the model and the state's values (not the hooks)."""

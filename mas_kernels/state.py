@@ -207,9 +207,7 @@ class ImportanceState:
                                     for n, shape, dev, dt in self.specs])
         self._acc: FlatBuffers | None = None
         self._staging: FlatBuffers | None = None
-        self._totals: list[float] = []   # per acc buffer: an upper bound of its sum (immediate check)
-        self._flags: dict | None = None  # device-side record of rejected batches (deferred check)
-        self._pending: str | None = None  # a rejected batch's error, not yet raised
+        self._commits = Commits(self.specs, self.omega)
         self.num_samples = 0
         self.num_batches = 0
         self.samples_consolidated = 0
@@ -224,7 +222,7 @@ class ImportanceState:
         old.settle()
         for key in self.COUNTS:
             setattr(self, key, getattr(old, key))
-        self._pending = old._pending
+        self._commits.pending = old._commits.pending
         for name, p in params.items():
             if name not in old.omega:
                 continue
@@ -243,8 +241,7 @@ class ImportanceState:
             self.anchors[name][where].copy_(old.anchors[name])
             if old.has_acc():
                 self.acc[name][where].copy_(old.acc[name])
-        if self.has_acc():
-            self._totals = [float(b.sum()) for b in self._acc.buffers.values()]
+        self._commits.reset(self._acc)
 
     # ------------------------------------------------------------- buffers
     @property
@@ -252,7 +249,7 @@ class ImportanceState:
         """The open task's numerators, allocated (zeros) on first use and released by :meth:`fold`."""
         if self._acc is None:
             self._acc = FlatBuffers(self.specs, dtype=torch.float32)
-            self._totals = [0.0] * len(self._acc.buffers)
+            self._commits.reset(self._acc, zeros=True)
         return self._acc
 
     @property
@@ -262,12 +259,22 @@ class ImportanceState:
             self._staging = FlatBuffers(self.specs, dtype=torch.float32)
         return self._staging
 
+    @property
+    def pending(self) -> str | None:
+        """A rejected batch's error, not yet raised (copies carry it over)."""
+        return self._commits.pending
+
+    @pending.setter
+    def pending(self, msg: str | None) -> None:
+        self._commits.pending = msg
+
     def has_acc(self) -> bool:
         return self._acc is not None
 
     def release(self, staging: bool = True) -> None:
         """Drop the accumulator (its values must have been folded or be unwanted) and the staging buffers."""
-        self._acc, self._totals = None, []
+        self._acc = None
+        self._commits.reset(None)
         if staging:
             self._staging = None
 
@@ -291,111 +298,27 @@ class ImportanceState:
 
     def commit_batch(self, n: int, weight: float = 1.0) -> None:
         """Add the batch's numerators (times ``weight`` > 0) to the accumulator and count the batch and
-        its ``n`` samples, unless a numerator is not finite or the float32 running sum would overflow.
-
-        The accumulator is updated by exchanging buffers (``staging <- acc + weight * staging``, then
-        swap), so a rejected batch leaves it exactly as it was.
-        """
+        its ``n`` samples, unless a numerator is not finite or the float32 running sum would overflow
+        (:class:`Commits`: a rejected batch leaves the accumulator exactly as it was)."""
         if self.deferred():
-            self._commit_on_device(n, weight)
+            self._commits.on_device(self.staging, self.acc, n, weight)
         else:
-            self._commit_now(n, weight)
+            self._commits.now(self.staging, self.acc, weight)
         self.num_samples += n
         self.num_batches += 1
-
-    def _commit_now(self, n: int, weight: float) -> None:
-        staging, acc = self.staging, self.acc
-        # The batch: a finite float32 sum proves every element finite (one reduction per buffer);
-        # a non-finite one is a NaN/inf or an overflow of finite values, which float64 tells apart.
-        sums = []
-        for b in staging.buffers.values():
-            s = float(b.sum())
-            if not math.isfinite(s) and not math.isfinite(float(b.sum(dtype=torch.float64))):
-                bad = staging.first_non_finite()
-                raise FloatingPointError(
-                    f"MAS: non-finite activations or gradients in layer {_layer(bad)!r} (parameter {bad!r}); "
-                    "this batch was not added to the importance")
-            sums.append(s)
-        # The running sum: numerators are >= 0, so no element of acc + weight * batch exceeds the sum of
-        # both totals; only when that bound nears float32's max is the new sum checked element-wise.
-        totals = [t + weight * s for t, s in zip(self._totals, sums)]
-        for (key, b), a in zip(staging.buffers.items(), acc.buffers.values()):
-            torch.add(a, b, alpha=weight, out=b)
-        if any(not t < 0.5 * _FLOAT32_MAX for t in totals) and not staging.all_finite():
-            bad = staging.first_non_finite()
-            raise FloatingPointError(
-                f"MAS: the float32 sum of this task's importance overflows in layer {_layer(bad)!r} "
-                f"(parameter {bad!r}); this batch was not added. Activations or gradients are too large: "
-                "rescale the inputs, or consolidate() more often")
-        acc.swap(staging)
-        self._totals = [t if t < 0.5 * _FLOAT32_MAX else float(b.sum(dtype=torch.float64))
-                        for t, b in zip(totals, acc.buffers.values())]
-
-    def _commit_on_device(self, n: int, weight: float) -> None:
-        # No host synchronization: everything below is queued on the device.
-        staging, acc = self.staging, self.acc
-        flags = self._device_flags()
-        for b, a in zip(staging.buffers.values(), acc.buffers.values()):
-            torch.add(a, b, alpha=weight, out=b)  # the new sum, in the staging buffer
-        # Per parameter, the largest |value| of the new sum: inf or NaN exactly when the batch had a
-        # non-finite value there or the running sum overflowed (empty parameters cannot be either).
-        bad = [(~torch.isfinite(torch.stack(torch._foreach_norm([staging[n] for n in names], float("inf")))))
-               .to(flags["device"], non_blocking=True) for names in flags["groups"]]
-        bad = torch.cat(bad) if bad else torch.zeros(0, dtype=torch.bool, device=flags["device"])
-        batch_bad = bad.any()
-        for b, a in zip(staging.buffers.values(), acc.buffers.values()):
-            torch.where(batch_bad.to(a.device, non_blocking=True), a, b, out=b)
-        acc.swap(staging)
-        first = batch_bad & ~flags["bad"]
-        torch.where(first, bad, flags["params"], out=flags["params"])
-        flags["bad"] |= batch_bad
-        hit = batch_bad.to(torch.int64)
-        flags["samples"].add_(hit, alpha=n)
-        flags["batches"].add_(hit)
-
-    def _device_flags(self) -> dict:
-        if self._flags is None:
-            device = next(iter(self.omega.buffers))[0] if self.omega.buffers else torch.device("cpu")
-            groups: dict = {}
-            for name, shape, dev, _ in self.specs:
-                if math.prod(shape):
-                    groups.setdefault(torch.device(dev), []).append(name)
-            self._flags = {
-                "device": device,
-                "groups": list(groups.values()),
-                "names": [n for names in groups.values() for n in names],  # the order of "params"
-                "bad": torch.zeros((), dtype=torch.bool, device=device),
-                "params": torch.zeros(sum(map(len, groups.values())), dtype=torch.bool, device=device),
-                "samples": torch.zeros((), dtype=torch.int64, device=device),
-                "batches": torch.zeros((), dtype=torch.int64, device=device),
-            }
-        return self._flags
 
     def settle(self) -> None:
         """Read the device flag of the deferred check (one host synchronization); a rejected batch's
         samples leave the counts and its error waits for :meth:`check_finite`."""
-        flags = self._flags
-        if flags is None:
-            return
-        self._flags = None
-        if not bool(flags["bad"]):
-            return
-        self.num_samples -= int(flags["samples"])
-        self.num_batches -= int(flags["batches"])
-        names = flags["names"]
-        bad = names[int(flags["params"].nonzero()[0, 0])] if bool(flags["params"].any()) else "?"
-        if self._pending is None:
-            self._pending = (
-                f"MAS: a batch had non-finite activations or gradients, or made the float32 sum of the "
-                f"importance overflow, in layer {_layer(bad)!r} (parameter {bad!r}); it was not added to the "
-                f"importance ({int(flags['batches'])} batch(es), {int(flags['samples'])} samples left out; "
-                "the other batches are kept)")
+        samples, batches = self._commits.settle()
+        self.num_samples -= samples
+        self.num_batches -= batches
 
     def check_finite(self) -> None:
         """Raise the ``FloatingPointError`` of a rejected batch, once (see the class docstring)."""
         self.settle()
-        if self._pending is not None:
-            msg, self._pending = self._pending, None
+        msg = self._commits.take_error()
+        if msg is not None:
             raise FloatingPointError(msg)
 
     # --------------------------------------------------------------- tasks
@@ -547,10 +470,128 @@ class ImportanceState:
             if open_task:
                 for name, view in self.acc.items():
                     view.copy_(acc[name])
-                self._totals = [float(b.sum(dtype=torch.float64)) for b in self._acc.buffers.values()]
+                self._commits.reset(self._acc, exact=True)
             else:
                 self.release(staging=False)
-        self._flags, self._pending = None, None
+        self._commits.flags, self._commits.pending = None, None
         for key in self.COUNTS:
             value = state.get(key, self.OPTIONAL.get(key))
             setattr(self, key, int(value.item() if isinstance(value, torch.Tensor) else value))
+
+
+class Commits:
+    """How a batch's numerators reach the accumulator: ``staging <- acc + weight * staging``, checked,
+    then the two buffers swapped, so a rejected batch leaves the accumulator exactly as it was.
+
+    :meth:`now` (CPU) checks at once and raises; :meth:`on_device` (CUDA)
+    queues the check on the device and records a rejected batch in sticky
+    device flags, read by :meth:`settle` (one host synchronization) and
+    raised later by the state's ``check_finite``.
+    """
+
+    def __init__(self, specs: list, omega: "FlatBuffers"):
+        self.specs = specs
+        self.omega = omega
+        self.totals: list[float] = []   # per acc buffer: an upper bound of its sum (immediate check)
+        self.flags: dict | None = None  # device-side record of rejected batches (deferred check)
+        self.pending: str | None = None  # a rejected batch's error, not yet raised
+
+    def reset(self, acc: "FlatBuffers | None", exact: bool = False, zeros: bool = False) -> None:
+        """Start the running-sum bounds from ``acc`` (None: no accumulator; ``zeros``: a new one, read
+        nothing: no host synchronization)."""
+        if acc is None:
+            self.totals = []
+        elif zeros:
+            self.totals = [0.0] * len(acc.buffers)
+        else:
+            self.totals = [float(b.sum(dtype=torch.float64) if exact else b.sum()) for b in acc.buffers.values()]
+
+    def now(self, staging: "FlatBuffers", acc: "FlatBuffers", weight: float) -> None:
+        # The batch: a finite float32 sum proves every element finite (one reduction per buffer);
+        # a non-finite one is a NaN/inf or an overflow of finite values, which float64 tells apart.
+        sums = []
+        for b in staging.buffers.values():
+            s = float(b.sum())
+            if not math.isfinite(s) and not math.isfinite(float(b.sum(dtype=torch.float64))):
+                bad = staging.first_non_finite()
+                raise FloatingPointError(
+                    f"MAS: non-finite activations or gradients in layer {_layer(bad)!r} (parameter {bad!r}); "
+                    "this batch was not added to the importance")
+            sums.append(s)
+        # The running sum: numerators are >= 0, so no element of acc + weight * batch exceeds the sum of
+        # both totals; only when that bound nears float32's max is the new sum checked element-wise.
+        totals = [t + weight * s for t, s in zip(self.totals, sums)]
+        for (key, b), a in zip(staging.buffers.items(), acc.buffers.values()):
+            torch.add(a, b, alpha=weight, out=b)
+        if any(not t < 0.5 * _FLOAT32_MAX for t in totals) and not staging.all_finite():
+            bad = staging.first_non_finite()
+            raise FloatingPointError(
+                f"MAS: the float32 sum of this task's importance overflows in layer {_layer(bad)!r} "
+                f"(parameter {bad!r}); this batch was not added. Activations or gradients are too large: "
+                "rescale the inputs, or consolidate() more often")
+        acc.swap(staging)
+        self.totals = [t if t < 0.5 * _FLOAT32_MAX else float(b.sum(dtype=torch.float64))
+                       for t, b in zip(totals, acc.buffers.values())]
+
+    def on_device(self, staging: "FlatBuffers", acc: "FlatBuffers", n: int, weight: float) -> None:
+        # No host synchronization: everything below is queued on the device.
+        flags = self._device_flags()
+        for b, a in zip(staging.buffers.values(), acc.buffers.values()):
+            torch.add(a, b, alpha=weight, out=b)  # the new sum, in the staging buffer
+        # Per parameter, the largest |value| of the new sum: inf or NaN exactly when the batch had a
+        # non-finite value there or the running sum overflowed (empty parameters cannot be either).
+        bad = [(~torch.isfinite(torch.stack(torch._foreach_norm([staging[n] for n in names], float("inf")))))
+               .to(flags["device"], non_blocking=True) for names in flags["groups"]]
+        bad = torch.cat(bad) if bad else torch.zeros(0, dtype=torch.bool, device=flags["device"])
+        batch_bad = bad.any()
+        for b, a in zip(staging.buffers.values(), acc.buffers.values()):
+            torch.where(batch_bad.to(a.device, non_blocking=True), a, b, out=b)
+        acc.swap(staging)
+        first = batch_bad & ~flags["bad"]
+        torch.where(first, bad, flags["params"], out=flags["params"])
+        flags["bad"] |= batch_bad
+        hit = batch_bad.to(torch.int64)
+        flags["samples"].add_(hit, alpha=n)
+        flags["batches"].add_(hit)
+
+    def _device_flags(self) -> dict:
+        if self.flags is None:
+            device = next(iter(self.omega.buffers))[0] if self.omega.buffers else torch.device("cpu")
+            groups: dict = {}
+            for name, shape, dev, _ in self.specs:
+                if math.prod(shape):
+                    groups.setdefault(torch.device(dev), []).append(name)
+            self.flags = {
+                "device": device,
+                "groups": list(groups.values()),
+                "names": [n for names in groups.values() for n in names],  # the order of "params"
+                "bad": torch.zeros((), dtype=torch.bool, device=device),
+                "params": torch.zeros(sum(map(len, groups.values())), dtype=torch.bool, device=device),
+                "samples": torch.zeros((), dtype=torch.int64, device=device),
+                "batches": torch.zeros((), dtype=torch.int64, device=device),
+            }
+        return self.flags
+
+    def settle(self) -> tuple[int, int]:
+        """Read the device flags (one host synchronization): ``(samples, batches)`` rejected since."""
+        flags = self.flags
+        if flags is None:
+            return 0, 0
+        self.flags = None
+        if not bool(flags["bad"]):
+            return 0, 0
+        names = flags["names"]
+        bad = names[int(flags["params"].nonzero()[0, 0])] if bool(flags["params"].any()) else "?"
+        if self.pending is None:
+            self.pending = (
+                f"MAS: a batch had non-finite activations or gradients, or made the float32 sum of the "
+                f"importance overflow, in layer {_layer(bad)!r} (parameter {bad!r}); it was not added to the "
+                f"importance ({int(flags['batches'])} batch(es), {int(flags['samples'])} samples left out; "
+                "the other batches are kept)")
+        return int(flags["samples"]), int(flags["batches"])
+
+    def take_error(self) -> str | None:
+        """The rejected batch's error message, once."""
+        msg, self.pending = self.pending, None
+        return msg
+

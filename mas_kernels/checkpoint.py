@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import json
+import numbers
 import os
 import stat
 import tempfile
@@ -185,3 +186,59 @@ def read(path: str | os.PathLike, who: str = "MAS.load",
                 raise ValueError(f"{who}: {path} is corrupt: the checksum of its {part} tensors does not match "
                                  "the one written with them (the file changed after it was saved)")
     return out, meta
+
+
+def validate(state, specs: list, parts: tuple, counts: tuple, optional: dict, who: str) -> None:
+    """Raise ``ValueError`` naming the entry at fault unless ``state`` (a ``MAS.state_dict()``, or a file's
+    parts and metadata) fits the parameters ``specs`` (``(name, shape)``) exactly.
+
+    Every field is checked: the three parts are dicts with a tensor per
+    parameter name (no other names) of the parameter's shape, a float
+    dtype and real data (not ``meta``); Omega, theta* and the accumulator
+    are finite, Omega and the accumulator >= 0 (a negated or NaN Omega
+    would turn the penalty into a reward for drift); the counts are
+    integers >= 0.
+    """
+    if not isinstance(state, dict):
+        raise ValueError(f"{who}: expected a dict from MAS.state_dict(), got {type(state).__name__}")
+    for key in parts + counts:
+        if key not in state and key not in optional:
+            raise ValueError(f"{who}: missing entry {key!r}")
+    for key in counts:
+        value = state.get(key, optional.get(key))
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_floating_point:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            raise ValueError(f"{who}: {key}={value!r} must be an integer >= 0")
+    names = {name for name, _ in specs}
+    for part in parts:
+        given = state[part]
+        if not isinstance(given, dict):
+            raise ValueError(f"{who}: {part} must be a dict of tensors by parameter name, "
+                             f"got {type(given).__name__}")
+        for name, shape in specs:
+            if name not in given:
+                raise ValueError(f"{who}: {part} has no entry for parameter {name!r}")
+            check_tensor(who, part, name, given[name], tuple(shape))
+        for name in given:
+            if name not in names:
+                raise ValueError(f"{who}: {part} has parameter {name!r}, which the model lacks")
+
+
+def check_tensor(who: str, part: str, name: str, t, shape: tuple) -> None:
+    """One part's tensor for one parameter: a float tensor of its shape with real, finite data (>= 0 but for theta*)."""
+    where = f"{part}[{name!r}]"
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{who}: {where} must be a tensor, got {type(t).__name__}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{who}: {where} has shape {tuple(t.shape)}, the model's parameter has {shape}")
+    if not t.dtype.is_floating_point:
+        raise ValueError(f"{who}: {where} has dtype {t.dtype}, expected a float dtype")
+    if t.device.type == "meta":
+        raise ValueError(f"{who}: {where} is a meta tensor (no data)")
+    t = t.detach()
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{who}: {where} has non-finite values")
+    if part != "anchors" and t.numel() and bool((t < 0).any()):
+        raise ValueError(f"{who}: {where} has negative values (min {float(t.min()):.3g}); importance is >= 0, "
+                         "and a negative one would turn the penalty into a reward for drift")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 import zlib
 from typing import Any, Callable
 
@@ -35,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import checkpoint
 from .state import FlatBuffers
 
 
@@ -142,6 +144,57 @@ def all_reduce_importance(acc: FlatBuffers, counts: int | tuple[int, ...], group
             dist.all_reduce(buf, group=group)
     totals = tuple(int(c) for c in table[:, :k].sum(0))
     return totals[0] if single else totals
+
+
+def consolidate(state, params: dict, combine, per_batch_mean: bool, session_open: bool, group=None) -> None:
+    """``MAS.consolidate()``: the numerators and counts summed over the ranks, folded into Omega
+    (divided by N, or by the number of batches for per-batch means), theta* snapshot; the accumulator
+    and staging released unless a session is open (its hooks still write into staging)."""
+    n, n_batches = all_reduce_importance(state.acc, (state.num_samples, state.num_batches), group)
+    if n == 0:
+        if not state.num_samples:
+            state.release(staging=not session_open)
+        raise RuntimeError(
+            "MAS.consolidate(): no samples seen since the last consolidate; call estimate() "
+            "or run forward passes inside accumulating() first"
+        )
+    state.fold(n, combine, divisor=n_batches if per_batch_mean else n)
+    state.snapshot(params)
+    if not session_open:
+        state.release()
+
+
+def raise_rejected(state, group=None) -> None:
+    """Raise the deferred error of a rejected batch (``state.check_finite()``); under torch.distributed
+    warn instead: the collectives that follow need every rank, so one rank raising would leave the
+    others waiting."""
+    if not active(group):
+        state.check_finite()
+        return
+    try:
+        state.check_finite()
+    except FloatingPointError as exc:
+        rank = dist.get_rank(group)
+        warnings.warn(f"{exc} [rank {rank}: going on without it, so that every rank stays in step]",
+                      RuntimeWarning, stacklevel=3)
+
+
+def save_over_ranks(path, sd: dict, meta: dict, group=None) -> None:
+    """``MAS.save``: the open accumulator (each rank's own samples) summed over the ranks, as one process
+    would hold it, then rank 0 writes while the others wait (its error raised on every rank)."""
+    sd["accumulator"], (num_samples, num_batches) = summed_over_ranks(
+        sd["accumulator"], (sd["num_samples"], sd["num_batches"]), group)
+    parts = {part: sd[part] for part in checkpoint.PARTS}
+    meta = {**meta, "num_samples": num_samples, "num_batches": num_batches}
+    main_process_only(lambda: checkpoint.write(path, parts, meta, "MAS.save"), group, "MAS.save")
+
+
+def keep_open_task_on_rank0(state, group=None) -> None:
+    """After ``MAS.load``: a file's open accumulator is the sum over the ranks that saved it, so rank 0
+    alone keeps it and the next ``consolidate()`` counts those samples once."""
+    if not is_main_process(group):
+        state.release(staging=False)
+        state.num_samples = state.num_batches = 0
 
 
 def summed_over_ranks(named: dict[str, torch.Tensor], counts: int | tuple[int, ...], group=None

@@ -104,13 +104,8 @@ class MAS(Copyable):
             while theta is within ~2**-9 |theta*| of theta* (measured on the
             demo MLP: gradient error 3.5% in L2 at a drift of 1e-3, 0.3% at 1e-2).
 
-    Memory: Omega and theta* for life; the task's accumulator and a one-batch
-    staging buffer (float32 each) only while a task is open, from its first
-    batch to ``consolidate()``. Copies: ``copy.deepcopy(mas)`` (with the model:
-    ``copy.deepcopy((model, mas))`` keeps the pair together), ``pickle`` and
-    ``torch.save(mas)`` give an independent, correct wrapper on the copied
-    model; they refuse while ``estimate()``/``accumulating()`` is open, and
-    pickling refuses a wrapper with a ``process_group``.
+    Memory, copies (``deepcopy``/``pickle``/``torch.save``), files and failures:
+    see the README's "The wrapper" section.
     """
 
     def __init__(
@@ -288,21 +283,9 @@ class MAS(Copyable):
         Runs the model in eval mode unless ``train_mode``. The model's mode and
         every ``.grad`` are restored afterwards.
         """
-        from tqdm.auto import tqdm
-
-        if isinstance(batches, torch.Tensor):
-            raise TypeError(
-                f"MAS.estimate: got a tensor of shape {tuple(batches.shape)}; pass an iterable of batches, "
-                "e.g. [x] for one batch, or a DataLoader"
-            )
-        try:
-            total = len(batches)  # type: ignore[arg-type]
-        except TypeError:
-            total = None
         with self._session() as session, modes(self.module, train_mode):
-            for batch in tqdm(batches, total=total, disable=not progress, desc=f"MAS {self.importance}",
-                              unit="batch"):
-                session.run(call_for(batch, self.forward, self._device()), eval_mode=not train_mode)
+            session.run_all(batches, lambda b: call_for(b, self.forward, self._device()), not train_mode,
+                            progress, f"MAS {self.importance}")
         return self
 
     # --------------------------------------------------------- across tasks
@@ -318,19 +301,6 @@ class MAS(Copyable):
         """
         self._state.check_finite()
 
-    def _report_rejected(self, state: ImportanceState) -> None:
-        """Raise the deferred error of a rejected batch; under torch.distributed warn instead (the
-        collectives that follow need every rank, so one rank raising would leave the others waiting)."""
-        if not distributed.active(self.process_group):
-            state.check_finite()
-            return
-        try:
-            state.check_finite()
-        except FloatingPointError as exc:
-            rank = torch.distributed.get_rank(self.process_group)
-            warnings.warn(f"{exc} [rank {rank}: going on without it, so that every rank stays in step]",
-                          RuntimeWarning, stacklevel=3)
-
     def consolidate(self) -> "MAS":
         """Fold this task's importance into Omega and snapshot theta* (the anchors).
 
@@ -345,20 +315,9 @@ class MAS(Copyable):
         every rank must reach the all-reduce). The accumulator is released.
         """
         state = self._checked_state()
-        self._report_rejected(state)
-        n, n_batches = distributed.all_reduce_importance(state.acc, (state.num_samples, state.num_batches),
-                                                         self.process_group)
-        if n == 0:
-            if not state.num_samples:
-                state.release(staging=not self._handles)
-            raise RuntimeError(
-                "MAS.consolidate(): no samples seen since the last consolidate; call estimate() "
-                "or run forward passes inside accumulating() first"
-            )
-        state.fold(n, self.combine, divisor=n_batches if self.normalization == "avalanche" else n)
-        state.snapshot(self._params)
-        if not self._handles:  # an open session's hooks still write into the staging buffers
-            state.release()
+        distributed.raise_rejected(state, self.process_group)
+        distributed.consolidate(state, self._params, self.combine, self.normalization == "avalanche",
+                                session_open=bool(self._handles), group=self.process_group)
         return self
 
     # --------------------------------------------------------------- penalty
@@ -403,7 +362,7 @@ class MAS(Copyable):
         Raises the deferred ``FloatingPointError`` of a rejected batch first (see :meth:`check_finite`).
         """
         state = self._checked_state()
-        self._report_rejected(state)
+        distributed.raise_rejected(state, self.process_group)
         return {**state.state_dict(), **self._meta(state)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -429,12 +388,7 @@ class MAS(Copyable):
         """
         path = checkpoint.check_path(path, "MAS.save")
         sd = self.state_dict()
-        sd["accumulator"], (num_samples, num_batches) = distributed.summed_over_ranks(
-            sd["accumulator"], (sd["num_samples"], sd["num_batches"]), self.process_group)
-        parts = {part: sd[part] for part in checkpoint.PARTS}
-        meta = {**self._meta(self._state_), "num_samples": num_samples, "num_batches": num_batches}
-        distributed.main_process_only(lambda: checkpoint.write(path, parts, meta, "MAS.save"), self.process_group,
-                                      "MAS.save")
+        distributed.save_over_ranks(path, sd, self._meta(self._state_), self.process_group)
 
     def load(self, path: str | os.PathLike) -> None:
         """Read a file written by :meth:`save`; a failed load leaves the state as it was.
@@ -446,12 +400,7 @@ class MAS(Copyable):
         path = checkpoint.check_path(path, "MAS.load")
         parts, meta = checkpoint.read(path, "MAS.load")
         self.load_state_dict({**meta, **parts})
-        if not distributed.is_main_process(self.process_group):
-            # The file's open accumulator is the sum over the ranks that saved it: rank 0 alone
-            # holds it, so the next consolidate() counts those samples once.
-            state = self._state
-            state.release(staging=False)
-            state.num_samples = state.num_batches = 0
+        distributed.keep_open_task_on_rank0(self._state, self.process_group)
 
     # ----------------------------------------------------------------- hooks
     def remove(self) -> None:

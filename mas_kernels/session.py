@@ -165,6 +165,22 @@ class Session:
     def commit(self, n: int) -> None:
         self.state.commit_batch(n, 1.0 / n if self.per_batch_mean and n else 1.0)
 
+    def run_all(self, batches, call_for: Callable, eval_mode: bool, progress: bool, desc: str) -> None:
+        """``estimate()``'s loop: each batch run as ``call_for(batch)`` says, with a progress bar if asked."""
+        from tqdm.auto import tqdm
+
+        if isinstance(batches, torch.Tensor):
+            raise TypeError(
+                f"MAS.estimate: got a tensor of shape {tuple(batches.shape)}; pass an iterable of batches, "
+                "e.g. [x] for one batch, or a DataLoader"
+            )
+        try:
+            total = len(batches)  # type: ignore[arg-type]
+        except TypeError:
+            total = None
+        for batch in tqdm(batches, total=total, disable=not progress, desc=desc, unit="batch"):
+            self.run(call_for(batch), eval_mode=eval_mode)
+
     def run(self, call: Callable[[nn.Module], Any], eval_mode: bool = True) -> None:
         """One batch of ``estimate()``: ``call(model)`` runs the model on it.
 

@@ -16,7 +16,7 @@ from . import checkpoint
 from ._model import unwrap
 from .distributed import local_shard, local_tensor
 from .regularizer import Regularizer
-from .state import FlatBuffers, ImportanceState
+from .state import FlatBuffers
 
 
 def _read_state(state) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
@@ -74,7 +74,7 @@ class ShardedPenalty:
                                  f"the model's parameter has {tuple(p.shape)}")
             if name in omega:  # finite, Omega >= 0, float, real data: a bad entry never loads
                 for part, named in (("omega", omega), ("anchors", anchors)):
-                    ImportanceState._check_tensor("ShardedPenalty", part, name, named[name], tuple(p.shape))
+                    checkpoint.check_tensor("ShardedPenalty", part, name, named[name], tuple(p.shape))
         self.names = [n for n in params if n in omega]
         self.skipped = [n for n in params if n not in omega]
         locals_ = {n: local_tensor(params[n].detach()) for n in self.names}

@@ -15,6 +15,8 @@ from typing import Iterable
 
 import torch
 
+from . import checkpoint
+
 
 class FlatBuffers:
     """Named views into flat buffers grouped by (device, dtype).
@@ -407,56 +409,10 @@ class ImportanceState:
         return out
 
     def check(self, state, who: str) -> None:
-        """Raise ``ValueError`` naming the entry at fault unless ``state`` fits these parameters exactly.
-
-        Every field is checked: the three parts are dicts with a tensor per
-        parameter name (no other names) of the parameter's shape, a float
-        dtype and real data (not ``meta``); Omega, theta* and the accumulator
-        are finite, Omega and the accumulator >= 0 (a negated or NaN Omega
-        would turn the penalty into a reward for drift); the counts are
-        integers >= 0.
-        """
-        if not isinstance(state, dict):
-            raise ValueError(f"{who}: expected a dict from MAS.state_dict(), got {type(state).__name__}")
-        for key in self.PARTS + self.COUNTS:
-            if key not in state and key not in self.OPTIONAL:
-                raise ValueError(f"{who}: missing entry {key!r}")
-        for key in self.COUNTS:
-            value = state.get(key, self.OPTIONAL.get(key))
-            if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_floating_point:
-                value = value.item()
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-                raise ValueError(f"{who}: {key}={value!r} must be an integer >= 0")
-        for part in self.PARTS:
-            given = state[part]
-            if not isinstance(given, dict):
-                raise ValueError(f"{who}: {part} must be a dict of tensors by parameter name, "
-                                 f"got {type(given).__name__}")
-            for name, shape, _, _ in self.specs:
-                if name not in given:
-                    raise ValueError(f"{who}: {part} has no entry for parameter {name!r}")
-                self._check_tensor(who, part, name, given[name], tuple(shape))
-            for name in given:
-                if name not in self.omega:
-                    raise ValueError(f"{who}: {part} has parameter {name!r}, which the model lacks")
-
-    @staticmethod
-    def _check_tensor(who: str, part: str, name: str, t, shape: tuple) -> None:
-        where = f"{part}[{name!r}]"
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{who}: {where} must be a tensor, got {type(t).__name__}")
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{who}: {where} has shape {tuple(t.shape)}, the model's parameter has {shape}")
-        if not t.dtype.is_floating_point:
-            raise ValueError(f"{who}: {where} has dtype {t.dtype}, expected a float dtype")
-        if t.device.type == "meta":
-            raise ValueError(f"{who}: {where} is a meta tensor (no data)")
-        t = t.detach()
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{who}: {where} has non-finite values")
-        if part != "anchors" and t.numel() and bool((t < 0).any()):
-            raise ValueError(f"{who}: {where} has negative values (min {float(t.min()):.3g}); importance is >= 0, "
-                             "and a negative one would turn the penalty into a reward for drift")
+        """Raise ``ValueError`` naming the entry at fault unless ``state`` fits these parameters exactly
+        (see :func:`checkpoint.validate`)."""
+        checkpoint.validate(state, [(n, tuple(shape)) for n, shape, _, _ in self.specs], self.PARTS, self.COUNTS,
+                            self.OPTIONAL, who)
 
     def load_state_dict(self, state: dict, who: str = "MAS.load_state_dict") -> None:
         """Load what :meth:`state_dict` gave; everything is checked before anything changes."""

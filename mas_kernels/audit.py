@@ -680,7 +680,8 @@ def summary(records: list[dict]) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault((r["op"], _variant(r), r["arch"], _tile(r["config"])), []).append(r)
-    head = (f"{'op':<22} {'variant':<34} {'arch':<5} {'config':<20} {'n':>3} {'dtypes':<16} {'regs':>7} {'spill':>5} "
+    vw = max([34] + [len(v) for _, v, _, _ in groups])  # the variant column: abs_bmm's are 44 wide
+    head = (f"{'op':<22} {'variant':<{vw}} {'arch':<5} {'config':<20} {'n':>3} {'dtypes':<16} {'regs':>7} {'spill':>5} "
             f"{'smem KiB':>8} {'load bits':>10} {'store bits':>10}  mma")
     lines.append(head)
     lines.append("-" * len(head))
@@ -695,7 +696,7 @@ def summary(records: list[dict]) -> str:
                       for r in good})
         smem = [r["smem_bytes"] / 1024 for r in good]
         lines.append(
-            f"{op:<22} {variant[:34]:<34} sm{arch:<3} {tile:<20} {len(rs):>3} {dt[:16]:<16} "
+            f"{op:<22} {variant:<{vw}} sm{arch:<3} {tile:<20} {len(rs):>3} {dt[:16]:<16} "
             f"{_span([r['registers'] for r in good]):>7} {max([r['spill_bytes'] for r in good], default=0):>5} "
             f"{(f'{max(smem):.0f}' if smem else '-'):>8} {f'[{min(lb)}, {max(lb)}]' if lb else '-':>10} "
             f"{f'[{min(sb)}, {max(sb)}]' if sb else '-':>10}  {', '.join(mma)}")

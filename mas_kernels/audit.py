@@ -174,6 +174,49 @@ def _penalty_cases() -> list[Case]:
     return cases
 
 
+def _abs_bmm_cases() -> list[Case]:
+    # The launcher itself (abs_bmm_triton sends T = 1 to abs_outer, audited above), with the
+    # budget a call gets by default and ``programs`` as on a GPU: 1 (a CPU tensor would get 4)
+    # keeps omega's tiles unsplit (ACCUMULATE, omega read and written in place), 132 (an H100's
+    # multiprocessors) splits a small omega's samples into fp32 partial sums (ACCUMULATE=False).
+    from .ops.abs_bmm import DEFAULT_MEMORY_BUDGET
+
+    cases = []
+
+    def add(label, shape, da, db, *, tf32=False, layout="contiguous", programs=1, ci=False, aligned=True):
+        s, t, j, i = shape
+
+        def args():
+            # a (S, T, J): contiguous as a Linear's output gradients, or T-contiguous as the
+            # conv rule's (the (N, O, L) gradients transposed to (N, L, O)); b (S, T, I) contiguous.
+            a = _zeros(s, t, j, dtype=da) if layout == "contiguous" else _zeros(s, j, t, dtype=da).transpose(1, 2)
+            return _zeros(j, i), a, _zeros(s, t, i, dtype=db), 0.5, DEFAULT_MEMORY_BUDGET, programs
+        text = (f"{label} S,T,J,I={s},{t},{j},{i}" + ("" if layout == "contiguous" else f"; a {layout}")
+                + (f"; programs={programs}" if programs != 1 else "") + ("; allow_tf32" if tf32 else ""))
+        cases.append(Case(text, {"a": SHORT[da], "b": SHORT[db]}, args, allow_tf32=tf32, ci=ci,
+                          expect=("vector_io",) if aligned else ()))
+
+    # A sequence Linear layer's (batch, positions, outputs, inputs), every dim a multiple of 16,
+    # then the same with J = 13 (a head with an odd number of outputs): every dtype pair, both
+    # orders (the launcher swaps a and b when only a is fp32), TF32 off and on for fp32 inputs.
+    for (da, db), tf32 in itertools.product(itertools.product(DTYPES, DTYPES), (False, True)):
+        if tf32 and F32 not in (da, db):
+            continue  # allow_tf32 only changes fp32 inputs
+        # CI: the swapped mixed pair (the launcher's swap; fp32 FMA products with a 16-bit
+        # operand converted in registers) and fp32 under TF32 (its tiles pass through registers
+        # for 16-byte loads); the 16-bit tensor-core rule is the split case below.
+        ci = (da, db) == (F32, BF16) and not tf32 or (da, db) == (F32, F32) and tf32
+        add("aligned", (8, 128, 512, 768), da, db, tf32=tf32, ci=ci)
+        add("odd J", (8, 128, 13, 768), da, db, tf32=tf32, aligned=False)
+    # The conv rule's layout: fp32 (it converts), T = L output positions, a T-contiguous.
+    for tf32 in (False, True):
+        add("conv", (8, 1024, 64, 576), F32, F32, tf32=tf32, layout="T-contiguous")
+    # Split over samples: omega has 2 tiles of 128 x 128 for 132 multiprocessors.
+    for da, db in ((F16, F16), (BF16, F16), (F32, F32)):
+        add("split", (32, 64, 128, 256), da, db, programs=132, ci=(da, db) == (F16, F16))
+    return cases
+
+
 ENTRIES: list[Entry] = [
     Entry("abs_outer_accumulate_", "mas_kernels.ops.triton.abs_outer:abs_outer_triton", _abs_outer_cases,
           scalars=("alpha",), tensor_cores=True),
@@ -181,6 +224,8 @@ ENTRIES: list[Entry] = [
           scalars=("alpha",), chunked=True),
     Entry("penalty_grad_", "mas_kernels.ops.triton.multi_tensor:penalty_grad_triton", _penalty_cases,
           scalars=("two_lam",), chunked=True),
+    Entry("abs_bmm_accumulate_", "mas_kernels.ops.triton.abs_bmm:launch", _abs_bmm_cases,
+          scalars=("alpha",), tensor_cores=True),
 ]
 
 
@@ -321,8 +366,12 @@ _PTXAS_RE = {
 
 
 def _ptxas_stats(ptx: str, arch: int, log: str) -> dict:
-    """Registers, spills and stack from ``ptxas -v``: Triton's own run (``log``), else a run of the same ptxas."""
-    if "Used" not in log:  # the compile came from Triton's cache: ptxas did not run
+    """Registers, spills and stack from ``ptxas -v``: Triton's own run (``log``), else a run of the same ptxas.
+
+    The audit compiles with Triton's cache bypassed, so the log is there; the
+    fallback (ptxas without Triton's flags) is for a Triton that does not print it.
+    """
+    if "Used" not in log:  # ptxas's log was not printed
         gpu = re.search(r"^\.target\s+(\w+)", ptx, re.M).group(1)
         with tempfile.TemporaryDirectory() as d:
             src = os.path.join(d, "k.ptx")
@@ -512,7 +561,11 @@ def _compile(i: int) -> dict:
     try:
         src = ASTSource(fn=job.fn, signature=job.signature, constexprs=job.constexprs, attrs=job.attrs)
         # Triton prints ptxas's -v log when asked: registers and spills of the very cubin it built.
+        # Never from Triton's cache: a cached kernel has no log, and ptxas run again here
+        # without Triton's own flags (-lineinfo, --regAllocOptLevel on triton 3.9) allocates
+        # registers differently (an 8-byte spill or not, for the same PTX).
         knobs.nvidia.dump_ptxas_log = True
+        knobs.compilation.always_compile = True
         log = io.StringIO()
         with contextlib.redirect_stdout(log):
             kernel = triton.compile(src, target=GPUTarget("cuda", job.arch, 32), options=job.options)
@@ -627,7 +680,8 @@ def summary(records: list[dict]) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault((r["op"], _variant(r), r["arch"], _tile(r["config"])), []).append(r)
-    head = (f"{'op':<22} {'variant':<34} {'arch':<5} {'config':<20} {'n':>3} {'dtypes':<16} {'regs':>7} {'spill':>5} "
+    vw = max([34] + [len(v) for _, v, _, _ in groups])  # the variant column: abs_bmm's are 44 wide
+    head = (f"{'op':<22} {'variant':<{vw}} {'arch':<5} {'config':<20} {'n':>3} {'dtypes':<16} {'regs':>7} {'spill':>5} "
             f"{'smem KiB':>8} {'load bits':>10} {'store bits':>10}  mma")
     lines.append(head)
     lines.append("-" * len(head))
@@ -642,7 +696,7 @@ def summary(records: list[dict]) -> str:
                       for r in good})
         smem = [r["smem_bytes"] / 1024 for r in good]
         lines.append(
-            f"{op:<22} {variant[:34]:<34} sm{arch:<3} {tile:<20} {len(rs):>3} {dt[:16]:<16} "
+            f"{op:<22} {variant:<{vw}} sm{arch:<3} {tile:<20} {len(rs):>3} {dt[:16]:<16} "
             f"{_span([r['registers'] for r in good]):>7} {max([r['spill_bytes'] for r in good], default=0):>5} "
             f"{(f'{max(smem):.0f}' if smem else '-'):>8} {f'[{min(lb)}, {max(lb)}]' if lb else '-':>10} "
             f"{f'[{min(sb)}, {max(sb)}]' if sb else '-':>10}  {', '.join(mma)}")

@@ -297,12 +297,12 @@ def test_triton_configs_that_spill_are_pruned(monkeypatch):
     monkeypatch.setattr(tk._backend, "interpreting", lambda: False)
     configs = tk._configs()
 
-    def kept(a, b, upcast, precision):
+    def kept(a, b, upcast, precision, accumulate=True):
         args = dict(zip(["a_ptr", "b_ptr"], [a, b]))
         args.update(stride_as=a.stride(0), stride_at=a.stride(1), stride_aj=a.stride(2),
                     stride_bs=b.stride(0), stride_bt=b.stride(1), stride_bi=b.stride(2))
         return {(c.kwargs["BLOCK_J"], c.kwargs["BLOCK_I"], c.kwargs["BLOCK_T"])
-                for c in tk._prune(configs, args, UPCAST=upcast, PRECISION=precision)}
+                for c in tk._prune(configs, args, UPCAST=upcast, PRECISION=precision, ACCUMULATE=accumulate)}
 
     everything = {(c.kwargs["BLOCK_J"], c.kwargs["BLOCK_I"], c.kwargs["BLOCK_T"]) for c in configs}
     aligned = torch.zeros(2, 32, 64, dtype=BF16)
@@ -313,9 +313,13 @@ def test_triton_configs_that_spill_are_pruned(monkeypatch):
     assert kept(odd, aligned, False, "ieee") == {(64, 64, 16), (64, 64, 32), (64, 64, 64)}
     assert kept(odd.float(), aligned.float(), True, "ieee") == {(64, 64, 16), (64, 64, 32)}
     assert kept(aligned[:, :, 1:], aligned[:, :, 1:], False, "ieee") <= {(64, 64, 16), (64, 64, 32), (64, 64, 64)}
-    mixed = kept(aligned, aligned.float(), True, "tf32")  # a 16-bit operand next to an fp32 one
-    assert mixed and all(j <= 64 for j, _, _ in mixed)
-    assert kept(odd, aligned.float(), True, "ieee") == {(64, 64, 16)}
+    # a 16-bit operand next to an fp32 one: TF32 as it comes; FMA products with both tile sides bounded
+    assert kept(aligned, aligned.float(), True, "tf32") == everything
+    assert kept(aligned, aligned.float(), True, "ieee") == {(64, 64, 16), (64, 64, 32), (128, 128, 16)}
+    assert kept(odd, aligned.float(), True, "ieee") == {(64, 64, 16), (64, 64, 32)}
+    conv = torch.zeros(2, 64, 32).transpose(1, 2)  # T-contiguous a, as the conv rule passes it
+    assert kept(conv, aligned.float(), True, "ieee") == {(64, 64, 16)}
+    assert kept(aligned, aligned, False, "ieee", accumulate=False) == everything - {(64, 64, 32)}  # split samples
 
 
 # ------------------------------------------------- the native kernel's strategies

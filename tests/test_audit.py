@@ -58,12 +58,21 @@ def test_ci_subset_covers_every_kernel_and_property(ci_records):
             # both the fast path (aligned pointers) and the safe path for misaligned views
             assert {r["full_chunk_path"] for r in mine} == {True, False}, e.op
         assert all(r["scalars_runtime"] for r in mine), e.op
-    outer = [r for r in records if r["op"] == "abs_outer_accumulate_"]
-    sixteen = [r for r in outer if set(r["dtypes"].values()) <= {"f16", "bf16"}]
-    assert sixteen and all("tensor_cores" in r["expect"] and r["mma"] for r in sixteen)
-    assert any("wgmma" in r["mma"] for r in sixteen if r["arch"] == 90)
-    # every autotune config of a rule is compiled, and the rule is part of the autotune key
-    assert all("PRECISION" in r["autotune_key"] for r in outer)
+    for e in audit.ENTRIES:
+        if not e.tensor_cores:
+            continue
+        mine = [r for r in records if r["op"] == e.op]
+        sixteen = [r for r in mine if set(r["dtypes"].values()) <= {"f16", "bf16"}]
+        assert sixteen and all("tensor_cores" in r["expect"] and r["mma"] for r in sixteen), e.op
+        assert any("wgmma" in r["mma"] for r in sixteen if r["arch"] == 90), e.op
+        # every autotune config of a rule is compiled, and the rule is part of the autotune key
+        assert all("PRECISION" in r["autotune_key"] for r in mine), e.op
+    bmm = [r for r in records if r["op"] == "abs_bmm_accumulate_"]
+    # omega accumulated in place and split samples' partial sums; TF32 on tensor cores with
+    # every global access 128 bits wide (check() holds the aligned cases to that)
+    assert {r["config"]["ACCUMULATE"] for r in bmm} == {True, False}
+    tf32 = [r for r in bmm if r["config"]["PRECISION"] == "tf32" and r["dtypes"] == {"a": "f32", "b": "f32"}]
+    assert tf32 and all(r["mma"] and "tf32" in r["mma"] and "vector_io" in r["expect"] for r in tf32)
 
 
 def test_every_entry_has_ci_cases():

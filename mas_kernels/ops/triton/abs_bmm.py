@@ -55,7 +55,7 @@ def _configs():
 
 def _aligned(named_args) -> bool:
     """Whether Triton sees 16-byte aligned inputs, sample and position strides divisible by 16
-    and unit inner strides: then the loads are 16-byte ``cp.async`` copies into shared memory."""
+    and unit inner strides: then every load is a 16-byte access."""
     strides = ("stride_as", "stride_at", "stride_bs", "stride_bt")
     return (all(named_args[n] % 16 == 0 for n in strides)
             and named_args["stride_aj"] == 1 and named_args["stride_bi"] == 1
@@ -65,27 +65,45 @@ def _aligned(named_args) -> bool:
 def _prune(configs, named_args, **kwargs):
     """Drop the configs that spill registers, as ``ptxas -v`` reports them for sm_80 and sm_90.
 
-    Without tensor cores (fp32 IEEE products, ``tl.dot`` on FMA units),
-    (BLOCK_J x BLOCK_T) tiles of 128 x 32 or 64 x 64 spill 0.2-17 KB per
-    thread. Unaligned inputs are loaded element by element into registers,
-    and tiles over 64 x 64 spill 8-1500 bytes. A 16-bit operand next to an
-    fp32 one (converted in registers) spills 12-24 bytes at BLOCK_J = 128,
-    and 20-540 bytes when unaligned unless BLOCK_T = 16. 64 x 64 x 16 spills
-    in no case.
+    From the compile audit of every config without this prune (triton 3.6 and
+    3.9, the audit's shapes; ``python -m mas_kernels.audit``, docs/kernels.md):
+
+    * fp32 products on FMA units (an fp32 input, TF32 off): BLOCK_J x BLOCK_T
+      over 64 x 32 spills 12-33568 bytes per thread in 70 of 192 compiles;
+      with a 16-bit operand next to the fp32 one, BLOCK_I x BLOCK_T over
+      64 x 32 too (24-1408 bytes); with ``a`` T-contiguous (the conv rule's
+      layout), BLOCK_T over 16 (8-48 bytes).
+    * inputs :func:`_aligned` rejects (an odd stride, whose loads are element by
+      element, or a T-contiguous ``a``): tiles up to 64 x 64. Over that, fp32
+      FMA products spill 48-1408 bytes and TF32 128 x 128 x 64 spills 12-36;
+      the other tiles compile clean, but no GPU measurement says they pay for
+      their autotuning time there.
+    * tensor cores in the input dtype with split samples (no omega read):
+      64 x 64 x 32 on 4 warps spills 8 bytes on sm_80 (triton 3.9).
+
+    64 x 64 x 16 spills in no case.
     """
     if _backend.interpreting():
         return configs
     kw = {**named_args, **kwargs}
     aligned = _aligned(kw)
-    dtypes = {kw["a_ptr"].dtype, kw["b_ptr"].dtype}
-    kept = configs
-    if kw["UPCAST"] and kw["PRECISION"] == "ieee":
-        kept = [c for c in kept if c.kwargs["BLOCK_J"] * c.kwargs["BLOCK_T"] <= 64 * 32]
-    if not aligned:
-        kept = [c for c in kept if c.kwargs["BLOCK_J"] <= 64 and c.kwargs["BLOCK_I"] <= 64]
-    if len(dtypes) == 2 and torch.float32 in dtypes:
-        kept = [c for c in kept if c.kwargs["BLOCK_J"] <= 64 and (aligned or c.kwargs["BLOCK_T"] <= 16)]
-    return kept or [c for c in configs if (c.kwargs["BLOCK_J"], c.kwargs["BLOCK_I"], c.kwargs["BLOCK_T"]) == (64, 64, 16)]
+    mixed = kw["a_ptr"].dtype != kw["b_ptr"].dtype
+
+    def keep(c):
+        bj, bi, bt = c.kwargs["BLOCK_J"], c.kwargs["BLOCK_I"], c.kwargs["BLOCK_T"]
+        if kw["UPCAST"] and kw["PRECISION"] == "ieee":
+            if bj * bt > 64 * 32 or (mixed and bi * bt > 64 * 32):
+                return False
+            if kw["stride_at"] == 1 and kw["stride_aj"] != 1 and bt > 16:
+                return False
+        if not aligned and (bj > 64 or bi > 64):
+            return False
+        if not kw["UPCAST"] and not kw["ACCUMULATE"] and (bj, bi, bt, c.num_warps) == (64, 64, 32, 4):
+            return False
+        return True
+
+    return [c for c in configs if keep(c)] or [c for c in configs if (c.kwargs["BLOCK_J"], c.kwargs["BLOCK_I"],
+                                                                      c.kwargs["BLOCK_T"]) == (64, 64, 16)]
 
 
 @triton.autotune(
@@ -127,8 +145,12 @@ def _abs_bmm_fwd_kernel(
         # int64 offsets: sample * stride exceeds 2**31 on large activations.
         rt = kt * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
         mask_t = rt < T
-        a = tl.load(a_ptr + s * stride_as + rt[:, None] * stride_at + rj[None, :] * stride_aj,
-                    mask=mask_t[:, None] & mask_j[None, :], other=0.0)
+        # a's tile is loaded already transposed, (BLOCK_J, BLOCK_T), rather than loaded
+        # (BLOCK_T, BLOCK_J) and put through tl.trans: with tl.trans a J-contiguous fp32
+        # tile was copied 4 bytes at a time for TF32 on sm_80, and fp32 FMA products
+        # with J = 13 spilled 648 bytes (audit figures in docs/kernels.md).
+        a = tl.load(a_ptr + s * stride_as + rj[:, None] * stride_aj + rt[None, :] * stride_at,
+                    mask=mask_j[:, None] & mask_t[None, :], other=0.0)
         b = tl.load(b_ptr + s * stride_bs + rt[:, None] * stride_bt + ri[None, :] * stride_bi,
                     mask=mask_t[:, None] & mask_i[None, :], other=0.0)
         if UPCAST:
@@ -136,7 +158,16 @@ def _abs_bmm_fwd_kernel(
             # is only right after a cast to fp32.
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        prod = tl.dot(tl.trans(a), b, prod, input_precision=PRECISION)
+        if PRECISION == "tf32":
+            # Through registers: sm_90's wgmma reads TF32 tiles from shared memory only
+            # T-contiguous, and a J- or I-contiguous tile copied there straight from
+            # global memory is transposed 4 bytes at a time. With an op in registers the
+            # compiler stages each tile with 16-byte copies, feeds a to wgmma from
+            # registers and writes b T-contiguous from registers (as abs_outer's abs does).
+            # x + 0.0 is x but for -0.0, whose sign no product can show after the abs.
+            a = a + 0.0
+            b = b + 0.0
+        prod = tl.dot(a, b, prod, input_precision=PRECISION)
         if kt == n_t - 1:
             # The sample's last positions: its product is complete, take the abs now.
             acc += tl.abs(prod)

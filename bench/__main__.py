@@ -70,15 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         report.write_json(args.json, info, args.quick, reps, rows)
         out.say(f"wrote {args.json}")
-    if args.plot:
-        os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
-        report.plot(rows, info, args.plot)
-        out.say(f"wrote {args.plot}")
     if args.txt:
         os.makedirs(os.path.dirname(os.path.abspath(args.txt)), exist_ok=True)
         with open(args.txt, "w") as f:
             f.write("\n".join(out.lines) + "\n")
         print(f"wrote {args.txt}")
+    if args.plot:
+        os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
+        report.plot(rows, info, args.plot)
+        out.say(f"wrote {args.plot}")
     return 0
 
 

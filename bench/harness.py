@@ -6,7 +6,10 @@ import contextlib
 import dataclasses
 import os
 import platform
+import re
 import statistics
+import sys
+import tempfile
 import time
 from typing import Callable
 
@@ -162,11 +165,34 @@ def run_case(case: Case, device: torch.device, reps: int, info: dict, quick: boo
             "ratio_to_bound": ratio(times[impl], times[case.bound]) if case.bound else None,
             "ratio_to_baseline": ratio(times[impl], times[case.baseline]) if case.baseline else None,
             "is_bound": impl == case.bound,
+            "is_baseline": impl == case.baseline,
         }
         if case.notes:
             row["notes"] = dict(case.notes)
         rows.append(row)
     return rows
+
+
+@contextlib.contextmanager
+def _kineto_quiet():
+    """Drop the profiler library's per-session progress lines (``USDT: ... profiler_start``, ``STAGE: ...``),
+    which it writes straight to file descriptor 2, two or more per measured call; every other line written
+    to stderr meanwhile is passed on when the block ends."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [ln for ln in tmp.read().decode(errors="replace").splitlines(keepends=True)
+                    if not re.match(r"(USDT|STAGE):\d{4}-", ln)]
+            if kept:
+                sys.stderr.write("".join(kept))
 
 
 def peak_memory(fn: Callable[[], object]) -> int:
@@ -178,7 +204,7 @@ def peak_memory(fn: Callable[[], object]) -> int:
     """
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _kineto_quiet(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     deltas = sorted((e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
                     for e in prof.events())

@@ -169,9 +169,14 @@ def transformers_epoch_case(device: torch.device) -> Case:
                                           learning_rate=0.0, report_to=[], logging_strategy="no", save_strategy="no",
                                           use_cpu=device.type == "cpu", disable_tqdm=True, seed=0)
 
+    def trainer(model, data, cls=transformers.Trainer, **kw):
+        t = cls(model=model, args=args, train_dataset=data, **kw)
+        t.remove_callback(transformers.trainer_callback.PrinterCallback)  # its end-of-train dict, per round
+        return t
+
     cb = MASCallback(lam=1.0, save=False)
     ours = copy.deepcopy(base)
-    transformers.Trainer(model=ours, args=args, train_dataset=data[:32], callbacks=[cb]).train()  # task 1
+    trainer(ours, data[:32], callbacks=[cb]).train()  # task 1
     _no_task_end(cb, "on_train_end")
     omega = {k: v.clone() for k, v in cb.mas.omega.items()}
     anchors = {k: v.clone() for k, v in cb.mas.anchors.items()}
@@ -182,9 +187,9 @@ def transformers_epoch_case(device: torch.device) -> Case:
             return loss + sum((omega[n] * (p - anchors[n]).pow(2)).sum() for n, p in model.named_parameters())
 
     trainers = {
-        "Trainer": transformers.Trainer(model=copy.deepcopy(base), args=args, train_dataset=data),
-        "+ loss-term penalty": LossTerm(model=copy.deepcopy(base), args=args, train_dataset=data),
-        "+ MASCallback": transformers.Trainer(model=ours, args=args, train_dataset=data, callbacks=[cb]),
+        "Trainer": trainer(copy.deepcopy(base), data),
+        "+ loss-term penalty": trainer(copy.deepcopy(base), data, LossTerm),
+        "+ MASCallback": trainer(ours, data, callbacks=[cb]),
     }
     impls = {name: t.train for name, t in trainers.items()}
     size, n = _size(base, "gpt2 2x128, 128 x 32 tokens, batch 16")
@@ -195,9 +200,14 @@ def transformers_epoch_case(device: torch.device) -> Case:
 def lightning_epoch_case(device: torch.device, n: int = 640, batch: int = 64) -> Case:
     """One Lightning epoch of the demo MLP (10 batches of 64): plain, with the penalty as a loss term in
     training_step, and with MASCallback."""
+    import logging
+
     import lightning.pytorch as pl
 
     from mas_kernels.integrations.lightning import MASCallback
+
+    for name in ("lightning.pytorch", "lightning.fabric"):  # "GPU available: ...", tips: per fit, i.e. per round
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     class Net(pl.LightningModule):
         def __init__(self, penalty=None):

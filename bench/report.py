@@ -68,22 +68,32 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+# The panels of ratio rows (no throughput): each a bar per implementation against its case's baseline.
+_RATIO_PANELS = (
+    ("end to end: training step (blue), inference (orange), vs plain", ("train_step", "inference")),
+    ("importance per batch, vs a plain forward+backward", ("importance",)),
+    ("integrations: one epoch / importance pass, vs the framework alone",
+     ("avalanche_epoch", "avalanche_importance", "transformers_epoch", "lightning_epoch")),
+)
+
+
 def plot(rows: list[dict], info: dict, path: str) -> None:
-    """Throughput against size per implementation, the bound as a dashed line; end-to-end as bars."""
+    """Throughput against size per implementation (the bound as a dashed line) for the ops that have a
+    throughput; each other row as a bar, its time over its case's baseline's."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sweeps = []
-    for r in rows:
-        if r["op"] in ("train_step", "inference"):
-            continue
-        key = (r["op"], r["dtype"])
-        if key not in sweeps:
-            sweeps.append(key)
-    e2e = [r for r in rows if r["op"] in ("train_step", "inference")]
-    n_plots = len(sweeps) + (1 if e2e else 0)
+    sweeps = list(dict.fromkeys((r["op"], r["dtype"]) for r in rows if "bytes" in r or "flops" in r))
+    panels = [(title, [r for r in rows if r["op"] in ops and r["ratio_to_baseline"] is not None
+                       and not r.get("is_baseline")]) for title, ops in _RATIO_PANELS]
+    known = {op for _, ops in _RATIO_PANELS for op in ops}
+    panels.append(("other, vs their baselines", [r for r in rows if r["op"] not in known and "bytes" not in r
+                                                 and "flops" not in r and r["ratio_to_baseline"] is not None
+                                                 and not r.get("is_baseline")]))
+    panels = [(title, bars) for title, bars in panels if bars]
+    n_plots = len(sweeps) + len(panels)
     cols = 3
     rows_n = max(1, math.ceil(n_plots / cols))
     fig, axes = plt.subplots(rows_n, cols, figsize=(6 * cols, 4.2 * rows_n), squeeze=False)
@@ -93,7 +103,7 @@ def plot(rows: list[dict], info: dict, path: str) -> None:
         for impl in dict.fromkeys(r["impl"] for r in sel):
             pts = sorted((r["n"], r[unit] / r["seconds"] / 1e9) for r in sel if r["impl"] == impl)
             xs, ys = zip(*pts)
-            if sel and any(r["impl"] == impl and r["is_bound"] for r in sel):
+            if any(r["impl"] == impl and r["is_bound"] for r in sel):
                 ax.plot(xs, ys, "k--", lw=2, label=f"{impl}")
             else:
                 ax.plot(xs, ys, "o-", label=impl)
@@ -104,18 +114,16 @@ def plot(rows: list[dict], info: dict, path: str) -> None:
         ax.set_title(f"{op} ({dtype})")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    if e2e:
-        # Overhead against the plain step / plain inference of the same model, in %.
-        ax = axes.flat[len(sweeps)]
-        bars = [r for r in e2e if r["impl"] not in ("plain step", "plain")]
-        ax.barh(range(len(bars)), [(r["ratio_to_baseline"] - 1) * 100 for r in bars],
-                color=["C0" if r["op"] == "train_step" else "C1" for r in bars])
+    for ax, (title, bars) in zip(list(axes.flat)[len(sweeps):], panels):
+        ops = list(dict.fromkeys(r["op"] for r in bars))
+        ax.barh(range(len(bars)), [r["ratio_to_baseline"] for r in bars],
+                color=[f"C{ops.index(r['op'])}" for r in bars])
         ax.set_yticks(range(len(bars)))
-        ax.set_yticklabels([f"{r['size'].split(' (')[0]}: {r['impl']}" for r in bars], fontsize=7)
+        ax.set_yticklabels([f"{r['size'].split(' (')[0]}: {r['impl']}" for r in bars], fontsize=6)
         ax.invert_yaxis()
-        ax.axvline(10, color="k", ls="--", lw=1)
-        ax.set_xlabel("overhead vs plain step / plain inference (%), median times")
-        ax.set_title("end to end (blue: training step, orange: inference)")
+        ax.axvline(1.0, color="k", ls="--", lw=1)
+        ax.set_xlabel("time / baseline's time (medians of per-round ratios)")
+        ax.set_title(title, fontsize=9)
         ax.grid(True, axis="x", alpha=0.3)
     for ax in list(axes.flat)[n_plots:]:
         ax.axis("off")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import pytest
@@ -62,3 +63,40 @@ def test_penalty_case_implementations_compute_the_same_value(model):
     assert want > 0
     for name, v in values.items():
         assert v == pytest.approx(want, rel=1e-4), name
+
+
+def _row(op, impl, unit=None, ratio=1.2, baseline=False, n=1000.0):
+    row = {"op": op, "impl": impl, "device": "cpu", "dtype": "float32", "size": f"{op} case (1M params)", "n": n,
+           "seconds": 0.01, "q20": 0.009, "q80": 0.011, "reps": 5, "ratio_to_bound": None,
+           "ratio_to_baseline": 1.0 if baseline else ratio, "is_bound": False, "is_baseline": baseline}
+    if unit:
+        row[unit] = 1e6
+    return row
+
+
+def test_report_plots_and_tabulates_every_kind_of_row(tmp_path):
+    pytest.importorskip("matplotlib")
+    from bench import report
+
+    rows = [_row("penalty_grad", impl, "bytes", n=n) for impl in ("ours", "copy bound") for n in (1e3, 1e6)]
+    rows += [_row("abs_outer", "ours", "flops", n=n) for n in (1e3, 1e6)]
+    for op in ("train_step", "importance", "lightning_epoch", "an_op_no_panel_names"):
+        rows += [_row(op, "plain", baseline=True), _row(op, "with MAS", ratio=1.3)]
+    info = {"cpu": "test cpu", "cpu_cores": 2, "torch_threads": 2, "torch": torch.__version__}
+    path = tmp_path / "bench.png"
+    report.plot(rows, info, str(path))
+    assert path.stat().st_size > 10_000
+    table = report.format_table(rows).splitlines()
+    assert len(table) == 2 + len(rows) + 5  # header, rule, a row each, a blank line between cases
+    assert any("+30.0%" in line for line in table if line.startswith("train_step"))
+
+
+def test_peak_memory_drops_the_profilers_progress_lines_and_keeps_other_stderr(capfd):
+    def fn():
+        torch.ones(1000).add_(1)
+        os.write(2, b"a line of our own\n")
+
+    assert harness.peak_memory(fn) >= 4000
+    err = capfd.readouterr().err
+    assert "a line of our own" in err
+    assert "USDT:" not in err and "profiler_start" not in err

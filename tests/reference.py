@@ -187,8 +187,9 @@ def _attention(q, k, v, heads, key_padding_mask=None, attn_mask=None):
     return (scores.softmax(-1) @ vh).transpose(1, 2).reshape(N, L, E)
 
 
-def _rnn_steps(m, x, h0=None):
-    """Per layer and direction: (inputs x_t, previous states h_{t-1}, zi_t, zh_t), the cell written out."""
+def _rnn_steps(m, x, hx=None):
+    """Per layer and direction: (inputs x_t, previous states h_{t-1}, zi_t, zh_t), the cell written out,
+    from the initial state ``hx`` (``h0``, LSTM ``(h0, c0)``; zeros when None)."""
     if not m.batch_first:
         x = x.transpose(0, 1)
     x = x.double()
@@ -206,6 +207,10 @@ def _rnn_steps(m, x, h0=None):
             b_hh = getattr(m, "bias_hh" + sfx).double() if m.bias else 0
             h = torch.zeros(N, H, dtype=F64)
             c = torch.zeros(N, H, dtype=F64)
+            if hx is not None:
+                h0, c0 = hx if isinstance(hx, tuple) else (hx, None)
+                h = h0[layer * dirs + d].double()
+                c = c0[layer * dirs + d].double() if c0 is not None else c
             rows = {"x": [], "h": [], "zi": [], "zh": []}
             hs = [None] * T
             for t in (range(T - 1, -1, -1) if d else range(T)):
@@ -290,7 +295,7 @@ def local_hebbian(model, xs, n):
             add(m.out_proj.weight, _outer_rows(o.reshape(-1, E), attn.reshape(-1, E)))
             add(m.out_proj.bias, o.reshape(-1, E).abs().sum(0))
         elif isinstance(m, torch.nn.RNNBase):
-            for sfx, r in _rnn_steps(m, x).items():
+            for sfx, r in _rnn_steps(m, x, args[1] if len(args) > 1 else kwargs.get("hx")).items():
                 add(getattr(m, "weight_ih" + sfx), _outer_rows(r["zi"], r["x"]))
                 add(getattr(m, "weight_hh" + sfx), _outer_rows(r["zh"], r["h"]))
                 if m.bias:

@@ -7,9 +7,11 @@ weight-gradient with ``|x|`` and ``|y|``); Embedding ``|y|`` of each position
 added to its token's row; norms ``|y * x_hat|`` (weight) and ``|y|`` (bias);
 biases ``sum |y|``. A parameter used by several layers (tied weights) adds
 the numerators of every use. Numerators only: the wrapper divides by N at
-``consolidate()``. Layers without a local rule (the generic module-local
-rule, MultiheadAttention, RNNs) leave their parameters *uncovered*, for the
-wrapper's ``uncovered=`` policy.
+``consolidate()``. MultiheadAttention: each projection as a Linear (the
+attention output recomputed from its own projections); RNNs: ``|zi_t| |x_t|^T``
+and ``|zh_t| |h_{t-1}|^T`` over every step. Layers without a local rule (those
+only the generic module-local rule serves) leave their parameters
+*uncovered*, for the wrapper's ``uncovered=`` policy.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-r"""``nn.RNN``, ``nn.LSTM``, ``nn.GRU``: every layer and direction, replayed step by step.
+r"""``nn.RNN``, ``nn.LSTM``, ``nn.GRU``: every layer and direction; the exact rule replays them step by step.
 
 Each input weight ``W_ih`` and recurrent weight ``W_hh`` acts like a Linear
 at every time step: ``zi_t = W_ih x_t + b_ih``, ``zh_t = W_hh h_{t-1} + b_hh``
@@ -10,7 +10,9 @@ sequence, ``h_n``, ``c_n``) through the replay to get ``dzi_t``/``dzh_t`` per
 sample and step. Per sample k then ``g_Wih = sum_t dzi_kt x_kt^T``, ``g_Whh =
 sum_t dzh_kt h_k,t-1^T``, ``g_bih = sum_t dzi_kt``, ``g_bhh = sum_t dzh_kt``:
 one ``abs_bmm`` each (exact). Local (the Linear convention at every step):
-``sum |zi_t| |x_t|^T``, ``sum |zh_t| |h_{t-1}|^T`` and the biases ``sum |z|``.
+``sum |zi_t| |x_t|^T``, ``sum |zh_t| |h_{t-1}|^T`` and the biases ``sum |z|``, with
+no step loop (:func:`fused_pre_activations`: each layer through the fused
+kernel, then one GEMM per weight over every step).
 
 Not served (a worded error): LSTM ``proj_size > 0``, dropout between layers
 in train mode, ``PackedSequence`` inputs.
@@ -19,6 +21,7 @@ in train mode, ``PackedSequence`` inputs.
 from __future__ import annotations
 
 import torch
+from torch import _VF
 
 from ...ops import abs_bmm_accumulate_, abs_outer_accumulate_
 from ..capture import Call
@@ -41,39 +44,21 @@ class Replay:
     for GRU's ``n`` gate, ``dzh_n = dzi_n * r``.
     """
 
-    def __init__(self, module, call, grad: bool, inline: bool = False):
-        """``grad``: build the graph (detached inputs made to require grad); ``inline``: keep the
-        inputs' own graph (the replay stands in for the layer's forward) and record each ``zi``'s
-        gradient as the main backward passes (:attr:`dzi`)."""
+    def __init__(self, module, call, inline: bool = False):
+        """Build the graph from the call's inputs, detached and made to require grad; ``inline``: keep
+        the inputs' own graph instead (the replay stands in for the layer's forward) and record each
+        ``zi``'s gradient as the main backward passes (:attr:`dzi`)."""
         self.module = module
         self.dzi: dict = {}
-        x = call.args[0] if call.args else call.kwargs["input"]
-        hx = call.args[1] if len(call.args) > 1 else call.kwargs.get("hx")
+        x, hx, self.unbatched = _batched(module, call)
         self.dtype = x.dtype
-        unbatched = x.dim() == 2
-        if unbatched:
-            x = x.unsqueeze(0 if module.batch_first else 1)
-            if hx is not None:
-                hx = tuple(h.unsqueeze(1) for h in hx) if isinstance(hx, tuple) else hx.unsqueeze(1)
-        if not module.batch_first:
-            x = x.transpose(0, 1)  # (N, T, D)
-        self.unbatched = unbatched
         if inline:
             x = x.float()
         else:
-            x = x.detach().float()
-            if grad:
-                x = x.requires_grad_()
-        n, steps = x.shape[:2]
+            x = x.detach().float().requires_grad_()
+        steps = x.shape[1]
         dirs = 2 if module.bidirectional else 1
-        H = module.hidden_size
-        if hx is None:
-            h0 = x.new_zeros(module.num_layers * dirs, n, H)
-            c0 = h0 if module.mode == "LSTM" else None
-        elif module.mode == "LSTM":
-            h0, c0 = (t.detach().float() for t in hx)
-        else:
-            h0, c0 = hx.detach().float(), None
+        h0, c0 = _initial_state(module, x, hx)
         # (layer, reverse) -> (x (N, T, in), h_prev (N, T, H), zi (N, T, GH), zh (N, T, GH), r (GRU) or None)
         self.inputs: dict = {}
         outs_h, outs_c = [], []
@@ -85,10 +70,9 @@ class Replay:
                 w_hh = w_hh.detach().float()
                 b_hh = b_hh.detach().float() if b_hh is not None else None
                 b_in = None if b_ih is None else b_ih.detach().float()
-                # With gradients (the exact rule) the recurrent product is never needed alone (dzh = dzi,
-                # the gates add zi + zh): b_hh goes into zi and each step is one addmm. GRU's n gate
-                # multiplies zh by r, so GRU (and the local rule, which needs |zh|) keep zh apart.
-                fused = grad and module.mode != "GRU"
+                # The recurrent product is never needed alone (dzh = dzi, the gates add zi + zh): b_hh
+                # goes into zi and each step is one addmm. GRU's n gate multiplies zh by r: GRU keeps zh apart.
+                fused = module.mode != "GRU"
                 if fused and b_hh is not None:
                     b_in, b_hh = (b_hh if b_in is None else b_in + b_hh), None
                 zi = torch.nn.functional.linear(inp, w_ih.detach().float(), b_in)
@@ -156,10 +140,10 @@ class Replay:
             return torch.tanh(gates), None
         if mode == "RNN_RELU":
             return torch.relu(gates), None
-        H = gates.shape[1] // 4
-        s = torch.sigmoid(gates)
-        c = torch.addcmul(s[:, H:2 * H] * c, s[:, :H], torch.tanh(gates[:, 2 * H:3 * H]))
-        return s[:, 3 * H:] * torch.tanh(c), c
+        # chunk, not slices: its backward is one cat, where each slice's is a zero-filled full-size copy
+        i, f, g, o = gates.chunk(4, 1)
+        c = torch.addcmul(torch.sigmoid(f) * c, torch.sigmoid(i), torch.tanh(g))
+        return torch.sigmoid(o) * torch.tanh(c), c
 
     def _cell(self, zi, zh, h, c):
         mode = self.module.mode
@@ -207,6 +191,73 @@ class Replay:
         return out
 
 
+def _batched(module, call):
+    """The call's input as ``(N, T, D)`` and its initial state with a batch dim: ``(x, hx, unbatched)``."""
+    x = call.args[0] if call.args else call.kwargs["input"]
+    hx = call.args[1] if len(call.args) > 1 else call.kwargs.get("hx")
+    unbatched = x.dim() == 2
+    if unbatched:
+        x = x.unsqueeze(0 if module.batch_first else 1)
+        if hx is not None:
+            hx = tuple(h.unsqueeze(1) for h in hx) if isinstance(hx, tuple) else hx.unsqueeze(1)
+    if not module.batch_first:
+        x = x.transpose(0, 1)
+    return x, hx, unbatched
+
+
+def _initial_state(module, x, hx):
+    """``(h0, c0)`` in fp32, ``(layers * dirs, N, H)`` (zeros where the call gave none; ``c0`` None but for LSTM)."""
+    dirs = 2 if module.bidirectional else 1
+    if hx is None:
+        h0 = x.new_zeros(module.num_layers * dirs, x.shape[0], module.hidden_size, dtype=torch.float32)
+        return h0, (h0 if module.mode == "LSTM" else None)
+    if module.mode == "LSTM":
+        return tuple(t.detach().float() for t in hx)
+    return hx.detach().float(), None
+
+
+# The fused forward of one mode (what nn.RNNBase.forward calls): (input, hx, weights, has_biases, num_layers,
+# dropout, train, bidirectional, batch_first) -> (output, h_n[, c_n]).
+_FUSED = {"LSTM": _VF.lstm, "GRU": _VF.gru, "RNN_TANH": _VF.rnn_tanh,
+          "RNN_RELU": _VF.rnn_relu}
+
+
+def fused_pre_activations(module, call) -> dict:
+    """(layer, reverse) -> ``(x, h_prev, zi, zh)``, each ``(N, T, .)`` in fp32, for the local rule, with no
+    step loop: a layer's output sequence is every ``h_t``, so ``h_{t-1}`` is that sequence shifted by one
+    step (the initial state first; the reverse direction shifts the other way), and ``zi = W_ih x_t +
+    b_ih``, ``zh = W_hh h_{t-1} + b_hh`` are one GEMM each over every step. The last layer's sequence
+    is the call's recorded output; each layer below it runs alone through the fused kernel (fp32, the
+    layer's own weights) to give the next layer its input."""
+    x, hx, unbatched = _batched(module, call)
+    last = call.outputs[0].detach()
+    if unbatched:
+        last = last.unsqueeze(0 if module.batch_first else 1)
+    last = (last if module.batch_first else last.transpose(0, 1)).float()
+    inp = x.detach().float().contiguous()
+    h0, c0 = _initial_state(module, inp, hx)
+    dirs, H = (2 if module.bidirectional else 1), module.hidden_size
+    out = {}
+    for layer in range(module.num_layers):
+        params = [[getattr(module, nm, None) for nm in _names(layer, d == 1)] for d in range(dirs)]
+        if layer == module.num_layers - 1:
+            seq = last
+        else:
+            flat = [p.detach().float() for ps in params for p in ps if p is not None]
+            rows = slice(layer * dirs, (layer + 1) * dirs)
+            state = (h0[rows].contiguous(), c0[rows].contiguous()) if c0 is not None else h0[rows].contiguous()
+            seq = _FUSED[module.mode](inp, state, flat, module.bias, 1, 0.0, False, dirs == 2, True)[0]
+        for d, (w_ih, w_hh, b_ih, b_hh) in enumerate(params):
+            h, first = seq[..., d * H:(d + 1) * H], h0[layer * dirs + d].unsqueeze(1)
+            prev = torch.cat([first, h[:, :-1]], 1) if d == 0 else torch.cat([h[:, 1:], first], 1)
+            f = torch.nn.functional.linear
+            zi = f(inp, w_ih.detach().float(), None if b_ih is None else b_ih.detach().float())
+            zh = f(prev, w_hh.detach().float(), None if b_hh is None else b_hh.detach().float())
+            out[(layer, d == 1)] = (inp, prev, zi, zh)
+        inp = seq
+    return out
+
+
 def _dzh(dzi: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
     """The recurrent pre-activations' gradient: ``dzi`` itself (gates add ``zi + zh``), except GRU's n gate."""
     if r is None:
@@ -235,7 +286,7 @@ class RNNRule(Rule):
         inputs' own graph, so the one backward gives every step's gate gradients. ``(outputs, replay)``."""
         call = Call(args, kwargs, None, [], [])
         self._check_input(layer, call)
-        rep = Replay(layer.module, call, grad=True, inline=True)
+        rep = Replay(layer.module, call, inline=True)
         return rep.outputs(), rep
 
     def check(self, layer):
@@ -269,7 +320,7 @@ class RNNRule(Rule):
                 dz = rep.grads()
             else:
                 with torch.enable_grad():
-                    rep = Replay(layer.module, call, grad=True)
+                    rep = Replay(layer.module, call)
                     dz = rep.backward(call)
             for (lyr, rev), (dzi, dzh) in dz.items():
                 x, h_prev = rep.inputs[(lyr, rev)][:2]
@@ -314,8 +365,8 @@ class RNNRule(Rule):
         self.check(layer)
         self._check_input(layer, call)
         with torch.no_grad():
-            rep = Replay(layer.module, call, grad=False)
-        for (lyr, rev), (x, h_prev, zi, zh, _) in rep.inputs.items():
+            pre = fused_pre_activations(layer.module, call)
+        for (lyr, rev), (x, h_prev, zi, zh) in pre.items():
             w_ih, w_hh, b_ih, b_hh = _names(lyr, rev)
             zi = zi.reshape(-1, zi.shape[-1])
             zh = zh.reshape(-1, zh.shape[-1])

@@ -29,7 +29,7 @@ from .batch import Batch
 from .capture import backward, capture
 from .global_batch import squared_norm
 from .plan import Plan
-from .rules import Context
+from .rules.base import Context, cat_uses
 from ..ops import abs_bmm_accumulate_
 
 DEFAULT_BUDGET = 256 << 20  # bytes of per-sample scratch at once
@@ -166,8 +166,8 @@ class ExactRule:
             return
         factors = [layer.rule.factors(layer, calls[layer.module], ctx, attr) for layer, attr in uses]
         if all(f is not None for f in factors):
-            a = torch.cat([f[0].float() for f in factors], 1)
-            b = torch.cat([f[1].float() for f in factors], 1)
+            a = cat_uses([f[0].float() for f in factors])
+            b = cat_uses([f[1].float() for f in factors])
             abs_bmm_accumulate_(acc, a, b, memory_budget=ctx.budget)
             return
         step = max(1, min(ctx.n, ctx.max_chunk or ctx.n, ctx.budget // (4 * acc.numel() * len(uses) or 1)))
@@ -199,8 +199,8 @@ class ExactRule:
         if not factors:
             acc.index_add_(0, row, e.abs_())
             return
-        a = torch.cat([f[0].float() for f in factors], 1)
-        b = torch.cat([f[1].float() for f in factors], 1)
+        a = cat_uses([f[0].float() for f in factors])
+        b = cat_uses([f[1].float() for f in factors])
         abs_bmm_accumulate_(acc, a, b, memory_budget=ctx.budget)
         for k in torch.unique(sample).tolist():
             sel = (sample == k).nonzero()[:, 0]

@@ -166,3 +166,9 @@ def batched(t: torch.Tensor, n: int, feature_dims: int, dim: int | None) -> torc
     if dim != 0:
         t = t.movedim(dim, 0)
     return t.reshape(n, -1, *feats)
+
+
+def cat_uses(ts: list[torch.Tensor]) -> torch.Tensor:
+    """Several uses' per-sample factors ``(N, T_i, .)`` as one ``(N, sum T_i, .)`` (one ``abs_bmm`` sums
+    their contributions before the abs); a single use as it is, not copied."""
+    return ts[0] if len(ts) == 1 else torch.cat(ts, 1)

@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ...ops import abs_bmm_accumulate_, abs_outer_accumulate_
 
-from .base import Rule
+from .base import Rule, cat_uses
 
 
 def get_path(module: nn.Module, path: str):
@@ -235,8 +235,8 @@ class MultiheadAttentionRule(GenericRule):
                 uses.setdefault(names[i], []).append((to_nte(d), to_nte(x)))
             uses.setdefault("out", []).append((to_nte(delta), to_nte(pre.detach())))
         for key, pairs in uses.items():
-            a_ = torch.cat([p[0] for p in pairs], 1)
-            b_ = torch.cat([p[1] for p in pairs], 1)
+            a_ = cat_uses([p[0] for p in pairs])
+            b_ = cat_uses([p[1] for p in pairs])
             i = "qkv".find(key)
             if key == "out":
                 if "out_proj.weight" in accs:

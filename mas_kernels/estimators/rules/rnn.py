@@ -25,7 +25,7 @@ from torch import _VF
 
 from ...ops import abs_bmm_accumulate_, abs_outer_accumulate_
 from ..capture import Call
-from .base import Rule
+from .base import Rule, cat_uses
 
 _GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "LSTM": 4, "GRU": 3}
 
@@ -338,15 +338,15 @@ class RNNRule(Rule):
             if pairs[0][1] is None:  # a bias: sum over steps (and calls) per sample, then |.|
                 accs[attr].add_(sum(a.sum(1) for a, _ in pairs).abs().sum(0))
             else:
-                a = torch.cat([p[0] for p in pairs], 1)
-                b = torch.cat([p[1] for p in pairs], 1)
+                a = cat_uses([p[0] for p in pairs])
+                b = cat_uses([p[1] for p in pairs])
                 abs_bmm_accumulate_(accs[attr], a, b, memory_budget=ctx.budget)
 
     def factors(self, layer, calls, ctx, attr):
         pairs = self._factors(layer, calls, ctx).get(attr)
         if not pairs or pairs[0][1] is None:
             return None
-        return torch.cat([p[0] for p in pairs], 1), torch.cat([p[1] for p in pairs], 1)
+        return cat_uses([p[0] for p in pairs]), cat_uses([p[1] for p in pairs])
 
     def per_sample(self, layer, calls, ctx, attrs, lo, hi):
         got = self._factors(layer, calls, ctx)

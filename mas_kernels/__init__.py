@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from . import _backend
 from ._backend import use as use_backend
+from .estimators import Rule, register_rule
 from .mas import MAS
 from .ops import abs_accumulate_, abs_bmm_accumulate_, abs_outer_accumulate_, penalty, penalty_grad_
 from .sharded import ShardedPenalty
@@ -13,6 +14,8 @@ _backend.use()  # the kernels MAS_KERNELS_BACKEND asks for (default: auto) go on
 __all__ = [
     "__version__",
     "MAS",
+    "Rule",
+    "register_rule",
     "ShardedPenalty",
     "use_backend",
     "abs_outer_accumulate_",

@@ -475,3 +475,48 @@ def test_exact_rule_peak_memory_stays_within_the_budget_over_a_plain_backward():
     assert peak - base <= budget + 2 * params + recorded, (peak, base)
     # and without the budget the conv patches alone would exceed it
     assert 4 * 32 * 16 * 16 * 16 * 9 > budget
+
+
+# ------------------------------------------------------------------ user rules
+class Scale(nn.Module):
+    """y = x * w, a layer type of the user's own."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+class ScaleRule(mk.Rule):
+    attrs = ("weight",)
+
+    def per_sample(self, layer, calls, ctx, attrs, lo, hi):
+        total = 0
+        for call in calls:
+            total = total + (call.delta.float() * call.x.float())[lo:hi]
+        return {"weight": total}
+
+    def local(self, layer, call, accs):
+        accs["weight"].add_((call.output.abs() * call.x.abs()).sum(0))
+
+
+def test_register_rule_serves_a_users_layer_and_refuses_an_incomplete_rule():
+    mk.register_rule(Scale, ScaleRule())
+    try:
+        model = nn.Sequential(nn.Linear(4, 5), Scale(5), nn.Tanh(), nn.Linear(5, 2))
+        assert mk.MAS(model, importance="global", uncovered="error").uncovered == []
+        exact(model, [torch.randn(6, 4)])
+    finally:
+        from mas_kernels.estimators.rules.base import _RULES
+        _RULES.pop(Scale, None)
+
+    class NoLocal(mk.Rule):
+        def per_sample(self, layer, calls, ctx, attrs, lo, hi):
+            return {}
+
+    with pytest.raises(TypeError, match="NoLocal has no local"):
+        mk.register_rule(Scale, NoLocal())
+    with pytest.raises(TypeError, match="neither exact"):
+        mk.register_rule(Scale, type("Empty", (mk.Rule,), {"local_supported": False})())

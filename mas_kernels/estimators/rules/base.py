@@ -80,7 +80,10 @@ class Rule:
 
     def per_sample(self, layer: Layer, calls: list[Call], ctx: Context, attrs: list[str], lo: int, hi: int
                    ) -> dict[str, torch.Tensor]:
-        """Per-sample gradients ``(hi - lo, *param.shape)`` of samples ``lo:hi``, summed over calls (fp32)."""
+        """Per-sample gradients ``(hi - lo, *param.shape)`` of samples ``lo:hi``, summed over calls (fp32).
+
+        The base default has none: :func:`register_rule` refuses a rule that defines neither this nor
+        :meth:`exact`."""
         raise NotImplementedError(f"{type(self).__name__} has no per-sample form")
 
     def factors(self, layer: Layer, calls: list[Call], ctx: Context, attr: str
@@ -95,7 +98,10 @@ class Rule:
         return None
 
     def local(self, layer: Layer, call: Call, accs: dict[str, torch.Tensor]) -> None:
-        """Add the Hebbian numerators of one call for each attribute in ``accs``."""
+        """Add the Hebbian numerators of one call for each attribute in ``accs``.
+
+        Called only where ``local_supported``; :func:`register_rule` refuses a rule that claims it without
+        defining this."""
         raise NotImplementedError(f"{type(self).__name__} has no local (Hebbian) rule")
 
     def chunk(self, module: nn.Module, ctx: Context, per_sample_bytes: int | None = None) -> int:
@@ -112,6 +118,13 @@ def register_rule(layer_type: type, rule: Rule) -> None:
     """Use ``rule`` for modules of ``layer_type`` (and its subclasses without a rule of their own)."""
     if not isinstance(rule, Rule):
         raise TypeError(f"register_rule: rule must be a mas_kernels Rule, got {type(rule).__name__}")
+    cls = type(rule)
+    if cls.exact is Rule.exact and cls.per_sample is Rule.per_sample:
+        raise TypeError(f"register_rule: {cls.__name__} defines neither exact() nor per_sample(); the exact "
+                        "rule needs one of them")
+    if rule.local_supported and cls.local is Rule.local:
+        raise TypeError(f"register_rule: {cls.__name__} has no local(); define it, or set local_supported = False "
+                        "(its layers are then left to the wrapper's uncovered= policy under importance='local')")
     _RULES[layer_type] = rule
 
 

@@ -16,25 +16,27 @@ mode, or use ``importance='global_batch'``).
 
 from __future__ import annotations
 
+import abc
+
 import torch
 
 from .base import Rule, batched, sample_dim
 
 
-class _Norm(Rule):
+class _Norm(Rule, abc.ABC):
     """Shared by the norms: subclasses say how ``x_hat`` is computed and how a tensor reduces to a parameter."""
 
+    @abc.abstractmethod
     def x_hat(self, module, x: torch.Tensor) -> torch.Tensor:
         """The normalized input, fp32, shaped like x."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def per_sample_sum(self, layer, ctx, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``t`` (shaped like the input ``x``) summed over each sample's positions: (N, *param.shape)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def total_sum(self, module, t: torch.Tensor) -> torch.Tensor:
         """``t`` summed over samples and positions: the parameter's shape."""
-        raise NotImplementedError
 
     def _per_sample(self, layer, calls, ctx, attrs):
         """Per-sample gradients of every sample (they are small: parameter-sized vectors)."""

@@ -26,7 +26,7 @@ from .harness import Case, ours_backend, peak_memory, sync
 from .models import KINDS, build
 
 LAM = 1e-3  # small, so grads that accumulate over hundreds of timed calls stay finite in bf16
-SECTIONS = ("penalty", "abs_accumulate", "abs_outer", "conv", "e2e", "importance", "integrations")
+SECTIONS = ("penalty", "abs_accumulate", "abs_outer", "conv", "e2e", "importance", "selfcheck", "integrations")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -404,7 +404,9 @@ def importance_case(kind: str, device: torch.device, quick: bool) -> Case:
 
     impls = {"plain forward+backward": plain}
     for imp, name in (("global", "exact global"), ("global_batch", "global_batch"), ("local", "local")):
-        mas = mk.MAS(model, importance=imp, output_fn=output_fn)
+        # Per batch in steady state: the probe runs once per wrapper (the warm call below), the self-check
+        # once per estimate() call; what both add to an estimate() is the row of selfcheck_case.
+        mas = mk.MAS(model, importance=imp, output_fn=output_fn, verify=False)
         impls[name] = lambda mas=mas: mas.estimate([batch])
     notes = {"peak_mb": {}}
     for name, fn in impls.items():
@@ -413,6 +415,27 @@ def importance_case(kind: str, device: torch.device, quick: bool) -> Case:
     n_params = sum(p.numel() for p in model.parameters())
     return Case("importance", "float32", f"{label} ({n_params / 1e6:.2f}M params)", n_params, "steps", 1.0,
                 impls, baseline="plain forward+backward", notes=notes)
+
+
+def selfcheck_case(kind: str, device: torch.device, quick: bool, batches: int = 20) -> Case:
+    """What observing the layout (the probe) and the self-check add to an ``estimate()`` over ``batches``
+    batches of the exact rule: a new wrapper each round (probe + self-check + the batches) against a wrapper
+    whose layout is already observed and ``verify=False`` (the batches alone)."""
+    model, batch, output_fn, label = build(kind, quick)
+    model = model.to(device).eval()
+    batch = ({k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict) else batch.to(device))
+    output_fn = output_fn or (lambda o: o)
+    data = [batch] * batches
+    steady = mk.MAS(model, importance="global", output_fn=output_fn, verify=False)
+    steady.estimate([batch])  # the layout observed once, outside the timed rounds
+
+    def fresh():
+        mk.MAS(model, importance="global", output_fn=output_fn).estimate(data)
+
+    impls = {f"{batches} batches": lambda: steady.estimate(data), f"{batches} batches + probe + self-check": fresh}
+    n_params = sum(p.numel() for p in model.parameters())
+    return Case("selfcheck", "float32", f"{label}, {batches} batches", n_params, "estimates", 1.0, impls,
+                baseline=f"{batches} batches")
 
 
 # ----------------------------------------------------------------- the list the CLI runs
@@ -453,6 +476,8 @@ def plan(quick: bool, device: torch.device, use_compile: bool) -> list[tuple[str
         cases.append(("e2e", lambda k=kind, b=batch: inference_case(k, b, device)))
     for kind in (("resnet18", "gpt2", "lstm") if quick else KINDS):
         cases.append(("importance", lambda k=kind: importance_case(k, device, quick)))
+    for kind in (("mlp",) if quick else ("mlp", "resnet18", "gpt2", "bert")):
+        cases.append(("selfcheck", lambda k=kind: selfcheck_case(k, device, quick)))
     if not quick:  # the frameworks' own loops, where they are installed
         from .integrations import plan as integrations
 

@@ -54,6 +54,38 @@ def _mark_stale(*_args) -> None:
         watch.stale = True
 
 
+class _WatchedParameters(dict):
+    """A module's ``_parameters`` that marks every live watcher stale when an entry is set or removed
+    outside ``register_parameter`` (``module._parameters["weight"] = Parameter(...)``: accelerate's
+    ``set_module_tensor_to_device``, ``model.half()`` under
+    ``torch.__future__.set_overwrite_module_params_on_conversion(True)``). It pickles and copies as a plain
+    dict, so a saved model does not depend on this package."""
+
+    __slots__ = ()
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        _mark_stale()
+
+    def __delitem__(self, key):
+        super().__delitem__(key)
+        _mark_stale()
+
+    def pop(self, *args):
+        out = super().pop(*args)
+        _mark_stale()
+        return out
+
+    def __reduce__(self):
+        return (dict, (dict(self),))
+
+
+def _watch(module: nn.Module) -> None:
+    params = module.__dict__.get("_parameters")
+    if params is not None and type(params) is dict:
+        module.__dict__["_parameters"] = _WatchedParameters(params)
+
+
 def _install_global_hooks() -> None:
     if not _GLOBAL_HOOKS:
         from torch.nn.modules import module as _m
@@ -118,6 +150,7 @@ class TrackedParams:
                     break
                 links[(id(mod), key)] = (mod, key, child)
                 mod = child
+            _watch(mod)
             owners.append((mod._parameters, leaf, p))
         return list(links.values()), owners
 
@@ -230,13 +263,14 @@ def remove_handles(handles: list) -> None:
 
 def own_hook(module: nn.Module, fn):
     """``fn`` as a hook of ``module`` only: on a copy of the module (``copy.deepcopy`` copies hooks along)
-    it does nothing and removes itself from the copy."""
+    it does nothing and removes itself from the copy. Never traced by ``torch.compile`` (a compiled model
+    runs the hook eagerly, at a graph break: estimation sessions observe and replay the model)."""
     home = weakref.ref(module)
 
     def hook(mod, *rest):
         if mod is not home():
             for d in (mod._forward_hooks, mod._forward_pre_hooks):
-                for key in [k for k, h in d.items() if h is hook]:
+                for key in [k for k, h in d.items() if h is registered]:
                     del d[key]
                     mod._forward_hooks_with_kwargs.pop(key, None)
                     mod._forward_pre_hooks_with_kwargs.pop(key, None)
@@ -244,7 +278,8 @@ def own_hook(module: nn.Module, fn):
             return None
         return fn(mod, *rest)
 
-    return hook
+    registered = torch.compiler.disable(hook, recursive=True)
+    return registered
 
 
 class CheckedOutput:

@@ -44,7 +44,8 @@ from .estimators import Plan
 from .estimators.batch import call_for
 from .options import Options, check_lam
 from .regularizer import LayoutChanged, Regularizer
-from .session import Session, rules_for
+from .estimators.batch import Layouts
+from .session import Session, estimators_for, own_passes
 from .state import ImportanceState
 
 
@@ -75,6 +76,25 @@ class MAS(Copyable):
             ``estimate()``'s batches (e.g. ``lambda m, b: m(b[0], b[2])`` for a
             task label); default: a tensor ``model(batch)``, a tuple or list
             ``model(batch[0])`` (labels ignored), a dict ``model(**batch)``.
+        sample_dim: where the model's input keeps its samples, for every rule's N and the
+            per-sample rules. Default None: *observed*, once per call signature: the model runs on
+            a sub-batch of 1-3 samples taken along dim 0 of its first tensor argument (then along its
+            other dims), and the dim along which the sub-batch's outputs are the batch's own holds the
+            samples (a ``(T, N)`` input of a sequence-first model: dim 1); other arguments are sliced
+            along a dim of size N where that keeps the outputs the same, else shared (a ``(T, T)``
+            mask). Say it instead with an int (the first tensor argument's dim) or a dict
+            ``{argument name or position: dim, or None for an argument the whole batch shares}``.
+        verify: the self-check of the exact rule (``"global"``, and the uncovered parameters of
+            ``"local"``): ``True`` (default) compares, on the first batch of each call signature in
+            every ``estimate()``/``accumulating()``, the fast per-layer rules on 1-3 of the batch's
+            samples with the definition taken literally (one backward per sample, each run alone), and
+            raises ``VerificationError`` naming the parameters and layers that disagree, before
+            anything is committed; ``"always"`` checks every batch (tests); ``False`` turns it off.
+        per_sample_fallback: parameters whose exact importance comes from one backward pass per sample
+            through the recorded graph (exact for any use of them, slow): a list of names, a callable
+            ``name -> bool``, or True for all. Parameters no rule can serve as observed (used outside
+            the layers that own them, layers whose samples could not be located) get it anyway, with a
+            warning naming them.
         process_group: for ``torch.distributed``: ``consolidate()`` all-reduces
             importance numerators and sample counts over it (default group when
             initialized).
@@ -127,11 +147,15 @@ class MAS(Copyable):
         anchor_dtype: torch.dtype | None = None,
         memory_budget: int | None = None,
         forward: Callable | None = None,
+        sample_dim: int | dict | None = None,
+        verify: bool | str = True,
+        per_sample_fallback: Callable | Iterable[str] | bool | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"MAS: model must be an nn.Module, got {type(model).__name__}")
         self._options = Options(lam, importance, combine, output_fn, uncovered, post_activation, include_frozen,
-                                chunk_size, normalization, params, omega_dtype, anchor_dtype, memory_budget, forward)
+                                chunk_size, normalization, params, omega_dtype, anchor_dtype, memory_budget, forward,
+                                sample_dim, verify, per_sample_fallback)
         self._setup(model, process_group)
 
     def _setup(self, model: nn.Module, process_group, keep=()) -> None:
@@ -153,11 +177,22 @@ class MAS(Copyable):
                anchor_dtypes: dict | None = None) -> None:
         """The state, the plan of rules and the penalty's lists for ``params`` (old values kept by name)."""
         distributed.check_unsharded(self.module, params)  # FSDP1 / FSDP2 / tensor parallel: a clear error
+        meta = [n for n, p in params.items() if p.is_meta]
+        if meta:
+            raise ValueError(f"MAS: parameters {meta[:4]}{' ...' if len(meta) > 4 else ''} are on the meta device "
+                             "(no data); materialize the model first (model.to_empty(device=...) and load its "
+                             "weights), then wrap it")
         state = ImportanceState(params, old, omega_dtype=self._options.omega_dtype,
                                 anchor_dtype=self._options.anchor_dtype, anchor_dtypes=anchor_dtypes)
         self._regularizer = Regularizer("MAS", list(params.values()), [state.anchors[n] for n in params],
                                         [state.omega[n] for n in params], self._lam, names=list(params))
         self._params, self._state_, self._plan = params, state, Plan(self.module, params)
+        o = self._options
+        # The layouts observed per call signature (where samples are, which ops use which parameter), kept
+        # across estimate()/accumulating() calls until the tracked parameters change.
+        self._layouts = Layouts(self.module, self._plan, params, o.output_fn if o.importance == "local" else
+                                self.output_fn, o.sample_dim, own_passes,
+                                exact=o.importance == "global" or (o.importance == "local" and o.uncovered == "global"))
 
     @property
     def _state(self) -> ImportanceState:
@@ -259,9 +294,11 @@ class MAS(Copyable):
         ``accumulating()`` keep their effect.
         """
         state = self._state
-        rule, extra = rules_for(self.module, self._params, self._plan, self._options, self.output_fn)
-        return Session(self.module, self._params, state, rule, extra, self._handles,
-                       per_batch_mean=self.normalization == "avalanche")
+        o = self._options
+        estimator, extra = estimators_for(self.module, self._params, self._plan, o, self.output_fn)
+        return Session(self.module, self._params, state, estimator, extra, self._handles, self._layouts,
+                       per_batch_mean=self.normalization == "avalanche", verify=o.verify,
+                       output_fn=self.output_fn)
 
     @contextlib.contextmanager
     def accumulating(self):
@@ -370,6 +407,12 @@ class MAS(Copyable):
         non-negative importance, integer counts) before anything changes, and a bad one is named."""
         target = self._checked_state()
         target.check(state, "MAS.load_state_dict")
+        if self.normalization == "avalanche" and "num_batches" not in state and int(state.get("num_samples", 0)):
+            raise ValueError(
+                f"MAS.load_state_dict: the state has an open task ({int(state['num_samples'])} samples since its "
+                "last consolidate) but no num_batches (it was written before mas_kernels kept it), and "
+                "normalization='avalanche' divides by the number of batches; consolidate it where it was made, "
+                "or load it into a wrapper with normalization='samples'")
         for key in ("importance", "combine", "normalization"):
             if key in state and state[key] != getattr(self, key):
                 warnings.warn(f"MAS.load_state_dict: state was made with {key}={state[key]!r}, "
@@ -404,9 +447,9 @@ class MAS(Copyable):
 
     # ----------------------------------------------------------------- hooks
     def remove(self) -> None:
-        """Remove every hook this wrapper registered (also done when it is garbage-collected)."""
+        """Remove every hook this wrapper registered (also done when it is garbage-collected). The wrapper
+        still serves the penalty and follows parameters replaced in the model afterwards."""
         remove_handles(self._handles)
-        self._tracked.forget()
 
     def __repr__(self) -> str:
         state = self._state_

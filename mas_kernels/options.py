@@ -12,6 +12,7 @@ import torch
 from .state import STATE_DTYPES, check_combine
 
 IMPORTANCE = ("local", "global", "global_batch")
+VERIFY = (True, False, "always")
 UNCOVERED = ("global", "skip", "error")
 NORMALIZATION = ("samples", "avalanche")
 
@@ -51,6 +52,20 @@ class Options:
     anchor_dtype: torch.dtype | None = None
     memory_budget: int | None = None
     forward: Callable | None = None
+    sample_dim: int | dict | None = None
+    verify: bool | str = True
+    per_sample_fallback: Callable | Iterable[str] | bool | None = None
+
+    def fallback_predicate(self) -> Callable[[str], bool] | None:
+        """``per_sample_fallback=`` as a ``name -> bool`` predicate (None: no parameter forced)."""
+        f = self.per_sample_fallback
+        if f is None or f is False:
+            return None
+        if f is True:
+            return _Always()
+        if callable(f):
+            return f
+        return _Names(f)
 
     def __post_init__(self) -> None:
         if self.importance not in IMPORTANCE:
@@ -76,6 +91,36 @@ class Options:
         if self.anchor_dtype is not None and self.anchor_dtype not in STATE_DTYPES:
             raise ValueError(f"MAS: anchor_dtype={self.anchor_dtype!r} must be None (each parameter's dtype), "
                              "torch.float32, torch.bfloat16 or torch.float64")
+        if self.verify not in VERIFY or not isinstance(self.verify, (bool, str)):
+            raise ValueError(f"MAS: verify={self.verify!r} must be True (self-check on the first batch of each "
+                             "call signature), 'always' (every batch) or False")
+        sd = self.sample_dim
+        if sd is not None and not (isinstance(sd, int) and not isinstance(sd, bool) and sd >= 0) and not (
+                isinstance(sd, dict) and all(isinstance(k, (int, str)) and (v is None or (isinstance(v, int)
+                                             and not isinstance(v, bool) and v >= 0)) for k, v in sd.items())):
+            raise ValueError(f"MAS: sample_dim={sd!r} must be a dim (int >= 0) of the model's first tensor "
+                             "argument, or a dict {argument name or position: dim or None (shared)}")
+        f = self.per_sample_fallback
+        if f is not None and not isinstance(f, bool) and not callable(f):
+            if isinstance(f, (str, bytes)) or not hasattr(f, "__iter__") or not all(isinstance(n, str) for n in f):
+                raise ValueError(f"MAS: per_sample_fallback={f!r} must be a list of parameter names, a callable "
+                                 "name -> bool, or True (every parameter)")
+            self.per_sample_fallback = list(f)
         self.lam = check_lam(self.lam)
         self.combine = check_combine(self.combine)
         self.include_frozen = bool(self.include_frozen)
+
+
+class _Always:
+    def __call__(self, name: str) -> bool:
+        return True
+
+
+class _Names:
+    """A set of parameter names as a predicate (a class, so a wrapper using it can be pickled)."""
+
+    def __init__(self, names):
+        self.names = frozenset(names)
+
+    def __call__(self, name: str) -> bool:
+        return name in self.names

@@ -37,6 +37,7 @@ from .ops.penalty import value_dtype
 # map() over these costs a third less than the list comprehensions (this runs every training step).
 _data_ptr = torch.Tensor.data_ptr
 _grad = operator.attrgetter("grad")
+_requires_grad = operator.attrgetter("requires_grad")
 
 
 class LayoutChanged(ValueError):
@@ -56,9 +57,10 @@ class Regularizer:
             on; ``None`` for the identity.
         names: the parameters' names, for messages (default ``params[i]``).
 
-    A parameter with ``requires_grad=False`` and no ``.grad`` (the usual state
-    of a frozen parameter after ``zero_grad()``) gets neither a gradient nor
-    its term from :meth:`add_grad_`, so an optimizer holding it does not move it.
+    A parameter with ``requires_grad=False`` (frozen) gets neither a gradient
+    nor its term from :meth:`add_grad_`, with or without a ``.grad`` (a zero one
+    left by ``zero_grad(set_to_none=False)``), so an optimizer holding it does
+    not move it.
     """
 
     def __init__(self, who: str, params: list[torch.Tensor], anchors: list[torch.Tensor],
@@ -141,10 +143,12 @@ class Regularizer:
         params, anchors, omegas = self.params, self.anchors, self.omegas
         if torch.compiler.is_compiling():
             grads = [p.grad for p in params]  # dynamo traces this, not attrgetter (and guards the layout itself)
+            frozen = not all(p.requires_grad for p in params)
         else:
             self._check_layout()
             grads = list(map(_grad, params))
-        if any(g is None for g in grads):
+            frozen = not all(map(_requires_grad, params))
+        if frozen or any(g is None for g in grads):
             params, anchors, omegas, grads = self._fill(grads)
             if not params:
                 return self.zero()
@@ -155,14 +159,14 @@ class Regularizer:
                                                    self.lam, [self.local(g) for g in grads])
 
     def _fill(self, grads: list) -> tuple[list, list, list, list]:
-        """Zeros for the missing ``.grad`` of parameters that require grad; frozen ones without a
-        ``.grad`` are left out. A parameter listed twice gets one buffer (found again through ``.grad``)."""
+        """Zeros for the missing ``.grad`` of parameters that require grad; frozen ones are left out. A
+        parameter listed twice gets one buffer (found again through ``.grad``)."""
         skipped = []
         for i, p in enumerate(self.params):
+            if not p.requires_grad:
+                skipped.append(i)
+                continue
             if grads[i] is None:
-                if not p.requires_grad:
-                    skipped.append(i)
-                    continue
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 grads[i] = p.grad

@@ -1,23 +1,30 @@
 """One estimation session: hooks on the model while ``estimate()`` or ``accumulating()`` runs.
 
-Data flows one way: a hook sees a batch -> the rule adds the batch's
-numerators into the staging buffers -> :meth:`ImportanceState.commit_batch`
-checks them and moves them into the task's accumulator (or rejects the whole
-batch). Hooks exist only while the session is open, so training pays nothing
-for them.
+Data flows one way: a hook sees a batch -> its layout is observed (once per
+call signature, ``estimators/layout.py``: where the samples are, N, every use
+of every parameter) -> the estimator adds the batch's numerators into the
+staging buffers -> on the first batch of a signature the self-check compares
+the fast path with the per-sample definition (``estimators/verify.py``) ->
+:meth:`ImportanceState.commit_batch` checks the numerators and moves them into
+the task's accumulator (or rejects the whole batch). Hooks exist only while the
+session is open, so training pays nothing for them.
 
-What a batch is, and N: see ``estimators/batch.py`` (one call of the model;
-dim 0 of its first tensor argument, or 1 for an unbatched sample).
+What a batch is: one call of the model (``estimators/batch.py``); N is the
+size of the dim where its input keeps its samples, as observed.
 
-The rules that run their own passes (the global rules, and the exact rule for
-the parameters the local rule leaves uncovered) replay the model's call with
-the same arguments; while any session runs such a pass, every session's hooks
-stay quiet, so two wrappers on one model never count each other's passes.
+The estimators that run their own passes (the global rules, and the exact rule
+for the parameters the local rule leaves uncovered), and the probe, replay the
+model's call with the same arguments; while any session runs such a pass,
+every session's hooks stay quiet, so two wrappers on one model never count each
+other's passes. Only the thread that opened the session is counted: a forward
+made by another thread (a training step beside the estimation) is not part of
+the estimate.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from typing import Any, Callable
 
@@ -26,8 +33,10 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from ._model import modes, own_hook, remove_handles, requiring_grad
-from .estimators import BatchRule, ExactRule, LocalRule, Plan
-from .estimators.batch import Batch, count_samples, first_tensor, same
+from .estimators import BatchEstimator, ExactEstimator, LocalEstimator, Plan
+from .estimators.batch import Batch, Layouts
+from .estimators.capture import LayoutChanged
+from .estimators.verify import self_check
 from .state import ImportanceState
 
 _QUIET = threading.local()  # depth of own passes in this thread: hooks of every session stay quiet
@@ -54,34 +63,40 @@ class Session:
         module: the (unwrapped) model.
         params: the tracked parameters (``requires_grad`` is on for all of them while open).
         state: where batches go.
-        rule: a :class:`LocalRule` (runs inside the model's own forward) or a
-            rule with ``run(forward, count, staging, ...)`` (runs its own passes).
-        extra: for the local rule, the exact rule and the names it estimates
+        estimator: a :class:`LocalEstimator` (runs inside the model's own forward) or an estimator with
+            ``run(batch, staging, names)`` (runs its own passes).
+        extra: for the local rule, the exact estimator and the names it estimates
             (the parameters no local rule covers), or None.
         handles: the list the hooks' handles go in (the owner removes them if
             it is garbage-collected mid-session).
+        layouts: the session's observed layouts (``estimators/batch.py``).
         per_batch_mean: weight each batch's numerators by ``1/B`` (its sample
             count), for importance as a mean over batches of batch means.
+        verify: the self-check: ``True`` (first batch of each call signature), ``"always"``, ``False``.
+        output_fn: picks the output tensor (the self-check's per-sample losses).
     """
 
-    def __init__(self, module: nn.Module, params: dict[str, nn.Parameter], state: ImportanceState, rule,
-                 extra: tuple[ExactRule, list[str]] | None, handles: list, per_batch_mean: bool = False):
+    def __init__(self, module: nn.Module, params: dict[str, nn.Parameter], state: ImportanceState, estimator,
+                 extra: tuple[ExactEstimator, list[str]] | None, handles: list, layouts: Layouts,
+                 per_batch_mean: bool = False, verify: bool | str = True, output_fn: Callable | None = None):
         self.module = module
         self.params = params
         self.state = state
-        self.rule = rule
+        self.estimator = estimator
         self.extra = extra
         self.handles = handles
+        self.layouts = layouts
         self.per_batch_mean = per_batch_mean
+        self.verify = verify
+        self.output_fn = output_fn
         self._stack = contextlib.ExitStack()
-        self._root: tuple[tuple, dict] | None = None  # the model's call being recorded
-        self._reader: nn.Module | None = None  # the first layer that read its input
-        self._n: int | None = None  # its sample count
-        self._layout: int | None = None  # the dim of the input that holds them
+        self._root: tuple[tuple, Batch] | None = None  # the model's call being seen (its args, its batch)
+        self._verified: set[int] = set()  # the layouts the self-check passed on in this session
+        self._thread = threading.get_ident()
 
     @property
     def local(self) -> bool:
-        return isinstance(self.rule, LocalRule)
+        return isinstance(self.estimator, LocalEstimator)
 
     def open(self) -> "Session":
         if self.handles:
@@ -96,11 +111,10 @@ class Session:
                 self._stack.callback(torch.backends.mha.set_fastpath_enabled, was)
             m = self.module
             self.handles.append(m.register_forward_pre_hook(own_hook(m, self._pre), with_kwargs=True))
-            for lm in self.rule.plan.modules():
-                self.handles.append(lm.register_forward_pre_hook(own_hook(lm, self._layer_pre)))
             if self.local:
-                self.handles.extend(self.rule.hooks(lambda: self.state.staging, lambda: not _quiet(), lambda: self._n))
-            self.handles.append(m.register_forward_hook(own_hook(m, self._post), with_kwargs=True))
+                self.handles.extend(self.estimator.hooks(lambda: self.state.staging, self._mine))
+            self.handles.append(m.register_forward_hook(own_hook(m, self._post), with_kwargs=True,
+                                                        always_call=True))
         except BaseException:
             self.close()
             raise
@@ -116,43 +130,68 @@ class Session:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _mine(self) -> bool:
+        """Whether a forward happening now is this session's to count (this thread, not a rule's own pass)."""
+        return not _quiet() and threading.get_ident() == self._thread
+
     # ------------------------------------------------------------------ hooks
+    def check(self) -> None:
+        """The estimators' worded refusals of layers they cannot serve, before any forward pass."""
+        if not self.local:
+            self.estimator.check()
+        elif self.extra is not None:
+            self.extra[0].check()
+
     def _pre(self, module, args, kwargs) -> None:
-        if self._root is not None or _quiet():
-            return  # a nested call of the model inside its own forward, or a rule's own pass
-        self._root = (args, kwargs)
-        self._reader = None
-        self._n = count_samples(args, kwargs)  # dim 0, until the first layer that reads the input says otherwise
-        self._layout = None
+        if self._root is not None or not self._mine():
+            return  # a nested call of the model inside its own forward, a rule's own pass, another thread
+        self.check()
+        batch = Batch.of_call(self.module, args, kwargs)
+        with own_passes():
+            self.layouts.resolve(batch)
+        self._root = (args, batch)
         if self.local:
             self.state.begin_batch()
-
-    def _layer_pre(self, module, args) -> None:
-        """Notes the first layer that reads the model's input (it tells an unbatched sample)."""
-        if self._root is not None and self._reader is None and args and same(args[0], first_tensor(*self._root)):
-            self._reader = module
-            layer = self.rule.plan.reader(module)
-            self._n = count_samples(*self._root, layer)
-            self._layout = layer.reads(args[0]) if args[0].dim() > 0 else None
+            self.estimator.begin(batch if batch.n else None)
 
     def _post(self, module, args, kwargs, output) -> None:
-        if self._root is None or self._root[0] is not args or _quiet():
+        if self._root is None or self._root[0] is not args or not self._mine():
             return
-        (args, kwargs), n, layout = self._root, self._n, self._layout
-        self._root = self._reader = self._n = self._layout = None
-        args, kwargs = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, (args, kwargs))
-        batch = Batch.of_call(self.module, args, kwargs, n, layout)
+        batch = self._root[1]
+        self._root = None
         if self.local:
-            self._finish_local(batch)
+            self.estimator.begin(None)
+        if (output is None and sys.exc_info()[1] is not None) or not batch.n:
+            return  # the forward raised, or an empty batch: not counted (its staging is zeroed by the next one)
+        args, kwargs = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t,
+                                (batch.args, batch.kwargs))
+        replay = Batch.of_call(self.module, args, kwargs)
+        replay.layout, replay.n = batch.layout, batch.n
+        if self.local:
+            self._finish_local(replay)
         else:
             self.state.begin_batch()
-            self._run(self.rule, batch, eval_mode=True)
-            self.commit(n)
+            self._run(self.estimator, replay, eval_mode=True)
+            self.commit(replay.n)
 
     # ---------------------------------------------------------------- batches
-    def _run(self, rule, batch: Batch, eval_mode: bool, names: list[str] | None = None) -> None:
+    def _run(self, estimator, batch: Batch, eval_mode: bool, names: list[str] | None = None) -> None:
         with own_passes(), modes(self.module, False if eval_mode else None):
-            rule.run(batch, self.state.staging, names)
+            try:
+                estimator.run(batch, self.state.staging, names)
+            except LayoutChanged:
+                # The model's calls differ from the layout observed for this signature (data-dependent
+                # control flow): observe this batch's, then run it again.
+                self.layouts.forget(batch)
+                self.state.begin_batch()
+                self.layouts.resolve(batch)
+                estimator.run(batch, self.state.staging, names)
+            if isinstance(estimator, ExactEstimator) and self.verify and (
+                    self.verify == "always" or id(batch.layout) not in self._verified):
+                with modes(self.module, False):
+                    self_check(estimator, batch, list(self.params) if names is None else names, self.params,
+                               self.output_fn, estimator.plan)
+                self._verified.add(id(batch.layout))
 
     def _finish_local(self, batch: Batch) -> None:
         """End a batch of the local rule: the uncovered parameters' exact rule, then the commit."""
@@ -174,6 +213,15 @@ class Session:
                 f"MAS.estimate: got a tensor of shape {tuple(batches.shape)}; pass an iterable of batches, "
                 "e.g. [x] for one batch, or a DataLoader"
             )
+        if (isinstance(batches, (tuple, list)) and len(batches) > 1
+                and all(isinstance(b, torch.Tensor) and b.dim() > 0 for b in batches)
+                and len({(b.dim(), b.dtype) for b in batches}) > 1):
+            shapes = ", ".join(f"{tuple(b.shape)} {str(b.dtype).replace('torch.', '')}" for b in batches)
+            raise TypeError(
+                f"MAS.estimate: got a {type(batches).__name__} of tensors of different ranks or dtypes "
+                f"({shapes}), which looks like one (input, label) batch, not a list of batches; pass [batch] "
+                "for one batch (its first item is the input), or a DataLoader"
+            )
         try:
             total = len(batches)  # type: ignore[arg-type]
         except TypeError:
@@ -191,29 +239,35 @@ class Session:
             with torch.no_grad():
                 call(self.module)
             return
-        self.rule.check()
+        self.check()
         batch = Batch(self.module, call)
+        with own_passes():
+            self.layouts.resolve(batch)
+        if not batch.n:
+            return  # an empty batch: nothing to add, and not counted as a batch
         self.state.begin_batch()
-        self._run(self.rule, batch, eval_mode)
+        self._run(self.estimator, batch, eval_mode)
         self.commit(batch.n)
 
 
-def rules_for(module: nn.Module, params: dict[str, nn.Parameter], plan: Plan, options, output_fn: Callable):
-    """``(rule, extra)`` for an estimation session as ``options`` say (``extra``: for the local rule, the
-    exact rule and the parameters no local rule covers, or None)."""
+def estimators_for(module: nn.Module, params: dict[str, nn.Parameter], plan: Plan, options, output_fn: Callable):
+    """``(estimator, extra)`` for an estimation session as ``options`` say (``extra``: for the local rule, the
+    exact estimator and the parameters no local rule covers, or None)."""
     def exact():
-        return ExactRule(module, params, plan, output_fn, options.memory_budget, options.chunk_size)
+        forced = options.fallback_predicate()
+        return ExactEstimator(module, params, plan, output_fn, options.memory_budget, options.chunk_size,
+                              fallback=forced)
 
     if options.importance == "global_batch":
-        return BatchRule(module, params, plan, output_fn), None
+        return BatchEstimator(module, params, plan, output_fn), None
     if options.importance == "global":
         return exact(), None
-    rule = LocalRule(plan, options.post_activation)
+    estimator = LocalEstimator(plan, options.post_activation)
     if not plan.uncovered or options.uncovered == "skip":
-        return rule, None
+        return estimator, None
     if options.uncovered == "error":
         raise ValueError(
             f"MAS(importance='local', uncovered='error'): no local rule covers {plan.uncovered}; "
             "pass uncovered='global' (exact per-sample rule) or 'skip' (zero importance)"
         )
-    return rule, (exact(), plan.uncovered)
+    return estimator, (exact(), plan.uncovered)

@@ -28,8 +28,9 @@ class FlatBuffers:
 
     Args:
         specs: ``(name, shape, device, dtype)`` for each parameter, in order.
-        dtype: force one dtype for every buffer (e.g. float32 for Omega);
-            ``None`` keeps each parameter's own dtype (anchors).
+        dtype: the buffers' dtype: one for every parameter, a callable from a parameter's dtype to
+            its buffer's (float32 for Omega, float64 for a float64 parameter's), or ``None`` to keep
+            each parameter's own dtype (anchors).
     """
 
     def __init__(self, specs: Iterable[tuple[str, torch.Size, torch.device, torch.dtype]], dtype=None):
@@ -37,7 +38,7 @@ class FlatBuffers:
         sizes: dict[tuple, int] = {}
         where: list[tuple] = []
         for name, shape, device, pdtype in specs:
-            key = (torch.device(device), dtype or pdtype)
+            key = (torch.device(device), dtype(pdtype) if callable(dtype) else (dtype or pdtype))
             align = max(1, 16 // key[1].itemsize)
             start = -(-sizes.get(key, 0) // align) * align
             n = 1
@@ -45,9 +46,12 @@ class FlatBuffers:
                 n *= int(s)
             sizes[key] = start + n
             where.append((name, tuple(shape), key, start, n))
-        self.buffers: dict[tuple, torch.Tensor] = {
-            key: torch.zeros(total, dtype=key[1], device=key[0]) for key, total in sizes.items()
-        }
+        # Never inference tensors (a buffer first touched inside the user's torch.inference_mode() would
+        # refuse every in-place update after it).
+        with torch.inference_mode(False):
+            self.buffers: dict[tuple, torch.Tensor] = {
+                key: torch.zeros(total, dtype=key[1], device=key[0]) for key, total in sizes.items()
+            }
         self.views: dict[str, torch.Tensor] = {
             name: self.buffers[key][start:start + n].view(shape) for name, shape, key, start, n in where
         }
@@ -148,6 +152,17 @@ def acc_dtype_for(omega_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if omega_dtype == torch.float64 else torch.float32
 
 
+class Wide:
+    """The dtype of a parameter's importance buffers: ``dtype``, or float64 for a float64 parameter (whose
+    numerators are computed in float64 and kept so: Omega to float64's precision)."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def __call__(self, pdtype: torch.dtype) -> torch.dtype:
+        return torch.float64 if pdtype == torch.float64 else self.dtype
+
+
 def _layer(name: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name else name
 
@@ -209,7 +224,7 @@ class ImportanceState:
         self.specs = [(n, p.shape, p.device, p.dtype) for n, p in params.items()]
         self.omega_dtype, self.anchor_dtype = omega_dtype, anchor_dtype
         self.acc_dtype = acc_dtype_for(omega_dtype)
-        self.omega = FlatBuffers(self.specs, dtype=omega_dtype)
+        self.omega = FlatBuffers(self.specs, dtype=Wide(omega_dtype))
         # theta* keeps the dtype it was made with (a parameter's dtype when first tracked): a later
         # model.half() does not round the anchors of a state rebuilt for another reason.
         kept = {} if old is None else {n: t.dtype for n, t in old.anchors.items()}
@@ -259,7 +274,7 @@ class ImportanceState:
     def acc(self) -> FlatBuffers:
         """The open task's numerators, allocated (zeros) on first use and released by :meth:`fold`."""
         if self._acc is None:
-            self._acc = FlatBuffers(self.specs, dtype=self.acc_dtype)
+            self._acc = FlatBuffers(self.specs, dtype=Wide(self.acc_dtype))
             self._commits.reset(self._acc, zeros=True)
         return self._acc
 
@@ -267,7 +282,7 @@ class ImportanceState:
     def staging(self) -> FlatBuffers:
         """One batch's numerators, allocated on first use and released by :meth:`release`."""
         if self._staging is None:
-            self._staging = FlatBuffers(self.specs, dtype=self.acc_dtype)
+            self._staging = FlatBuffers(self.specs, dtype=Wide(self.acc_dtype))
         return self._staging
 
     @property
@@ -347,10 +362,11 @@ class ImportanceState:
             # Every value is >= 0, so the result is at most max(Omega) + max(acc) / divisor: when that
             # fits Omega's dtype the combination is made in the accumulator's buffer (no copy) and
             # rounded once into Omega; only near the end of the range is it checked first.
-            limit = float(torch.finfo(self.omega_dtype).max)
+            limits = [float(torch.finfo(o.dtype).max) for o, _ in pairs]
+            limit = min(limits)
             tops = [(float(o.amax()) if o.numel() else 0.0, float(a.amax()) / divisor if a.numel() else 0.0)
                     for o, a in pairs]
-            safe = all(to + ta < 0.5 * limit for to, ta in tops)
+            safe = all(to + ta < 0.5 * lim for (to, ta), lim in zip(tops, limits))
             results = []
             for omega, acc in pairs:
                 new = acc.div_(divisor) if safe else acc / divisor
@@ -412,8 +428,8 @@ class ImportanceState:
         if self.has_acc():
             out["accumulator"] = {n: t.detach().clone() for n, t in self._acc.items()}
         else:
-            out["accumulator"] = {n: torch.zeros(shape, dtype=self.acc_dtype, device=device)
-                                  for n, shape, device, _ in self.specs}
+            out["accumulator"] = {n: torch.zeros(shape, dtype=Wide(self.acc_dtype)(dt), device=device)
+                                  for n, shape, device, dt in self.specs}
         out.update({k: getattr(self, k) for k in self.COUNTS})
         return out
 

@@ -301,6 +301,11 @@ def local_hebbian(model, xs, n):
                 if m.bias:
                     add(getattr(m, "bias_ih" + sfx), r["zi"].abs().sum(0))
                     add(getattr(m, "bias_hh" + sfx), r["zh"].abs().sum(0))
+        elif kind.endswith("RMSNorm") or kind == "T5LayerNorm":
+            eps = getattr(m, "variance_epsilon", getattr(m, "eps", None))
+            eps = torch.finfo(x.dtype).eps if eps is None else eps
+            y = out.double().abs()
+            add(m.weight, (y * rms_x_hat(x, eps).abs()).reshape(-1, y.shape[-1]).sum(0))
         elif kind == "ViTEmbeddings":
             y = out.double().abs()
             add(m.cls_token, y[:, :1].sum(0, keepdim=True)); add(m.position_embeddings, y.sum(0, keepdim=True))
@@ -316,3 +321,50 @@ def local_hebbian(model, xs, n):
         for h in handles:
             h.remove()
     return {k: v / n for k, v in omega.items()}
+
+
+# ------------------------------------------- calls with several arguments, samples in any dim
+def _slice(a, d, k):
+    return a if d is None or not isinstance(a, torch.Tensor) else a.narrow(d, k, 1)
+
+
+def _size(args, dims):
+    return next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+
+
+def global_exact_args(model, batches, dims, output_fn=lambda o: o):
+    """(1/N) sum_k |d ||F(x_k)||^2 / d theta| for batches of positional arguments, each sample run alone:
+    ``dims[i]`` is the dim where argument i keeps the samples (None: every sample gets it whole)."""
+    params = _named(model)
+    omega = {n: torch.zeros_like(p, dtype=F64) for n, p in params.items()}
+    n = 0
+    for args in batches:
+        for k in range(_size(args, dims)):
+            out = output_fn(model(*[_slice(a, d, k) for a, d in zip(args, dims)]))
+            grads = torch.autograd.grad(out.double().pow(2).sum(), list(params.values()), allow_unused=True)
+            for (name, _), g in zip(params.items(), grads):
+                if g is not None:
+                    omega[name] += g.double().abs()
+            n += 1
+    return {k: v / n for k, v in omega.items()}
+
+
+def global_batch_args(model, batches, dims, output_fn=lambda o: o):
+    """(1/N) sum_b |sum_{k in b} g_k| with N counted along ``dims`` (see :func:`global_exact_args`)."""
+    params = _named(model)
+    omega = {n: torch.zeros_like(p, dtype=F64) for n, p in params.items()}
+    n = 0
+    for args in batches:
+        out = output_fn(model(*args))
+        grads = torch.autograd.grad(out.double().pow(2).sum(), list(params.values()), allow_unused=True)
+        for (name, _), g in zip(params.items(), grads):
+            if g is not None:
+                omega[name] += g.double().abs()
+        n += _size(args, dims)
+    return {k: v / n for k, v in omega.items()}
+
+
+def rms_x_hat(x, eps):
+    """x / sqrt(mean(x^2) + eps) over the last dim, in float64 (the RMS norms of transformers' models)."""
+    x = x.double()
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)

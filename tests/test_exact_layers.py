@@ -280,7 +280,7 @@ def test_a_parameter_used_outside_its_layer_still_gets_its_exact_importance():
             return self.head(torch.tanh(F.linear(x, self.inner.weight, self.inner.bias)))
 
     model = Stray()
-    with pytest.warns(RuntimeWarning, match=r"inner.weight.*outside the forward"):
+    with pytest.warns(RuntimeWarning, match=r"inner.weight.*one backward pass per sample.*used outside the layers"):
         exact(model, [torch.randn(6, 4)])
 
 

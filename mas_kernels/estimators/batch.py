@@ -1,101 +1,168 @@
-"""A batch as the rules see it: run the model on it, count its samples, replay one sample alone.
+"""A batch as the rules see it: one call of the model, its observed layout, its sample count N.
 
-What a batch is, and N: one call of the model, ``model(*args, **kwargs)``;
-its samples are counted along the first tensor it gets (positional or
-keyword), in the dim where the first layer that reads that tensor keeps its
-samples: dim 0, dim 1 for an RNN or MultiheadAttention with
-``batch_first=False``; or 1 when that layer takes it as one unbatched sample
-(a 1-D input of a Linear, a (C, H, W) input of a Conv2d, a 2-D input of an
-RNN). A first tensor no layer reads directly counts along dim 0.
+What a batch is: one call of the model, ``model(*args, **kwargs)`` (made by
+the user's forward inside ``accumulating()``, or by ``estimate()``'s
+``forward=``). Where its samples are, and N, are *observed*
+(``layout.py``): once per call signature the model runs on a sub-batch of
+1-3 samples, and the dim of the input along which the outputs of the sub-batch
+are the batch's own is the sample dim (``sample_dim=`` says it instead). N is
+that dim's size, the same for every rule. :class:`Layouts` keeps the layouts
+of one estimation session by signature; :meth:`Batch.subset` is the batch
+restricted to some of its samples (the self-check's sub-batch).
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-
-def first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    for t in tree_flatten((args, kwargs))[0]:
-        if isinstance(t, torch.Tensor):
-            return t
-    return None
+from .layout import Layout, Prober, _substitute, signature
+from .uses import UseTracker
 
 
-def same(a, b) -> bool:
-    """``a`` is ``b`` or a view of the same elements (``input_ids.view(-1, T)``)."""
-    return a is b or (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
-                      and a.dtype == b.dtype and a.device == b.device and a.data_ptr() == b.data_ptr()
-                      and a.stride() == b.stride())
-
-
-def count_samples(args: tuple, kwargs: dict, reader=None, who: str = "MAS") -> int:
-    """N of the call ``model(*args, **kwargs)``; ``reader``: the first layer (a plan ``Layer``) that read its
-    first tensor, which says where that tensor holds its samples (or that it is one unbatched sample)."""
-    t = first_tensor(args, kwargs)
-    if t is None:
-        raise TypeError(f"{who}: the model was called without a tensor argument, so its samples cannot be "
-                        "counted; pass the input as a tensor (positional or keyword)")
-    if t.dim() == 0:
-        return 1
-    dim = reader.reads(t) if reader is not None else 0
-    return 1 if dim is None else int(t.shape[dim])
+class _Captured(BaseException):
+    """Raised by the pre-hook that records the model's arguments, to stop the forward there."""
 
 
 class Batch:
-    """One batch: ``call(model)`` runs the model on it (the first run records the model's arguments)."""
+    """One batch: ``call(model)`` runs the model on it; ``args``/``kwargs`` are the model call's."""
 
     def __init__(self, module: nn.Module, call: Callable[[nn.Module], Any], args: tuple | None = None,
-                 kwargs: dict | None = None, n: int | None = None):
+                 kwargs: dict | None = None):
         self.module = module
         self.call = call
         self.args, self.kwargs = args, kwargs
-        self.n = n
-        self.layout: int | None = None  # the dim of the input that holds samples, as its first reader says
+        self.layout: Layout | None = None
+        self.n: int | None = None
 
     @classmethod
-    def of_call(cls, module: nn.Module, args: tuple, kwargs: dict, n: int, layout: int | None = None) -> "Batch":
+    def of_call(cls, module: nn.Module, args: tuple, kwargs: dict) -> "Batch":
         """The batch of a call already seen (``accumulating()``): replayed with the same arguments."""
-        batch = cls(module, lambda m: m(*args, **kwargs), args, kwargs, n)
-        batch.layout = layout
-        return batch
+        return cls(module, lambda m: m(*args, **kwargs), args, kwargs)
 
-    def forward(self, plan=None) -> Any:
-        """Run the model on the batch; the first time, record its arguments and count its samples.
-
-        ``plan``: its layers say how they read the input (where its samples are).
-        """
-        if self.args is not None:
-            return self.call(self.module)
-        first: list = []
-
-        def pre(m, a, kw):
-            if self.args is None:
-                self.args, self.kwargs = a, kw
-                self.n = count_samples(a, kw)  # dim 0, until a layer that reads the input says otherwise
-
-        def reader(m, a):
-            if not first and a and self.args is not None and same(a[0], first_tensor(self.args, self.kwargs)):
-                first.append(m)
-                layer = plan.reader(m)
-                self.n = count_samples(self.args, self.kwargs, layer)
-                t = first_tensor(self.args, self.kwargs)
-                self.layout = layer.reads(t) if t is not None and t.dim() > 0 else None
-
-        handles = [self.module.register_forward_pre_hook(pre, with_kwargs=True)]
-        if plan is not None:
-            handles += [m.register_forward_pre_hook(reader) for m in plan.modules()]
-        try:
-            out = self.call(self.module)
-        finally:
-            for h in handles:
-                h.remove()
+    def arguments(self) -> tuple[tuple, dict]:
+        """The model call's ``(args, kwargs)``: the batch is run up to the model's call, and stopped there."""
         if self.args is None:
-            raise TypeError("MAS: the forward function did not call the model")
-        return out
+            def pre(m, a, kw):
+                self.args, self.kwargs = a, kw
+                raise _Captured
+
+            handle = self.module.register_forward_pre_hook(pre, with_kwargs=True, prepend=True)
+            try:
+                self.call(self.module)
+            except _Captured:
+                pass
+            finally:
+                handle.remove()
+            if self.args is None:
+                raise TypeError("MAS: the forward function did not call the model")
+        return self.args, self.kwargs
+
+    def forward(self) -> Any:
+        """Run the model on the batch."""
+        return self.call(self.module)
+
+    def subset(self, idx: list[int]) -> "Batch":
+        """This batch restricted to its samples ``idx`` (the same ``forward=``, the model's call given only
+        those samples' part of each argument)."""
+        args, kwargs = self.layout.subset(self.args, self.kwargs, idx)
+        outer = self.call
+
+        def call(m):
+            handle = _substitute(self.module, args, kwargs)
+            try:
+                return outer(m)
+            finally:
+                handle.remove()
+
+        sub = Batch(self.module, call, args, kwargs)
+        sub.layout, sub.n = self.layout, len(idx)
+        return sub
+
+
+def pick_outputs(output_fn: Callable | None) -> Callable:
+    """``pick(result)``: the output tensors a probe compares: ``output_fn``'s tensor (the global rules: its
+    error, e.g. a model that returns a dict and no ``output_fn``, is the user's to see), else every tensor
+    the model returned (the local rule needs no ``output_fn``)."""
+    def pick(out):
+        if output_fn is not None:
+            return [output_fn(out)]
+        if isinstance(out, torch.Tensor):
+            return [out]
+        return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+    return pick
+
+
+class Layouts:
+    """The observed layouts of one estimation session, by call signature (``layout.signature``).
+
+    Args:
+        module: the model.
+        plan: its layers (their calls are observed; their rules say when an input is one unbatched sample).
+        params: the tracked parameters (their uses are observed).
+        output_fn: picks the output tensor (or None: every tensor the model returns).
+        sample_dim: the user's ``sample_dim=`` (see :class:`~.layout.Prober`).
+        quiet: a context in which the probe's own forward passes run unseen by the session's hooks.
+        exact: whether the exact rule will read the layout (then shared calls are tried broadcast, and
+            uses are tracked).
+    """
+
+    def __init__(self, module: nn.Module, plan, params: dict, output_fn: Callable | None, sample_dim=None,
+                 quiet: Callable = contextlib.nullcontext, exact: bool = False):
+        self.module = module
+        self.plan = plan
+        self.params = params
+        self.output_fn = output_fn
+        self.sample_dim = sample_dim
+        self.quiet = quiet
+        self.exact = exact
+        self.cache: dict[tuple, Layout] = {}
+
+    def resolve(self, batch: Batch) -> Layout | None:
+        """``batch.layout`` and ``batch.n``, observed if its signature is new in this session (an empty batch:
+        no layout, N = 0)."""
+        args, kwargs = batch.arguments()
+        first = next((t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)), None)
+        if first is not None and first.numel() == 0:  # an empty batch: nothing to observe, nothing to count
+            batch.layout, batch.n = None, 0
+            return None
+        key = signature(args, kwargs)
+        layout = self.cache.get(key)
+        if layout is None or (layout.single and layout.n(args, kwargs) > 1):
+            layout = self.cache[key] = self.observe(batch)
+        batch.layout, batch.n = layout, layout.n(args, kwargs)
+        return layout
+
+    def forget(self, batch: Batch) -> None:
+        """Drop the layout of ``batch``'s signature (the model's calls no longer match it)."""
+        self.cache.pop(signature(*batch.arguments()), None)
+
+    def observe(self, batch: Batch) -> Layout:
+        from .._model import modes
+
+        plan = self.plan
+        modules = plan.modules()
+        covering = {n: [layer.module for layer, _ in uses] for n, uses in plan.uses.items()}
+
+        def api(m, x):
+            layer = plan.reader(m)
+            return None if layer is None else layer.rule.api_layout(layer, x)
+
+        def tracker(inputs):
+            return UseTracker(self.module, self.params, covering, inputs)
+
+        def expandable(m):
+            return any(not layer.rule.own_layout for layer in plan.layers if layer.module is m)
+
+        prober = Prober(self.module, lambda: batch.call(self.module), pick_outputs(self.output_fn), modules,
+                        self.sample_dim, api, tracker if self.exact else None,
+                        expandable if self.exact else None)
+        with self.quiet(), modes(self.module, False), torch.no_grad():
+            return prober.observe(batch.args, batch.kwargs)
 
 
 def call_for(batch, forward: Callable | None, device: torch.device) -> Callable[[nn.Module], Any]:

@@ -37,6 +37,7 @@ class Call:
     versions: list  # the output tensors' version counters when the layer returned them
     replay: Any = None  # what a rule's own forward left for it (an RNN's step-by-step replay)
     targets: list = dataclasses.field(default_factory=list)  # more tensors the backward must reach
+    dims: Any = None  # where its tensors keep the batch's samples (a layout.CallDims, as observed)
 
     @property
     def outputs(self) -> list[torch.Tensor]:
@@ -54,47 +55,38 @@ class Call:
         return torch.zeros_like(self.outputs[0]) if d is None else d
 
 
-def expand_shared(layer, n: int | None, args: tuple, output):
-    """A call whose input holds one row of ids for the whole batch (a position embedding's ids of shape
-    (1, T)): its input and output expanded to the batch's N samples, so each sample's share of the output
-    gradient is kept apart. Returns ``(args, output)``, unchanged for other calls (a float input with one
-    row is one sample of a subset: a multi-task head's)."""
-    if layer is None or not n or n == 1 or not args or not isinstance(args[0], torch.Tensor):
-        return args, output
-    x = args[0]
-    if x.dtype.is_floating_point or x.dtype.is_complex:
-        return args, output
-    d = layer.reads(x)
-    if (d is None or x.dim() <= d or x.shape[d] != 1 or not isinstance(output, torch.Tensor)
-            or output.dim() <= d or output.shape[d] != 1):
-        return args, output
-    grow = lambda t: t.expand(*t.shape[:d], n, *t.shape[d + 1:])  # noqa: E731
-    return (grow(x),) + tuple(args[1:]), grow(output)
+class LayoutChanged(Exception):
+    """The recorded calls do not match the observed layout (another call count, or a sample dim whose size
+    is not N): the layout is observed again."""
 
 
 class Recorder:
     """Forward hooks that record every call of ``modules`` (a dict of module -> list of calls).
 
-    ``plan`` and ``n`` (a callable giving the batch's sample count once it is
-    known): calls that broadcast one row to the whole batch are expanded
-    (:func:`expand_shared`).
+    ``layout``: the observed layout; each call gets its :class:`~.layout.CallDims`, and a shared call
+    the layout says to broadcast is expanded to the batch's ``n`` samples in place of its output.
+    ``inline``: module -> plan layer whose rule's ``inline_forward`` replaces the module's forward.
     """
 
-    def __init__(self, modules: list[nn.Module], grads: bool, plan=None, n: Callable[[], int | None] = None):
+    def __init__(self, modules: list[nn.Module], grads: bool, layout=None, n: int = 1, inline: dict | None = None):
         self.calls: dict[nn.Module, list[Call]] = {m: [] for m in modules}
         self.grads = grads
-        self.plan = plan
+        self.layout = layout
         self.n = n
+        self.inline = inline or {}
         self.handles: list = []
 
     def _hook(self, module, args, kwargs, output):
+        from .layout import expand_call
+
+        calls = self.calls[module]
+        dims = self.layout.dims_of(module, len(calls)) if self.layout is not None else None
         new = None
-        if self.plan is not None and self.n is not None:
-            args, expanded = expand_shared(self.plan.reader(module), self.n(), args, output)
-            if expanded is not output:
-                output = new = expanded
+        if dims is not None and dims.expand is not None:
+            args, new = expand_call(args, output, dims.expand, self.n)
+            output = new
         outs = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
-        call = Call(args, kwargs, output, [None] * len(outs), [t._version for t in outs])
+        call = Call(args, kwargs, output, [None] * len(outs), [t._version for t in outs], dims=dims)
         replay = self._pending.pop(module, None)
         if replay is not None:
             call.replay, call.targets = replay, replay.targets()
@@ -102,17 +94,36 @@ class Recorder:
             for i, t in enumerate(outs):
                 if t.requires_grad:
                     t.register_hook(_store(call.deltas, i))
-        self.calls[module].append(call)
+        calls.append(call)
         return new
+
+    def check(self, n: int) -> None:
+        """Raise :class:`LayoutChanged` when the calls do not match the layout they were recorded with."""
+        from .layout import Flat, UNKNOWN
+
+        if self.layout is None:
+            return
+        for module, calls in self.calls.items():
+            seen = self.layout.calls.get(id(module), [])
+            if len(calls) != len(seen):
+                raise LayoutChanged(f"{type(module).__name__} called {len(calls)} times, {len(seen)} when observed")
+            for call in calls:
+                leaves = tree_flatten((call.args, call.kwargs))[0] + call.outputs
+                for t, d in zip(leaves, call.dims.ins + call.dims.outs):
+                    if not isinstance(t, torch.Tensor) or d is None or d is UNKNOWN or call.dims.rows:
+                        continue
+                    dim, per = (d.dim, d.per) if isinstance(d, Flat) else (d, 1)
+                    if t.dim() <= dim or t.shape[dim] != n * per:
+                        raise LayoutChanged(f"a tensor of shape {tuple(t.shape)} of {type(module).__name__} "
+                                            f"has no {n * per} rows in dim {dim}")
 
     def __enter__(self) -> "Recorder":
         self._pending: dict = {}
         self._forwards: list = []
         for m in self.calls:
             self.handles.append(m.register_forward_hook(self._hook, with_kwargs=True))
-            layer = self.plan.reader(m) if self.plan is not None and self.grads else None
-            if layer is not None and hasattr(layer.rule, "inline_forward"):
-                self._inline(m, layer)
+            if self.grads and m in self.inline:
+                self._inline(m, self.inline[m])
         return self
 
     def _inline(self, module: nn.Module, layer) -> None:
@@ -146,9 +157,10 @@ def _store(slots: list, i: int) -> Callable:
 
 
 @contextlib.contextmanager
-def capture(modules: list[nn.Module], grads: bool = True, plan=None, n=None) -> Iterator[Recorder]:
+def capture(modules: list[nn.Module], grads: bool = True, layout=None, n: int = 1,
+            inline: dict | None = None) -> Iterator[Recorder]:
     """Record the calls of ``modules`` during the block (with output gradients when ``grads``)."""
-    with Recorder(modules, grads, plan, n) as rec:
+    with Recorder(modules, grads, layout, n, inline) as rec:
         yield rec
 
 
@@ -178,4 +190,24 @@ def backward(loss: torch.Tensor, rec: Recorder, retain_graph: bool = False) -> N
                     p = min(ps, key=lambda q: q.numel())
                     targets[id(p)] = p
     if targets and loss.requires_grad:
-        torch.autograd.grad(loss, list(targets.values()), allow_unused=True, retain_graph=retain_graph)
+        grad(loss, list(targets.values()), allow_unused=True, retain_graph=retain_graph)
+
+
+def grad(outputs, inputs, *args, **kwargs):
+    """``torch.autograd.grad``, with the error of a model checkpointed with ``use_reentrant=True`` (which
+    ``torch.autograd.grad`` cannot go through) worded as what to do."""
+    try:
+        return torch.autograd.grad(outputs, inputs, *args, **kwargs)
+    except RuntimeError as exc:
+        msg = str(exc)
+        if "Checkpointing is not compatible with .grad()" not in msg and not (
+                "use_reentrant=True" in msg and "incompatible with .grad()" in msg):
+            raise
+        raise ValueError(
+            "MAS: the model uses activation checkpointing with use_reentrant=True "
+            "(torch.utils.checkpoint.checkpoint(..., use_reentrant=True), or transformers' "
+            "gradient_checkpointing_enable() with its default), which the importance's backward pass cannot go "
+            "through; use use_reentrant=False (transformers: model.gradient_checkpointing_enable("
+            "gradient_checkpointing_kwargs={'use_reentrant': False})), or turn checkpointing off while "
+            "estimating (model.gradient_checkpointing_disable())"
+        ) from exc

@@ -3,7 +3,8 @@ r"""The batch-level global rule of the paper's released code.
 ``(1/N) sum_b |sum_{k in b} g_k|``: the absolute value of each batch's
 gradient of ``sum_k ||F(x_k)||^2``, one ``abs_accumulate_`` over all
 parameters per batch. It under-estimates the exact form, more so as batches
-grow (``|sum g_k| <= sum |g_k|``).
+grow (``|sum g_k| <= sum |g_k|``). N counts where the input keeps its samples,
+as observed (``layout.py``), like the other rules.
 """
 
 from __future__ import annotations
@@ -14,14 +15,11 @@ import torch
 from torch import nn
 
 from ..ops import abs_accumulate_
+from .capture import grad
+from .global_exact import squared_norm
 
 
-def squared_norm(out: torch.Tensor) -> torch.Tensor:
-    """``sum_k ||F(x_k)||_2^2`` over the batch, in fp32."""
-    return out.float().pow(2).sum()
-
-
-class BatchRule:
+class BatchEstimator:
     """One batch-level gradient per batch, its absolute value added into the staging buffers."""
 
     def __init__(self, module: nn.Module, params: dict[str, nn.Parameter], plan, output_fn: Callable):
@@ -35,8 +33,15 @@ class BatchRule:
 
     def run(self, batch, staging, names=None) -> None:
         names = list(self.params)
+        if not names:
+            return
         with torch.enable_grad():  # also inside a user's torch.no_grad() (accumulating)
-            loss = squared_norm(self.output_fn(batch.forward(self.plan)))
-            grads = torch.autograd.grad(loss, [self.params[k] for k in names], allow_unused=True,
-                                        materialize_grads=True)
-        abs_accumulate_([staging[k] for k in names], list(grads))
+            loss = squared_norm(self.output_fn(batch.forward()))
+            grads = grad(loss, [self.params[k] for k in names], allow_unused=True, materialize_grads=True)
+        targets = [staging[k] for k in names]
+        if all(t.dtype == torch.float32 for t in targets):
+            abs_accumulate_(targets, list(grads))
+        else:
+            with torch.no_grad():
+                for t, g in zip(targets, grads):
+                    t.add_(g.to(t.dtype).abs())

@@ -10,10 +10,16 @@ module-local per-sample vjp for everything else. Parameters with several uses
 (tied weights) get the per-sample sum of all uses before the absolute value.
 The whole model's per-sample gradients are never formed.
 
-A parameter whose layer was not called although the loss depends on it (the
-model reads it outside that layer's forward) gets its exact per-sample
-gradient from one backward pass per sample through the same recorded graph,
-with a warning naming it.
+What the rules may assume is observed first (``layout.py``, ``uses.py``):
+where each call keeps its samples, and every use of every parameter. A
+parameter that no rule can serve as observed (used outside the layers whose
+rules cover it, a layer whose samples could not be located, a layer called on
+a tensor the whole batch shares) gets the **per-sample fallback**: the
+gradient of each sample's ``||F(x_k)||^2`` through the same recorded graph
+(exact for any use, N times the backward's cost for those parameters), with a
+warning naming it and why. Samples that are not independent (the model's
+output for a sample depends on the others) have no per-sample gradient: the
+rule refuses them by name.
 """
 
 from __future__ import annotations
@@ -26,61 +32,21 @@ import torch
 from torch import nn
 
 from .batch import Batch
-from .capture import backward, capture
-from .global_batch import squared_norm
+from .capture import backward, capture, grad
+from .layout import UNKNOWN, rows
 from .plan import Plan
+from .reduction import ABS, Reduction
 from .rules.base import Context, cat_uses
-from ..ops import abs_bmm_accumulate_
 
 DEFAULT_BUDGET = 256 << 20  # bytes of per-sample scratch at once
 
 
-def _graph_params(loss: torch.Tensor) -> set[int]:
-    """ids of the leaf tensors the loss's autograd graph reaches."""
-    found, seen, stack = set(), set(), [loss.grad_fn]
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        var = getattr(fn, "variable", None)
-        if var is not None:
-            found.add(id(var))
-        stack.extend(f for f, _ in fn.next_functions)
-    return found
+def squared_norm(out: torch.Tensor) -> torch.Tensor:
+    """``sum_k ||F(x_k)||_2^2`` over the batch, in float32 (float64 for a float64 output)."""
+    return out.to(torch.promote_types(out.dtype, torch.float32)).pow(2).sum()
 
 
-def _subsets(layer, calls: list, ctx: Context) -> list | None:
-    """``[(call, samples)]`` when the calls of ``layer`` each saw a different subset of the batch's samples
-    (a multi-task model's head per task: ``head(h[task == t])``), None when every call saw them all.
-
-    Subsets are calls whose input holds fewer than N samples and together exactly N; each sample then
-    reaches the layer through one call, so each call is a batch of its own. Anything else is refused.
-    """
-    sizes = []
-    for call in calls:
-        x = call.x if call.args else None
-        if not isinstance(x, torch.Tensor):
-            return None
-        d = layer.reads(x)
-        if d is not None and ctx.layout is not None and layer.hint is None and d == 0 and x.dim() > ctx.layout \
-                and x.shape[ctx.layout] == ctx.n:
-            d = ctx.layout
-        sizes.append(1 if d is None else int(x.shape[d]))
-    if all(m == ctx.n for m in sizes):
-        return None
-    lead = [call.x.shape[:call.x.dim() - layer.rule.feature_dims(layer, call.x)] for call in calls]
-    if all(m < ctx.n for m in sizes) and sum(sizes) <= ctx.n and not any(ctx.n in shape for shape in lead):
-        return list(zip(calls, sizes))
-    raise ValueError(
-        f"MAS: layer {layer.name!r} was called {len(calls)} time(s) on inputs of "
-        f"{[tuple(c.x.shape) for c in calls]} in a batch of {ctx.n} samples: neither the whole batch each "
-        "time nor disjoint subsets of it, so its per-sample gradients cannot be told apart; use "
-        "importance='global_batch' for this model"
-    )
-
-
-class ExactRule:
+class ExactEstimator:
     """Exact per-sample importance of the tracked parameters for one batch, into the staging buffers.
 
     Args:
@@ -90,16 +56,22 @@ class ExactRule:
         output_fn: picks the output tensor.
         memory_budget: bytes of per-sample scratch a rule may hold at once.
         max_chunk: at most this many samples per chunk of scratch.
+        reduction: per-sample gradients -> numerators (``|.|`` for MAS; see ``reduction.py``).
+        fallback: a predicate ``(name) -> bool``: parameters that always get the per-sample fallback
+            (``MAS(per_sample_fallback=)``).
     """
 
     def __init__(self, module: nn.Module, params: dict[str, nn.Parameter], plan: Plan, output_fn: Callable,
-                 memory_budget: int | None = None, max_chunk: int | None = None):
+                 memory_budget: int | None = None, max_chunk: int | None = None, reduction: Reduction = ABS,
+                 fallback: Callable[[str], bool] | None = None):
         self.module = module
         self.params = params
         self.plan = plan
         self.output_fn = output_fn
         self.budget = int(memory_budget or DEFAULT_BUDGET)
         self.max_chunk = max_chunk
+        self.reduction = reduction
+        self.forced = fallback
         self._warned: set[str] = set()
 
     def check(self) -> None:
@@ -107,51 +79,94 @@ class ExactRule:
         for layer in self.plan.layers:
             layer.rule.check(layer)
 
-    def run(self, batch: Batch, staging, names: list[str] | None = None) -> None:
-        """Add the batch's numerators of ``names`` (default: every tracked parameter) into ``staging``."""
-        wanted = set(self.params if names is None else names)
-        self.check()
-        layers = [layer for layer in self.plan.layers if wanted & set(layer.names())]
-        modules = list({id(layer.module): layer.module for layer in layers}.values())
-        with torch.enable_grad():
-            with capture(modules, plan=self.plan, n=lambda: batch.n) as rec:
-                out = self.output_fn(batch.forward(self.plan))
-            loss = squared_norm(out)
-            # A layer not called although the loss depends on its parameters: the model uses them
-            # outside that layer's forward, where no per-layer rule sees them.
-            uncalled = [layer for layer in layers if not rec.calls[layer.module]]
-            stray: list[str] = []
-            if uncalled:
-                reached = _graph_params(loss)
-                stray = [name for layer in uncalled for name in layer.names()
-                         if name in wanted and id(self.params[name]) in reached]
-            backward(loss, rec, retain_graph=bool(stray))
+    # ------------------------------------------------------------ fallback
+    def fallback(self, layout) -> dict[str, str]:
+        """Parameter name -> why it gets the per-sample fallback under ``layout`` (cached on the layout)."""
+        got = layout.notes.get(id(self))
+        if got is not None:
+            return got
+        why: dict[str, str] = {}
+        for name, ops in layout.stray.items():
+            if name in self.params:
+                more = f" and {len(ops) - 1} more" if len(ops) > 1 else ""
+                why[name] = f"it is used outside the layers whose rules cover it ({ops[0]}{more})"
+        for layer in self.plan.layers:
+            calls = layout.calls.get(id(layer.module), [])
+            reason = None
+            for c in calls:
+                if not c.known:
+                    reason = f"where the calls of layer {layer.name!r} keep their samples could not be observed"
+                elif layer.rule.own_layout or layout.single:
+                    continue
+                elif c.outs and any(d is None for d in c.outs) and c.expand is None:
+                    reason = (f"layer {layer.name!r} is called on tensors the whole batch shares (its output "
+                              "gradient sums every sample's)")
+                elif not layer.rule.accepts(layer, c):
+                    reason = f"the rule of layer {layer.name!r} cannot serve the layout observed for it"
+                elif c.rows and any(n in self.plan.shared for n in layer.names()):
+                    reason = f"layer {layer.name!r} is called on subsets of the samples and shares a parameter"
+                if reason:
+                    break
+            if reason:
+                for name in layer.names():
+                    why.setdefault(name, reason)
+        if self.forced is not None:
+            for name in self.params:
+                if name not in why and self.forced(name):
+                    why[name] = "per_sample_fallback= asks for it"
+        layout.notes[id(self)] = why
+        return why
+
+    # ----------------------------------------------------------------- run
+    def run(self, batch: Batch, staging, names: list[str] | None = None) -> torch.Tensor:
+        """Add the batch's numerators of ``names`` (default: every tracked parameter) into ``staging``; return
+        the model's output on the batch (detached)."""
+        layout = batch.layout
         n = batch.n
-        ctx = Context(n, self.budget, self.max_chunk, batch.layout)
+        if layout.coupled and not layout.single:
+            raise ValueError(
+                f"MAS(importance='global'): {layout.coupled}, so a per-sample gradient is not defined. Estimate "
+                "in eval mode (the default), pass sample_dim= if the samples are kept in another dim, or use "
+                "importance='global_batch' (one gradient per batch)"
+            )
+        wanted = set(self.params if names is None else names)
+        slow = {k: v for k, v in self.fallback(layout).items() if k in wanted}
+        fast = wanted - set(slow)
+        layers = [layer for layer in self.plan.layers if fast & set(layer.names())]
+        modules = list({id(layer.module): layer.module for layer in layers}.values())
+        inline = {layer.module: layer for layer in layers if layer.rule.inline_forward is not None}
+        with torch.enable_grad():
+            with capture(modules, layout=layout, n=n, inline=inline) as rec:
+                out = self.output_fn(batch.forward())
+            rec.check(n)
+            loss = squared_norm(out)
+            backward(loss, rec, retain_graph=bool(slow))
+        ctx = Context(n, self.budget, self.max_chunk, self.reduction)
         with torch.no_grad():
             del loss
             for layer in layers:
                 calls = rec.calls[layer.module]
                 accs = {a: staging[name] for a, name in layer.attrs.items()
-                        if name in wanted and name not in self.plan.shared and calls}
+                        if name in fast and name not in self.plan.shared and calls}
                 if not accs:
                     continue
-                parts = _subsets(layer, calls, ctx)
-                if parts is None:
-                    layer.rule.exact(layer, calls, ctx, accs)
-                else:  # calls on disjoint subsets of the samples: each a batch of its own
-                    for call, m in parts:
+                if any(c.dims is not None and c.dims.rows for c in calls):
+                    for call in calls:  # calls on disjoint subsets of the samples: each a batch of its own
+                        m = int(call.x.shape[0]) if call.x.dim() else 1
                         layer.rule.exact(layer, [call], dataclasses.replace(ctx, n=m), accs)
+                else:
+                    layer.rule.exact(layer, calls, ctx, accs)
             for name in self.plan.shared:
-                if name in wanted and name not in stray:
+                if name in fast:
                     self._shared(name, rec.calls, ctx, staging[name])
-        if stray:  # after the rules: its backward passes fire the recorded calls' hooks again
+        if slow:
             with torch.enable_grad():
-                self._stray(stray, out, batch, staging)
+                self._per_sample(slow, out, layout, n, staging)
+        return out.detach()
 
     def _shared(self, name: str, calls: dict, ctx: Context, acc: torch.Tensor) -> None:
-        """One parameter, several layers: their per-sample contributions summed, then the absolute value."""
-        uses = [(layer, attr) for layer, attr in self.plan.uses[name] if calls[layer.module]]
+        """One parameter, several layers: their per-sample contributions summed, then the reduction."""
+        uses = [(layer, attr) for layer, attr in self.plan.uses[name] if calls.get(layer.module)]
         if not uses:
             return
         if len(uses) == 1:
@@ -166,75 +181,108 @@ class ExactRule:
             return
         factors = [layer.rule.factors(layer, calls[layer.module], ctx, attr) for layer, attr in uses]
         if all(f is not None for f in factors):
-            a = cat_uses([f[0].float() for f in factors])
-            b = cat_uses([f[1].float() for f in factors])
-            abs_bmm_accumulate_(acc, a, b, memory_budget=ctx.budget)
+            ctx.reduce.bmm_(acc, cat_uses([f[0] for f in factors]), cat_uses([f[1] for f in factors]), ctx.budget)
             return
-        step = max(1, min(ctx.n, ctx.max_chunk or ctx.n, ctx.budget // (4 * acc.numel() * len(uses) or 1)))
+        step = max(1, min(ctx.n, ctx.max_chunk or ctx.n, ctx.budget // (acc.element_size() * acc.numel() * len(uses) or 1)))
         for lo in range(0, ctx.n, step):
             hi = min(ctx.n, lo + step)
             total = None
             for layer, attr in uses:
                 g = layer.rule.per_sample(layer, calls[layer.module], ctx, [attr], lo, hi)[attr]
                 total = g if total is None else total + g
-            acc.add_(total.abs().sum(0))
+            ctx.reduce.dense_(acc, total)
 
     @staticmethod
     def _sparse_and_dense(sparse, factors, calls, ctx: Context, acc: torch.Tensor) -> None:
         """Uses with sparse per-sample rows (embeddings) beside uses in factored form (a tied LM head).
 
         With ``L_k = sum a_k^T b_k`` the dense part and ``E_k`` the sample's
-        embedding rows: ``sum_k |L_k + E_k| = sum_k |L_k| + sum_k sum_{r in rows(k)}
-        (|L_k[r] + E_k[r]| - |L_k[r]|)``: one abs_bmm, then a correction on the
+        embedding rows: ``sum_k r(L_k + E_k) = sum_k r(L_k) + sum_k sum_{r in rows(k)}
+        (r(L_k[r] + E_k[r]) - r(L_k[r]))``: one fused product, then a correction on the
         rows each sample's tokens touch, never a dense V x D matrix per sample.
         """
-        keys, rows = [], []
+        keys, rows_ = [], []
         for layer, attr in sparse:
             got = layer.rule.sparse_rows(layer, calls[layer.module], ctx, attr)
             keys.append(got[0] * acc.shape[0] + got[1])
-            rows.append(got[2])
+            rows_.append(got[2])
         uniq, inv = torch.unique(torch.cat(keys), return_inverse=True)
-        e = torch.zeros(uniq.numel(), acc.shape[1], device=acc.device).index_add_(0, inv, torch.cat(rows).float())
+        e = torch.zeros(uniq.numel(), acc.shape[1], device=acc.device, dtype=acc.dtype).index_add_(
+            0, inv, torch.cat(rows_).to(acc.dtype))
         sample, row = uniq // acc.shape[0], uniq % acc.shape[0]
+        red = ctx.reduce
         if not factors:
-            acc.index_add_(0, row, e.abs_())
+            acc.index_add_(0, row, red.apply(e))
             return
-        a = cat_uses([f[0].float() for f in factors])
-        b = cat_uses([f[1].float() for f in factors])
-        abs_bmm_accumulate_(acc, a, b, memory_budget=ctx.budget)
+        a = cat_uses([f[0].to(acc.dtype) for f in factors])
+        b = cat_uses([f[1].to(acc.dtype) for f in factors])
+        red.bmm_(acc, a, b, ctx.budget)
         for k in torch.unique(sample).tolist():
             sel = (sample == k).nonzero()[:, 0]
             r = row[sel]
             dense = a[k][:, r].T @ b[k]  # (rows, D): L_k at the sample's rows
-            acc.index_add_(0, r, (dense + e[sel]).abs_() - dense.abs_())
+            acc.index_add_(0, r, red.apply(dense + e[sel]) - red.apply(dense.clone()))
 
-    def _stray(self, names: list[str], out: torch.Tensor, batch: Batch, staging) -> None:
-        """Parameters used outside their layers' forward: one backward per sample through the recorded graph.
+    # ----------------------------------------------------------- fallback
+    def _per_sample(self, slow: dict[str, str], out: torch.Tensor, layout, n: int, staging) -> None:
+        """The per-sample fallback: each sample's gradient of ``||F(x_k)||^2`` through the recorded graph.
 
-        Sample k's gradient of ``||F(x_k)||^2`` is the gradient of its slice of the
-        output (the samples are independent in eval mode), so this is exact for any
-        use, ``forward=``'s own steps included; it costs N backward passes.
+        Sample k's gradient is the gradient of its rows of the output (the samples
+        are independent: the probe checked), so this is exact for any use of the
+        parameters, ``forward=``'s own steps included. The samples' backward passes
+        run batched (``is_grads_batched``, chunked within the memory budget) where
+        torch can vectorise them, one at a time otherwise.
         """
-        new = [nm for nm in names if nm not in self._warned]
+        names = sorted(slow)
+        new = [k for k in names if k not in self._warned]
         if new:
             self._warned.update(new)
+            reasons = sorted({slow[k] for k in new})
             warnings.warn(
-                f"MAS: parameters {new} are used by the model outside the forward of the layers that own "
-                "them (those layers were not called), so no per-layer rule sees the use; their exact "
-                "importance comes from one backward pass per sample (slow). Register a rule for the module "
-                "that uses them (mas_kernels.register_rule) to make it fast.",
-                RuntimeWarning, stacklevel=5,
-            )
-        params = [self.params[nm] for nm in names]
-        dim = batch.layout if batch.layout is not None and out.dim() > batch.layout else 0
-        if out.dim() == 0 or out.shape[dim] != batch.n:
-            raise ValueError(f"MAS: parameters {names} are used outside their layers' forward, and the output "
-                             f"{tuple(out.shape)} has no dim of the batch's {batch.n} samples to tell their "
-                             "per-sample gradients apart; use importance='global_batch' for this model")
-        for k in range(batch.n):
-            grads = torch.autograd.grad(squared_norm(out.narrow(dim, k, 1)), params, allow_unused=True,
-                                        retain_graph=True)
-            with torch.no_grad():
-                for nm, g in zip(names, grads):
-                    if g is not None:
-                        staging[nm].add_(g.abs().float())
+                f"MAS(importance='global'): parameters {new} get their exact importance from one backward pass "
+                f"per sample (slow) because {'; '.join(reasons)}. Register a rule for the module that uses them "
+                "(mas_kernels.register_rule) to make it fast.", RuntimeWarning, stacklevel=5)
+        dim = layout.output if not layout.single else None
+        if not layout.single and (dim is None or dim is UNKNOWN):
+            raise ValueError(
+                f"MAS(importance='global'): parameters {names} need the per-sample fallback, but the model's "
+                f"output of shape {tuple(out.shape)} keeps no dim of the batch's samples, so their per-sample "
+                "gradients cannot be told apart; use importance='global_batch'")
+        params = [self.params[k] for k in names]
+        scale = out.detach() * 2  # d ||out_k||^2 / d out, on sample k's rows
+        if layout.single:
+            grads = grad(out, params, scale, allow_unused=True, retain_graph=True)
+            self._add(names, [None if g is None else g.unsqueeze(0) for g in grads], staging)
+            return
+        per = sum(p.numel() * 8 for p in params) + scale.numel() * scale.element_size()
+        step = max(1, min(n, self.max_chunk or n, self.budget // max(1, per)))
+        batched_ok = True
+        for lo in range(0, n, step):
+            idx = torch.arange(lo, min(n, lo + step), device=out.device)
+            if batched_ok:
+                g_out = torch.zeros((len(idx), *out.shape), dtype=scale.dtype, device=out.device)
+                for j, k in enumerate(idx.tolist()):
+                    r = rows(dim, torch.tensor([k], device=out.device))
+                    d = dim.dim if hasattr(dim, "dim") else dim
+                    g_out[j].index_copy_(d, r, scale.index_select(d, r))
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        grads = grad(out, params, g_out, allow_unused=True, retain_graph=True, is_grads_batched=True)
+                    self._add(names, grads, staging)
+                    continue
+                except (RuntimeError, NotImplementedError):
+                    batched_ok = False  # torch cannot vectorise this graph's backward: one sample at a time
+            for k in idx.tolist():
+                r = rows(dim, torch.tensor([k], device=out.device))
+                d = dim.dim if hasattr(dim, "dim") else dim
+                g_out = torch.zeros_like(scale).index_copy_(d, r, scale.index_select(d, r))
+                grads = grad(out, params, g_out, allow_unused=True, retain_graph=True)
+                self._add(names, [None if g is None else g.unsqueeze(0) for g in grads], staging)
+
+    def _add(self, names, grads, staging) -> None:
+        with torch.no_grad():
+            for k, g in zip(names, grads):
+                if g is not None:
+                    self.reduction.dense_(staging[k], g.detach())
+

@@ -7,11 +7,14 @@ weight-gradient with ``|x|`` and ``|y|``); Embedding ``|y|`` of each position
 added to its token's row; norms ``|y * x_hat|`` (weight) and ``|y|`` (bias);
 biases ``sum |y|``. A parameter used by several layers (tied weights) adds
 the numerators of every use. Numerators only: the wrapper divides by N at
-``consolidate()``. MultiheadAttention: each projection as a Linear (the
-attention output recomputed from its own projections); RNNs: ``|zi_t| |x_t|^T``
-and ``|zh_t| |h_{t-1}|^T`` over every step. Layers without a local rule (those
-only the generic module-local rule serves) leave their parameters
-*uncovered*, for the wrapper's ``uncovered=`` policy.
+``consolidate()``. A call that serves the whole batch at once (a position
+embedding of ids ``(1, T)``, T5's relative-position buckets: observed by the
+probe, ``layout.py``) counts once per sample: its numerators times N.
+MultiheadAttention: each projection as a Linear (the attention output
+recomputed from its own projections); RNNs: ``|zi_t| |x_t|^T`` and ``|zh_t|
+|h_{t-1}|^T`` over every step. Layers without a local rule (those only the
+generic module-local rule serves) leave their parameters *uncovered*, for the
+wrapper's ``uncovered=`` policy.
 """
 
 from __future__ import annotations
@@ -22,11 +25,11 @@ import torch
 from torch.utils._pytree import tree_map
 
 from .._model import own_hook
-from .capture import Call, expand_shared
+from .capture import Call
 from .plan import Layer, Plan
 
 
-class LocalRule:
+class LocalEstimator:
     """Forward hooks that add each layer's Hebbian numerators into the staging buffers.
 
     Args:
@@ -38,6 +41,8 @@ class LocalRule:
     def __init__(self, plan: Plan, post_activation: Callable | dict | None = None):
         self.plan = plan
         self.post_activation = post_activation
+        self._index: dict[int, int] = {}  # module id -> calls seen in this forward
+        self._batch = None  # the forward's batch (its layout and N)
 
     def _activation(self, name: str) -> Callable | None:
         pa = self.post_activation
@@ -46,35 +51,54 @@ class LocalRule:
     def layers(self) -> list[Layer]:
         return [layer for layer in self.plan.layers if layer.rule.local_supported]
 
-    def hooks(self, staging: Callable, active: Callable[[], bool], n: Callable[[], int | None] = lambda: None) -> list:
-        """Register one forward hook per layer; each does nothing unless ``active()``.
+    def begin(self, batch) -> None:
+        """A forward of the model starts: ``batch`` has its observed layout and N."""
+        self._index.clear()
+        self._batch = batch
+
+    def hooks(self, staging: Callable, active: Callable[[], bool]) -> list:
+        """Register one forward hook per layer module; each does nothing unless ``active()``.
 
         ``staging()``: the staging buffers the numerators go into (asked per call: the state may
         reallocate them).
-
-        ``n()``: the batch's sample count, for layers that read one row for the
-        whole batch (a position embedding), whose numerators count once per sample.
         """
-        return [layer.module.register_forward_hook(own_hook(layer.module, self._hook(layer, staging, active, n)),
-                                                   with_kwargs=True)
-                for layer in self.layers()]
+        by_module: dict[int, list[Layer]] = {}
+        for layer in self.layers():
+            by_module.setdefault(id(layer.module), []).append(layer)
+        return [layers[0].module.register_forward_hook(
+                    own_hook(layers[0].module, self._hook(layers, staging, active)), with_kwargs=True)
+                for layers in by_module.values()]
 
-    def _hook(self, layer: Layer, staging, active: Callable[[], bool], n: Callable[[], int | None]):
-        act = self._activation(layer.name)
+    def _hook(self, layers: list[Layer], staging, active: Callable[[], bool]):
+        acts = [self._activation(layer.name) for layer in layers]
 
         def hook(module, args, kwargs, output):
-            if not active() or not (args or kwargs):
+            if not active() or not (args or kwargs) or self._batch is None:
                 return
-            if isinstance(output, torch.Tensor):
-                y = output.detach()
-                if act is not None:
-                    y = act(y)
-            else:  # RNNs, MultiheadAttention: (output, state) tuples
-                y = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, output)
-            args, y = expand_shared(layer, n(), tuple(a.detach() if isinstance(a, torch.Tensor) else a
-                                                      for a in args), y)
-            call = Call(args, kwargs, y, [None], [0])
+            i = self._index.get(id(module), 0)
+            self._index[id(module)] = i + 1
+            batch = self._batch
+            dims = batch.layout.dims_of(module, i)
+            n = batch.n
+            # A call every sample shares counts once per sample (not once per batch).
+            times = n if dims is not None and dims.shared and n > 1 and not batch.layout.single else 1
+            args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
             stage = staging()
-            layer.rule.local(layer, call, {a: stage[n] for a, n in layer.attrs.items()})
+            for layer, act in zip(layers, acts):
+                if isinstance(output, torch.Tensor):
+                    y = output.detach()
+                    if act is not None:
+                        y = act(y)
+                else:  # RNNs, MultiheadAttention: (output, state) tuples
+                    y = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, output)
+                call = Call(args, kwargs, y, [None], [0], dims=dims)
+                accs = {a: stage[name] for a, name in layer.attrs.items()}
+                if times == 1:
+                    layer.rule.local(layer, call, accs)
+                    continue
+                tmp = {a: torch.zeros_like(acc) for a, acc in accs.items()}
+                layer.rule.local(layer, call, tmp)
+                for a, acc in accs.items():
+                    acc.add_(tmp[a], alpha=times)
 
         return hook

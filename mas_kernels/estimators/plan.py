@@ -7,6 +7,8 @@ Every tracked parameter is given to the layers that use it:
   registered) covers the parameters the rule names; a rule may name
   parameters of its submodules (MultiheadAttention's ``out_proj``, which it
   uses without calling it), and those submodules then get no rule of their own;
+* a module of another library named like a norm (``LlamaRMSNorm``, ``T5LayerNorm``:
+  ``rules.norm.looks_like_norm``) gets ``AffineNormRule``, which observes which norm it computes;
 * any other parameter goes to the module that owns it directly, with the
   generic module-local rule (a per-sample vjp of that module).
 
@@ -25,6 +27,9 @@ from torch import nn
 
 from .rules import Rule, refresh_optional, rule_for
 from .rules.generic import GenericRule, get_path
+from .rules.norm import AffineNormRule, looks_like_norm
+
+_AFFINE_NORM = AffineNormRule()
 
 
 @dataclasses.dataclass(eq=False)
@@ -35,11 +40,6 @@ class Layer:
     module: nn.Module
     rule: Rule
     attrs: dict[str, str]
-    hint: int | None = None  # the sample dim of its input when the model's layout says so
-
-    def reads(self, x) -> int | None:
-        """The dim of ``x`` (this layer's input) that holds samples; None when it is one unbatched sample."""
-        return self.rule.reads(self, x)
 
     def names(self) -> list[str]:
         return list(self.attrs.values())
@@ -51,7 +51,6 @@ class Plan:
     def __init__(self, module: nn.Module, params: dict[str, nn.Parameter]):
         refresh_optional()
         by_id = {id(p): n for n, p in params.items()}
-        hints = _layout_hints(module)
         self.layers: list[Layer] = []
         self.uses: dict[str, list[tuple[Layer, str]]] = {n: [] for n in params}
         via_parent: set[int] = set()  # parameters a rule of an ancestor module covers
@@ -61,6 +60,8 @@ class Plan:
                 continue
             seen.add(id(m))
             rule = rule_for(m)
+            if rule is None and looks_like_norm(m):
+                rule = _AFFINE_NORM
             attrs: dict[str, str] = {}
             if rule is not None:
                 for path in rule.covers(m):
@@ -74,10 +75,9 @@ class Plan:
             rest = [a for a, p in m.named_parameters(recurse=False)
                     if id(p) in by_id and id(p) not in via_parent and id(p) not in mine]
             if attrs:
-                self._add(Layer(mname, m, rule, attrs, hints.get(id(m))))
+                self._add(Layer(mname, m, rule, attrs))
             if rest:
-                self._add(Layer(mname, m, GenericRule(tuple(rest)), {a: by_id[id(getattr(m, a))] for a in rest},
-                                hints.get(id(m))))
+                self._add(Layer(mname, m, GenericRule(tuple(rest)), {a: by_id[id(getattr(m, a))] for a in rest}))
         # A parameter also registered in a module visited before the ancestor that covers it:
         # keep the ancestor's claim only.
         for name, uses in self.uses.items():
@@ -113,18 +113,3 @@ class Plan:
                 out.append(layer.module)
         return out
 
-
-def _layout_hints(module: nn.Module) -> dict[int, int]:
-    """Modules whose inputs hold samples in dim 1: inside torch's transformer layers with ``batch_first=False``.
-
-    (Their Linear and LayerNorm layers see (T, N, E) tensors; when T happens to
-    equal N, the sizes alone cannot tell the dims apart.)
-    """
-    hints: dict[int, int] = {}
-    layer_types = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
-    for m in module.modules():
-        if isinstance(m, layer_types) and not m.self_attn.batch_first:
-            for sub in m.modules():
-                if not isinstance(sub, nn.MultiheadAttention):
-                    hints[id(sub)] = 1
-    return hints

@@ -187,8 +187,14 @@ class MASCallback(_transformers.TrainerCallback):
                             f"{type(batch).__name__}; pass dataloader= with dict batches")
         drop = self._labels
         inputs = {k: v for k, v in batch.items() if k not in drop}
-        out = self.output_fn(model(**inputs))
-        mask = inputs.get("attention_mask")
+        # The mask the model is given (MAS runs this forward on sub-batches of the batch, too).
+        seen: dict = {}
+        handle = model.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
+        try:
+            out = self.output_fn(model(**inputs))
+        finally:
+            handle.remove()
+        mask = seen.get("attention_mask", inputs.get("attention_mask"))
         if (self.mask_padding and isinstance(mask, torch.Tensor) and isinstance(out, torch.Tensor)
                 and out.dim() >= 2 and tuple(mask.shape) == tuple(out.shape[:2])):
             out = out * mask.to(out.dtype).view(*mask.shape, *([1] * (out.dim() - 2)))

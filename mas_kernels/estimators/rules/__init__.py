@@ -11,10 +11,10 @@ import sys
 
 from torch import nn
 
-from . import conv, embedding, generic, hf, linear, norm, rnn
-from .base import Context, Rule, _RULES, batched, register_rule, rule_for, sample_dim
+from . import attention, conv, embedding, generic, hf, linear, norm, rnn
+from .base import Context, Rule, _RULES, register_rule, rule_for
 
-__all__ = ["Context", "Rule", "batched", "refresh_optional", "register_rule", "rule_for", "sample_dim"]
+__all__ = ["Context", "Rule", "refresh_optional", "register_rule", "rule_for"]
 
 register_rule(nn.Linear, linear.LinearRule())
 for _cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
@@ -26,7 +26,7 @@ for _cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
     register_rule(_cls, norm.BatchNormRule())
 if hasattr(nn, "RMSNorm"):
     register_rule(nn.RMSNorm, norm.RMSNormRule())
-register_rule(nn.MultiheadAttention, generic.MultiheadAttentionRule())
+register_rule(nn.MultiheadAttention, attention.MultiheadAttentionRule())
 for _cls in (nn.RNN, nn.LSTM, nn.GRU):
     register_rule(_cls, rnn.RNNRule())
 

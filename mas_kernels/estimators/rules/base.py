@@ -21,53 +21,84 @@ sample before the absolute value.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 from torch import nn
 
+from ...ops import abs_outer_accumulate_
 from ..capture import Call
-
-if TYPE_CHECKING:
-    from ..plan import Layer
+from ..reduction import ABS, Reduction
 
 
 @dataclasses.dataclass(frozen=True)
 class Context:
-    """What every rule call shares: the batch's sample count and the memory budget for scratch."""
+    """What every rule call shares: the batch's sample count, the memory budget for scratch, the reduction."""
 
     n: int
     budget: int = 256 << 20  # bytes of per-sample scratch a rule may hold at once
     max_chunk: int | None = None  # at most this many samples per chunk
-    layout: int | None = None  # where the model's input keeps its samples (dim 1: a (T, N, ...) model)
+    reduce: Reduction = ABS  # per-sample gradients -> numerators (|.| for MAS)
 
 
 class Rule:
-    """Base class: the parameters ``attrs`` of a layer type and how each gets its importance."""
+    """Base class: the parameters ``attrs`` of a layer type and how each gets its importance.
+
+    The contract, in one place (``layer`` is a plan ``Layer``: ``.module``, ``.name``, ``.attrs``; a
+    ``call`` is one recorded :class:`~..capture.Call` of the layer, with ``call.dims`` saying where each of
+    its tensors keeps the batch's samples, as observed by the probe):
+
+    * :meth:`covers`: the attribute paths of the module's parameters this rule serves;
+    * :meth:`exact` (or :meth:`per_sample`, from which the default :meth:`exact` is made): the numerators
+      ``sum_k r(g_k)`` of one batch, through ``ctx.reduce``; :meth:`factors` / :meth:`sparse_rows`: the
+      per-sample gradient in factored / sparse form, for parameters shared by several layers;
+    * :meth:`local`: the Hebbian numerators of one call (where ``local_supported``);
+    * :meth:`accepts`: whether the rule can serve a call whose tensors keep their samples as observed
+      (otherwise the layer's parameters get the per-sample fallback);
+    * :meth:`unbatched` / :meth:`api_layout`: whether the layer takes its input as one unbatched sample,
+      or in which dim its API keeps the samples (consulted when observing the model's input);
+    * :meth:`check`: a worded error, before any forward pass, for a layer the exact rule cannot serve;
+    * ``inline_forward(layer, args, kwargs) -> (outputs, replay)`` (optional): the layer's forward during
+      the exact rule's recorded pass (an RNN's step replay), its ``replay`` kept on the call;
+    * ``own_layout``: the rule reads its layer's layout from the layer's API (``batch_first``), not from
+      the observed dims (MultiheadAttention, the RNNs).
+    """
 
     attrs: tuple[str, ...] = ("weight", "bias")
-    #: whether the rule can find each call's samples alone (False: it needs the whole model's per-sample rule)
+    #: whether the rule has a local (Hebbian) form (False: the wrapper's uncovered= policy applies)
     local_supported: bool = True
+    #: whether the layer's own API says where its samples are (batch_first), so calls are never broadcast
+    own_layout: bool = False
+    #: the layer's forward during the exact rule's recorded pass, or None (see the class docstring)
+    inline_forward: Callable | None = None
 
-    def reads(self, layer: Layer, x: torch.Tensor) -> int | None:
-        """The dim of ``x`` that holds samples when ``layer`` reads it as its input (None: one unbatched sample)."""
-        if layer.hint is not None and x.dim() > layer.hint + 1:
-            return layer.hint
-        return 0 if x.dim() > 0 else None
+    def unbatched(self, layer, x: torch.Tensor) -> bool:
+        """Whether ``layer`` takes ``x`` as one unbatched sample (a 1-D input of a Linear)."""
+        return x.dim() == 0
 
-    def feature_dims(self, layer: Layer, x: torch.Tensor) -> int:
+    def api_layout(self, layer, x: torch.Tensor):
+        """Where the layer's API keeps the samples of its input ``x``: ``"unbatched"``, a dim (rules with
+        ``own_layout``: an RNN's ``batch_first``), or None (the API does not say: observed)."""
+        return "unbatched" if self.unbatched(layer, x) else None
+
+    def feature_dims(self, layer, x: torch.Tensor) -> int:
         """How many trailing dims of ``layer``'s input ``x`` are features (the others hold samples, positions)."""
         return 1
 
-    def check(self, layer: Layer) -> None:
+    def accepts(self, layer, dims) -> bool:
+        """Whether the rule serves a call whose tensors keep their samples as ``dims`` (a ``CallDims``) say."""
+        return dims.known
+
+    def check(self, layer) -> None:
         """Raise a worded error, before any forward pass, if the exact rule cannot serve ``layer`` as it is."""
 
     def covers(self, module: nn.Module) -> list[str]:
         """The attribute names of the parameters of ``module`` this rule gives importance to."""
         return [a for a in self.attrs if isinstance(getattr(module, a, None), nn.Parameter)]
 
-    def exact(self, layer: Layer, calls: list[Call], ctx: Context, accs: dict[str, torch.Tensor]) -> None:
-        """Add ``sum_k |g_k|`` for each attribute in ``accs`` (fp32 tensors of the parameter's shape).
+    def exact(self, layer, calls: list[Call], ctx: Context, accs: dict[str, torch.Tensor]) -> None:
+        """Add ``sum_k r(g_k)`` (``ctx.reduce``: ``|g_k|`` for MAS) for each attribute in ``accs`` (tensors of
+        the parameter's shape, float32 or float64: compute in their dtype).
 
         The default materialises per-sample gradients (:meth:`per_sample`) in
         chunks of samples within ``ctx.budget``; rules with a fused form override it.
@@ -76,28 +107,29 @@ class Rule:
         for lo in range(0, ctx.n, step):
             grads = self.per_sample(layer, calls, ctx, list(accs), lo, min(ctx.n, lo + step))
             for attr, acc in accs.items():
-                acc.add_(grads[attr].abs().sum(0))
+                ctx.reduce.dense_(acc, grads[attr])
 
-    def per_sample(self, layer: Layer, calls: list[Call], ctx: Context, attrs: list[str], lo: int, hi: int
+    def per_sample(self, layer, calls: list[Call], ctx: Context, attrs: list[str], lo: int, hi: int
                    ) -> dict[str, torch.Tensor]:
-        """Per-sample gradients ``(hi - lo, *param.shape)`` of samples ``lo:hi``, summed over calls (fp32).
+        """Per-sample gradients ``(hi - lo, *param.shape)`` of samples ``lo:hi``, summed over calls (float32, or
+        float64 for a float64 parameter).
 
         The base default has none: :func:`register_rule` refuses a rule that defines neither this nor
         :meth:`exact`."""
         raise NotImplementedError(f"{type(self).__name__} has no per-sample form")
 
-    def factors(self, layer: Layer, calls: list[Call], ctx: Context, attr: str
+    def factors(self, layer, calls: list[Call], ctx: Context, attr: str
                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(a, b)`` with ``a`` (N, T, J), ``b`` (N, T, I) such that sample k's gradient is ``a_k^T b_k``, or None."""
         return None
 
-    def sparse_rows(self, layer: Layer, calls: list[Call], ctx: Context, attr: str
+    def sparse_rows(self, layer, calls: list[Call], ctx: Context, attr: str
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """``(samples, rows, values)``: each sample's gradient as a few rows of the parameter (an
         embedding's tokens), or None when the rule has no such form."""
         return None
 
-    def local(self, layer: Layer, call: Call, accs: dict[str, torch.Tensor]) -> None:
+    def local(self, layer, call: Call, accs: dict[str, torch.Tensor]) -> None:
         """Add the Hebbian numerators of one call for each attribute in ``accs``.
 
         Called only where ``local_supported``; :func:`register_rule` refuses a rule that claims it without
@@ -111,7 +143,6 @@ class Rule:
 
 
 _RULES: dict[type, Rule] = {}
-_BY_NAME: dict[str, Callable[[], tuple[type, Rule] | None]] = {}
 
 
 def register_rule(layer_type: type, rule: Rule) -> None:
@@ -137,48 +168,17 @@ def rule_for(module: nn.Module) -> Rule | None:
     return None
 
 
-def sample_dim(t: torch.Tensor, ctx: Context, feature_dims: int, layer: Layer) -> int | None:
-    """Which dim of ``layer``'s input ``t`` holds the batch's N samples (None: an unbatched sample).
-
-    ``feature_dims`` trailing dims are features. The layer's hint (dim 1
-    inside a ``batch_first=False`` transformer layer of torch), else the
-    model's layout (where its input keeps the samples, dim 1 for a (T, N, ...)
-    model), when its size is N; else dim 0 when its size is N, else the one
-    other leading dim of size N; an input with no dim besides its features is
-    one sample.
-    """
-    name, n = layer.name, ctx.n
-    lead = t.dim() - feature_dims
-    for hint in (layer.hint, ctx.layout):
-        if hint is not None and hint < lead and t.shape[hint] == n:
-            return hint
-    if lead <= 0:
-        if n != 1:
-            raise ValueError(f"MAS: layer {name!r} got an unbatched input of shape {tuple(t.shape)} "
-                             f"in a batch of {n} samples")
-        return None
-    if t.shape[0] == n:
-        return 0
-    if n == 1:
-        return None  # one sample without a batch dim: all of it is that sample
-    dims = [d for d in range(lead) if t.shape[d] == n]
-    if len(dims) != 1:
-        raise ValueError(
-            f"MAS: cannot tell which dim of layer {name!r}'s input {tuple(t.shape)} holds the {n} samples of "
-            "the batch (a per-sample rule needs them apart); keep the samples in one dim of the layer's input, "
-            "or use importance='global_batch'"
-        )
-    return dims[0]
+def work_dtype(*ts) -> torch.dtype:
+    """The dtype rules compute in: float64 for a float64 model, float32 otherwise."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in ts) else torch.float32
 
 
-def batched(t: torch.Tensor, n: int, feature_dims: int, dim: int | None) -> torch.Tensor:
-    """``t`` as (N, T, *features): sample dim ``dim`` first (None: one unbatched sample), the rest in T."""
-    feats = tuple(t.shape[t.dim() - feature_dims:])
-    if dim is None:
-        return t.reshape(1, -1, *feats)
-    if dim != 0:
-        t = t.movedim(dim, 0)
-    return t.reshape(n, -1, *feats)
+def abs_outer_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += |a|^T |b|`` (the local rule's rows): the fused op for float32 Omega, a GEMM in float64."""
+    if acc.dtype == torch.float32:
+        abs_outer_accumulate_(acc, a, b)
+    else:
+        acc.add_(a.to(acc.dtype).abs().T @ b.to(acc.dtype).abs())
 
 
 def cat_uses(ts: list[torch.Tensor]) -> torch.Tensor:

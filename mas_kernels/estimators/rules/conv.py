@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...ops import abs_bmm_accumulate_
-from .base import Rule
+from .base import Rule, work_dtype
 
 _CONV_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
 
@@ -59,8 +58,11 @@ def _batched(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
 class ConvRule(Rule):
     """``nn.Conv1d/2d/3d``: weight (O, C/groups, *kernel), bias (O)."""
 
-    def reads(self, layer, x):
-        return None if x.dim() == len(layer.module.kernel_size) + 1 else 0
+    def unbatched(self, layer, x):
+        return x.dim() == len(layer.module.kernel_size) + 1
+
+    def accepts(self, layer, dims):
+        return dims.known and dims.x in (0, None) and dims.out in (0, None)
 
     def feature_dims(self, layer, x):
         return x.dim() - 1
@@ -78,8 +80,9 @@ class ConvRule(Rule):
         if n != ctx.n:
             raise ValueError(f"MAS: layer {layer.name!r} got an input of shape {tuple(calls[0].x.shape)} in a "
                              f"batch of {ctx.n} samples; a convolution's samples must be its dim 0")
+        dt = next(iter(accs.values())).dtype
         if "bias" in accs:
-            accs["bias"].add_(delta.float().flatten(2).sum(2).abs().sum(0))
+            ctx.reduce.dense_(accs["bias"], delta.to(dt).flatten(2).sum(2))
         if "weight" not in accs:
             return
         w = module.weight
@@ -91,24 +94,25 @@ class ConvRule(Rule):
         step = self.chunk(module, half, 4 * positions * (ck * g + o) + (4 * w.numel() if g > 1 else 0))
         omega = accs["weight"].view(g, o // g, ck)
         for lo in range(0, n, step):
-            cols = patches(module, x[lo:lo + step].float())  # (n, L, C*K)
-            d = delta[lo:lo + step].float().flatten(2).transpose(1, 2)  # (n, L, O)
+            cols = patches(module, x[lo:lo + step].to(dt))  # (n, L, C*K)
+            d = delta[lo:lo + step].to(dt).flatten(2).transpose(1, 2)  # (n, L, O)
             if g == 1:
-                abs_bmm_accumulate_(omega[0], d, cols, memory_budget=half.budget)
+                ctx.reduce.bmm_(omega[0], d, cols, half.budget)
             else:
                 per = torch.einsum("nlgo,nlgc->ngoc", d.unflatten(2, (g, o // g)), cols.unflatten(2, (g, ck)))
-                omega.add_(per.abs_().sum(0))
+                ctx.reduce.dense_(omega, per)
 
     def per_sample(self, layer, calls, ctx, attrs, lo, hi):
         module = layer.module
         w = module.weight
         g, o = module.groups, w.shape[0]
-        out = {a: torch.zeros((hi - lo, *getattr(module, a).shape), device=w.device) for a in attrs}
+        dt = work_dtype(w)
+        out = {a: torch.zeros((hi - lo, *getattr(module, a).shape), device=w.device, dtype=dt) for a in attrs}
         for call in calls:
             if call.deltas[0] is None:
                 continue
-            x = _batched(module, call.x.detach())[lo:hi].float()
-            delta = _batched(module, call.delta)[lo:hi].float()
+            x = _batched(module, call.x.detach())[lo:hi].to(dt)
+            delta = _batched(module, call.delta)[lo:hi].to(dt)
             if "bias" in attrs:
                 out["bias"] += delta.flatten(2).sum(2)
             if "weight" in attrs:
@@ -122,8 +126,9 @@ class ConvRule(Rule):
         module = layer.module
         nd = len(module.kernel_size)
         x, y = _batched(module, call.x.detach()), _batched(module, call.outputs[0].detach())
-        xa = _padded(module, x.abs().float())
-        ya = y.abs().float()
+        dt = next(iter(accs.values())).dtype
+        xa = _padded(module, x.abs().to(dt))
+        ya = y.abs().to(dt)
         if "weight" in accs:
             accs["weight"].add_(_CONV_WEIGHT[nd](xa, module.weight.shape, ya, module.stride, 0, module.dilation,
                                                  module.groups))

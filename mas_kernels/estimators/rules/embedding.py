@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Rule, batched, sample_dim
+from ..layout import batched
+from .base import Rule, work_dtype
 
 
 def _keyed(layer, calls, ctx, lo: int = 0, hi: int | None = None):
@@ -25,10 +26,8 @@ def _keyed(layer, calls, ctx, lo: int = 0, hi: int | None = None):
     for call in calls:
         if call.deltas[0] is None:
             continue
-        ids = call.x
-        dim = sample_dim(ids, ctx, 0, layer)
-        ids = batched(ids, ctx.n, 0, dim)[lo:hi]  # (S, T)
-        delta = batched(call.delta, ctx.n, 1, dim)[lo:hi].float()  # (S, T, D)
+        ids = batched(call.x, ctx.n, 0, call.dims.x)[lo:hi]  # (S, T)
+        delta = batched(call.delta, ctx.n, 1, call.dims.out)[lo:hi].to(work_dtype(module.weight))  # (S, T, D)
         s = torch.arange(hi - lo, device=ids.device).unsqueeze(1).expand_as(ids)
         key = s * V + ids
         if module.scale_grad_by_freq:
@@ -63,9 +62,11 @@ class EmbeddingRule(Rule):
         if keyed is None:
             return
         keys, rows = keyed
+        acc = accs["weight"]
         uniq, inv = torch.unique(keys, return_inverse=True)
-        sums = torch.zeros(uniq.numel(), rows.shape[1], device=rows.device).index_add_(0, inv, rows)
-        accs["weight"].index_add_(0, uniq % layer.module.num_embeddings, sums.abs_())
+        sums = torch.zeros(uniq.numel(), rows.shape[1], device=rows.device, dtype=acc.dtype).index_add_(
+            0, inv, rows.to(acc.dtype))
+        acc.index_add_(0, uniq % layer.module.num_embeddings, ctx.reduce.apply(sums))
 
     def sparse_rows(self, layer, calls, ctx, attr):
         if attr != "weight":
@@ -74,13 +75,14 @@ class EmbeddingRule(Rule):
         V = layer.module.num_embeddings
         if keyed is None:
             empty = torch.zeros(0, dtype=torch.long, device=layer.module.weight.device)
-            return empty, empty, torch.zeros(0, layer.module.embedding_dim, device=layer.module.weight.device)
+            return empty, empty, torch.zeros(0, layer.module.embedding_dim, device=layer.module.weight.device,
+                                             dtype=work_dtype(layer.module.weight))
         keys, rows = keyed
         return keys // V, keys % V, rows
 
     def per_sample(self, layer, calls, ctx, attrs, lo, hi):
         V, D = layer.module.weight.shape
-        out = torch.zeros((hi - lo) * V, D, device=layer.module.weight.device)
+        out = torch.zeros((hi - lo) * V, D, device=layer.module.weight.device, dtype=work_dtype(layer.module.weight))
         keyed = _keyed(layer, calls, ctx, lo, hi)
         if keyed is not None:
             out.index_add_(0, keyed[0], keyed[1])
@@ -94,10 +96,10 @@ class EmbeddingRule(Rule):
         for call in calls:
             if call.deltas[0] is None:
                 continue
-            dim = sample_dim(call.x, ctx, 0, layer)
-            ids = batched(call.x, ctx.n, 0, dim)
-            delta = batched(call.delta, ctx.n, 1, dim).float()
-            onehot = torch.nn.functional.one_hot(ids, V).float()
+            dt = work_dtype(module.weight)
+            ids = batched(call.x, ctx.n, 0, call.dims.x)
+            delta = batched(call.delta, ctx.n, 1, call.dims.out).to(dt)
+            onehot = torch.nn.functional.one_hot(ids, V).to(dt)
             if module.scale_grad_by_freq:
                 counts = onehot.sum(1, keepdim=True)  # per sample: each id's count
                 onehot = onehot / counts.clamp_min(1)
@@ -114,7 +116,7 @@ class EmbeddingRule(Rule):
             return
         module = layer.module
         ids = call.x.reshape(-1)
-        y = call.outputs[0].detach().reshape(ids.numel(), -1).abs().float()
+        y = call.outputs[0].detach().reshape(ids.numel(), -1).abs().to(accs["weight"].dtype)
         if module.padding_idx is not None:
             keep = ids != module.padding_idx
             ids, y = ids[keep], y[keep]

@@ -19,8 +19,11 @@ from __future__ import annotations
 import abc
 
 import torch
+from torch import nn
 
-from .base import Rule, batched, sample_dim
+from ..layout import batched
+from .base import Rule, work_dtype
+from .generic import GenericRule
 
 
 class _Norm(Rule, abc.ABC):
@@ -31,8 +34,9 @@ class _Norm(Rule, abc.ABC):
         """The normalized input, fp32, shaped like x."""
 
     @abc.abstractmethod
-    def per_sample_sum(self, layer, ctx, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """``t`` (shaped like the input ``x``) summed over each sample's positions: (N, *param.shape)."""
+    def per_sample_sum(self, layer, ctx, x: torch.Tensor, t: torch.Tensor, d) -> torch.Tensor:
+        """``t`` (shaped like the input ``x``, which keeps its samples in ``d``) summed over each sample's
+        positions: (N, *param.shape)."""
 
     @abc.abstractmethod
     def total_sum(self, module, t: torch.Tensor) -> torch.Tensor:
@@ -41,23 +45,25 @@ class _Norm(Rule, abc.ABC):
     def _per_sample(self, layer, calls, ctx, attrs):
         """Per-sample gradients of every sample (they are small: parameter-sized vectors)."""
         module = layer.module
-        out = {a: torch.zeros((ctx.n, *getattr(module, a).shape), device=getattr(module, a).device)
+        dt = work_dtype(*(getattr(module, a) for a in attrs))
+        out = {a: torch.zeros((ctx.n, *getattr(module, a).shape), device=getattr(module, a).device, dtype=dt)
                for a in attrs}
         for call in calls:
             if call.deltas[0] is None:
                 continue
             x = call.x.detach()
-            d = call.delta.float()
+            d = call.delta.to(dt)
+            where = call.dims.x
             if "weight" in out:
-                out["weight"] += self.per_sample_sum(layer, ctx, x, d * self.x_hat(module, x.float()))
+                out["weight"] += self.per_sample_sum(layer, ctx, x, d * self.x_hat(module, x.to(dt)), where)
             if "bias" in out:
-                out["bias"] += self.per_sample_sum(layer, ctx, x, d)
+                out["bias"] += self.per_sample_sum(layer, ctx, x, d, where)
         return out
 
     def exact(self, layer, calls, ctx, accs):
         grads = self._per_sample(layer, calls, ctx, list(accs))
         for a, acc in accs.items():
-            acc.add_(grads[a].abs().sum(0))
+            ctx.reduce.dense_(acc, grads[a])
 
     def per_sample(self, layer, calls, ctx, attrs, lo, hi):
         return {a: g[lo:hi] for a, g in self._per_sample(layer, calls, ctx, attrs).items()}
@@ -65,9 +71,10 @@ class _Norm(Rule, abc.ABC):
     def local(self, layer, call, accs):
         module = layer.module
         x = call.x.detach()
-        y = call.outputs[0].detach().float().abs()
+        dt = next(iter(accs.values())).dtype
+        y = call.outputs[0].detach().to(dt).abs()
         if "weight" in accs:
-            accs["weight"].add_(self.total_sum(module, y * self.x_hat(module, x.float()).abs()))
+            accs["weight"].add_(self.total_sum(module, y * self.x_hat(module, x.to(dt)).abs()))
         if "bias" in accs:
             accs["bias"].add_(self.total_sum(module, y))
 
@@ -75,8 +82,8 @@ class _Norm(Rule, abc.ABC):
 class LayerNormRule(_Norm):
     """``nn.LayerNorm``: weight and bias of ``normalized_shape``."""
 
-    def reads(self, layer, x):
-        return None if x.dim() == len(layer.module.normalized_shape) else super().reads(layer, x)
+    def unbatched(self, layer, x):
+        return x.dim() == len(layer.module.normalized_shape)
 
     def feature_dims(self, layer, x):
         return len(layer.module.normalized_shape)
@@ -86,9 +93,9 @@ class LayerNormRule(_Norm):
         var, mean = torch.var_mean(x, dim=dims, unbiased=False, keepdim=True)
         return (x - mean) * torch.rsqrt(var + module.eps)
 
-    def per_sample_sum(self, layer, ctx, x, t):
+    def per_sample_sum(self, layer, ctx, x, t, d):
         k = len(layer.module.normalized_shape)
-        return batched(t, ctx.n, k, sample_dim(x, ctx, k, layer)).sum(1)
+        return batched(t, ctx.n, k, d).sum(1)
 
     def total_sum(self, module, t):
         return t.reshape(-1, *module.normalized_shape).sum(0)
@@ -111,10 +118,11 @@ class _ChannelNorm(_Norm):
     def feature_dims(self, layer, x):
         return x.dim() - 1
 
-    def per_sample_sum(self, layer, ctx, x, t):
-        if x.shape[0] != ctx.n:
-            raise ValueError(f"MAS: layer {layer.name!r} got an input of shape {tuple(x.shape)} in a batch of "
-                             f"{ctx.n} samples; its samples must be dim 0")
+    def accepts(self, layer, dims):
+        return dims.known and dims.x in (0, None)
+
+    def per_sample_sum(self, layer, ctx, x, t, d):
+        # (N, C, *) always (these layers take no unbatched input): a batch of one is dim 0 of size 1 too.
         return t.sum(list(range(2, t.dim()))) if t.dim() > 2 else t
 
     def total_sum(self, module, t):
@@ -154,6 +162,73 @@ class BatchNormRule(_ChannelNorm):
             dims = [d for d in range(x.dim()) if d != 1]
             var, mean = torch.var_mean(x, dim=dims, unbiased=False, keepdim=True)
         else:
-            mean = module.running_mean.float().view(shape)
-            var = module.running_var.float().view(shape)
+            mean = module.running_mean.to(x.dtype).view(shape)
+            var = module.running_var.to(x.dtype).view(shape)
         return (x - mean) * torch.rsqrt(var + module.eps)
+
+
+class AffineNormRule(GenericRule):
+    """A norm of another library (transformers' ``LlamaRMSNorm``, ``T5LayerNorm``, ``Qwen2RMSNorm``...): a
+    module named ``*Norm*`` with a 1-D ``weight`` (and ``bias``) and no submodules.
+
+    Exact: the module-local per-sample vjp (its forward, whatever it is). Local: the norms' convention
+    ``|y * x_hat|`` (weight) and ``|y|`` (bias), with ``x_hat`` the normalized input. Which normalization
+    the module computes is observed, not assumed: on each call, ``x_hat`` from the RMS norm and from the
+    layer norm of the input (over the weight's dim, with the module's ``eps``/``variance_epsilon``) is
+    tried against the module's output, scaled by ``w`` or ``1 + w`` (Gemma) plus the bias; one that
+    reproduces the output is used, and when none does the error names the layer.
+    """
+
+    local_supported = True
+
+    def __init__(self):
+        super().__init__(("weight", "bias"))
+
+    def local(self, layer, call, accs):
+        module = layer.module
+        dt = next(iter(accs.values())).dtype
+        x = call.x.detach().to(dt)
+        y = call.outputs[0].detach().to(dt)
+        w = module.weight.detach().to(dt)
+        b = module.bias.detach().to(dt) if isinstance(getattr(module, "bias", None), torch.Tensor) else None
+        x_hat = _observed_x_hat(module, x, y, w, b)
+        if x_hat is None:
+            raise ValueError(
+                f"MAS(importance='local'): layer {layer.name!r} ({type(module).__name__}) is named like a norm but "
+                "its output is neither an RMS norm nor a layer norm of its input scaled by its weight; register a "
+                "rule for it (mas_kernels.register_rule), or pass uncovered='global'"
+            )
+        ya = y.abs()
+        if "weight" in accs:
+            accs["weight"].add_((ya * x_hat.abs()).reshape(-1, *w.shape).sum(0))
+        if "bias" in accs and b is not None:
+            accs["bias"].add_(ya.reshape(-1, *w.shape).sum(0))
+
+
+def looks_like_norm(module: nn.Module) -> bool:
+    """A module :class:`AffineNormRule` may serve (see there)."""
+    if "Norm" not in type(module).__name__ or next(module.children(), None) is not None:
+        return False
+    params = dict(module.named_parameters(recurse=False))
+    w = params.get("weight")
+    return (w is not None and w.dim() == 1 and set(params) <= {"weight", "bias"}
+            and all(p.shape == w.shape for p in params.values()))
+
+
+def _observed_x_hat(module, x, y, w, b):
+    """The normalized input whose affine map by ``w`` (or ``1 + w``) and ``b`` reproduces ``y``, or None."""
+    eps = next((float(getattr(module, a)) for a in ("variance_epsilon", "eps", "epsilon")
+                if isinstance(getattr(module, a, None), (int, float))), 1e-6)
+    n = w.shape[0]
+    if x.shape[-1] != n or y.shape != x.shape:
+        return None
+    var, mean = torch.var_mean(x, dim=-1, keepdim=True, unbiased=False)
+    candidates = [x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps), (x - mean) * torch.rsqrt(var + eps)]
+    tol = 2e-2 if y.dtype != torch.float64 else 1e-6
+    scale = y.abs().max().item() if y.numel() else 0.0
+    for x_hat in candidates:
+        for s in (w, 1 + w):
+            got = x_hat * s + (b if b is not None else 0)
+            if (got - y).abs().max().item() <= tol * max(scale, 1e-12):
+                return x_hat
+    return None

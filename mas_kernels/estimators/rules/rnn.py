@@ -23,9 +23,8 @@ from __future__ import annotations
 import torch
 from torch import _VF
 
-from ...ops import abs_bmm_accumulate_, abs_outer_accumulate_
 from ..capture import Call
-from .base import Rule, cat_uses
+from .base import Rule, abs_outer_, cat_uses, work_dtype
 
 _GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "LSTM": 4, "GRU": 3}
 
@@ -52,10 +51,11 @@ class Replay:
         self.dzi: dict = {}
         x, hx, self.unbatched = _batched(module, call)
         self.dtype = x.dtype
+        self.dt = dt = _wdt(module)
         if inline:
-            x = x.float()
+            x = x.to(dt)
         else:
-            x = x.detach().float().requires_grad_()
+            x = x.detach().to(dt).requires_grad_()
         steps = x.shape[1]
         dirs = 2 if module.bidirectional else 1
         h0, c0 = _initial_state(module, x, hx)
@@ -67,15 +67,15 @@ class Replay:
             seqs = []
             for d in range(dirs):
                 w_ih, w_hh, b_ih, b_hh = (getattr(module, nm, None) for nm in _names(layer, d == 1))
-                w_hh = w_hh.detach().float()
-                b_hh = b_hh.detach().float() if b_hh is not None else None
-                b_in = None if b_ih is None else b_ih.detach().float()
+                w_hh = w_hh.detach().to(self.dt)
+                b_hh = b_hh.detach().to(self.dt) if b_hh is not None else None
+                b_in = None if b_ih is None else b_ih.detach().to(self.dt)
                 # The recurrent product is never needed alone (dzh = dzi, the gates add zi + zh): b_hh
                 # goes into zi and each step is one addmm. GRU's n gate multiplies zh by r: GRU keeps zh apart.
                 fused = module.mode != "GRU"
                 if fused and b_hh is not None:
                     b_in, b_hh = (b_hh if b_in is None else b_in + b_hh), None
-                zi = torch.nn.functional.linear(inp, w_ih.detach().float(), b_in)
+                zi = torch.nn.functional.linear(inp, w_ih.detach().to(self.dt), b_in)
                 if inline and not zi.requires_grad:  # inputs that need no gradient: the graph starts here
                     zi.requires_grad_()
                 idx = layer * dirs + d
@@ -129,7 +129,7 @@ class Replay:
         out = {}
         for key, (_, _, zi, _, r) in self.inputs.items():
             dzi = self.dzi.get(key)
-            dzi = torch.zeros_like(zi) if dzi is None else dzi.float()
+            dzi = torch.zeros_like(zi) if dzi is None else dzi.to(self.dt)
             out[key] = (dzi, _dzh(dzi, r))
         return out
 
@@ -168,7 +168,7 @@ class Replay:
         outs, grads = [], []
         deltas = call.deltas
         if deltas[0] is not None:
-            d = deltas[0].float()
+            d = deltas[0].to(self.dt)
             if self.unbatched:
                 d = d.unsqueeze(0 if module.batch_first else 1)
             outs.append(self.output)
@@ -178,7 +178,7 @@ class Replay:
             d = deltas[1 + i] if len(deltas) > 1 + i else None
             if d is not None:
                 outs.append(st)
-                grads.append(d.float().unsqueeze(1) if self.unbatched else d.float())
+                grads.append(d.to(self.dt).unsqueeze(1) if self.unbatched else d.to(self.dt))
         if not outs:
             return {}
         keys = list(self.inputs)
@@ -209,11 +209,11 @@ def _initial_state(module, x, hx):
     """``(h0, c0)`` in fp32, ``(layers * dirs, N, H)`` (zeros where the call gave none; ``c0`` None but for LSTM)."""
     dirs = 2 if module.bidirectional else 1
     if hx is None:
-        h0 = x.new_zeros(module.num_layers * dirs, x.shape[0], module.hidden_size, dtype=torch.float32)
+        h0 = x.new_zeros(module.num_layers * dirs, x.shape[0], module.hidden_size, dtype=x.dtype)
         return h0, (h0 if module.mode == "LSTM" else None)
     if module.mode == "LSTM":
-        return tuple(t.detach().float() for t in hx)
-    return hx.detach().float(), None
+        return tuple(t.detach().to(x.dtype) for t in hx)
+    return hx.detach().to(x.dtype), None
 
 
 # The fused forward of one mode (what nn.RNNBase.forward calls): (input, hx, weights, has_biases, num_layers,
@@ -230,11 +230,12 @@ def fused_pre_activations(module, call) -> dict:
     is the call's recorded output; each layer below it runs alone through the fused kernel (fp32, the
     layer's own weights) to give the next layer its input."""
     x, hx, unbatched = _batched(module, call)
+    dt = _wdt(module)
     last = call.outputs[0].detach()
     if unbatched:
         last = last.unsqueeze(0 if module.batch_first else 1)
-    last = (last if module.batch_first else last.transpose(0, 1)).float()
-    inp = x.detach().float().contiguous()
+    last = (last if module.batch_first else last.transpose(0, 1)).to(dt)
+    inp = x.detach().to(dt).contiguous()
     h0, c0 = _initial_state(module, inp, hx)
     dirs, H = (2 if module.bidirectional else 1), module.hidden_size
     out = {}
@@ -243,7 +244,7 @@ def fused_pre_activations(module, call) -> dict:
         if layer == module.num_layers - 1:
             seq = last
         else:
-            flat = [p.detach().float() for ps in params for p in ps if p is not None]
+            flat = [p.detach().to(dt) for ps in params for p in ps if p is not None]
             rows = slice(layer * dirs, (layer + 1) * dirs)
             state = (h0[rows].contiguous(), c0[rows].contiguous()) if c0 is not None else h0[rows].contiguous()
             seq = _FUSED[module.mode](inp, state, flat, module.bias, 1, 0.0, False, dirs == 2, True)[0]
@@ -251,11 +252,16 @@ def fused_pre_activations(module, call) -> dict:
             h, first = seq[..., d * H:(d + 1) * H], h0[layer * dirs + d].unsqueeze(1)
             prev = torch.cat([first, h[:, :-1]], 1) if d == 0 else torch.cat([h[:, 1:], first], 1)
             f = torch.nn.functional.linear
-            zi = f(inp, w_ih.detach().float(), None if b_ih is None else b_ih.detach().float())
-            zh = f(prev, w_hh.detach().float(), None if b_hh is None else b_hh.detach().float())
+            zi = f(inp, w_ih.detach().to(dt), None if b_ih is None else b_ih.detach().to(dt))
+            zh = f(prev, w_hh.detach().to(dt), None if b_hh is None else b_hh.detach().to(dt))
             out[(layer, d == 1)] = (inp, prev, zi, zh)
         inp = seq
     return out
+
+
+def _wdt(module) -> torch.dtype:
+    """The dtype the replay computes in: float64 for a float64 layer, float32 otherwise."""
+    return work_dtype(*module.parameters())
 
 
 def _dzh(dzi: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
@@ -278,8 +284,13 @@ class RNNRule(Rule):
     def covers(self, module):
         return [n for n, _ in module.named_parameters(recurse=False)]
 
-    def reads(self, layer, x):
-        return None if x.dim() == 2 else (0 if layer.module.batch_first else 1)
+    own_layout = True
+
+    def unbatched(self, layer, x):
+        return x.dim() == 2
+
+    def api_layout(self, layer, x):
+        return "unbatched" if x.dim() == 2 else (0 if layer.module.batch_first else 1)
 
     def inline_forward(self, layer, args: tuple, kwargs: dict):
         """The layer's forward for the exact rule's recorded pass: the step-by-step replay itself, on the
@@ -335,12 +346,12 @@ class RNNRule(Rule):
         for attr, pairs in self._factors(layer, calls, ctx).items():
             if attr not in accs:
                 continue
-            if pairs[0][1] is None:  # a bias: sum over steps (and calls) per sample, then |.|
-                accs[attr].add_(sum(a.sum(1) for a, _ in pairs).abs().sum(0))
+            if pairs[0][1] is None:  # a bias: sum over steps (and calls) per sample, then r(.)
+                ctx.reduce.dense_(accs[attr], sum(a.sum(1) for a, _ in pairs))
             else:
                 a = cat_uses([p[0] for p in pairs])
                 b = cat_uses([p[1] for p in pairs])
-                abs_bmm_accumulate_(accs[attr], a, b, memory_budget=ctx.budget)
+                ctx.reduce.bmm_(accs[attr], a, b, ctx.budget)
 
     def factors(self, layer, calls, ctx, attr):
         pairs = self._factors(layer, calls, ctx).get(attr)
@@ -354,7 +365,8 @@ class RNNRule(Rule):
         for attr in attrs:
             pairs = got.get(attr, [])
             shape = getattr(layer.module, attr).shape
-            total = torch.zeros((hi - lo, *shape), device=getattr(layer.module, attr).device)
+            total = torch.zeros((hi - lo, *shape), device=getattr(layer.module, attr).device,
+                                dtype=_wdt(layer.module))
             for a, b in pairs:
                 a = a[lo:hi]
                 total += a.sum(1) if b is None else a.transpose(1, 2) @ b[lo:hi]
@@ -371,9 +383,9 @@ class RNNRule(Rule):
             zi = zi.reshape(-1, zi.shape[-1])
             zh = zh.reshape(-1, zh.shape[-1])
             if w_ih in accs:
-                abs_outer_accumulate_(accs[w_ih], zi, x.reshape(-1, x.shape[-1]))
+                abs_outer_(accs[w_ih], zi, x.reshape(-1, x.shape[-1]))
             if w_hh in accs:
-                abs_outer_accumulate_(accs[w_hh], zh, h_prev.reshape(-1, h_prev.shape[-1]))
+                abs_outer_(accs[w_hh], zh, h_prev.reshape(-1, h_prev.shape[-1]))
             if b_ih in accs:
                 accs[b_ih].add_(zi.abs().sum(0))
             if b_hh in accs:

@@ -1,0 +1,664 @@
+r"""Where every tensor keeps its samples: observed by running the model, never guessed from sizes.
+
+A per-sample rule needs, for each tensor it reads, the dim that holds the
+batch's samples. Sizes alone cannot say it: a ``(T, N)`` input of a
+sequence-first model, a ``(T, T)`` mask or relative-position ids with
+``T == N``, an expert capacity equal to N all have a dim of size N that holds
+no samples. So the layout of a call of the model is *observed*, once per call
+signature (:func:`signature`), by :func:`probe`:
+
+1. **Where the input keeps its samples.** The model runs on a sub-batch ``S``
+   of 1-3 samples taken along a candidate dim of its input (dim 0 first, then
+   the others; ``sample_dim=`` says it outright). A dim is the sample dim when
+   the model's output on the sub-batch equals the rows ``S`` of its output on
+   the whole batch (``F(x_S) == F(x)_S``): samples along that dim are
+   independent, and the output dim that followed the sub-batch's size is the
+   output's sample dim. ``S`` never starts at 0, so a causal model sliced along
+   time (whose first positions do not depend on the rest) is caught. Other
+   input tensors are sliced along a dim of the same size, or kept whole when
+   only that makes the outputs agree (a ``(T, T)`` mask with ``T == N``).
+   When no dim makes them agree although the model runs, the samples are
+   *coupled* (expert-choice routing, batch-level pooling): per-sample
+   importance is not defined and the exact rule refuses by name.
+2. **Where every layer's tensors keep them.** Each recorded layer call's
+   arguments and outputs are compared between the whole batch (N samples) and
+   the sub-batch (s samples): the one dim whose size went from N to s holds
+   the samples; a dim that went from ``N*p`` to ``s*p`` holds ``p`` rows per
+   sample (a flattened ``(N*T, D)``); a tensor with no such dim is shared by
+   the batch (position ids ``(1, T)``, T5's relative-position buckets); any
+   other change (two dims, an unrelated size) is :data:`UNKNOWN`, and that
+   layer's parameters get the per-sample fallback.
+
+A rule that is wrong for a model anyway cannot stay silent: the self-check
+(``verify.py``) compares the fast path on the sub-batch with the per-sample
+definition on the first batch of each signature.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+
+@dataclasses.dataclass(frozen=True)
+class Flat:
+    """A dim that holds ``per`` consecutive rows per sample (a flattened ``(N*T, ...)``: sample-major)."""
+
+    dim: int
+    per: int
+
+
+class _Unknown:
+    """A tensor whose samples could not be located (more than one dim followed the batch size, or a size
+    unrelated to it): its layer's parameters get the per-sample fallback."""
+
+    def __repr__(self) -> str:
+        return "UNKNOWN"
+
+
+UNKNOWN = _Unknown()
+SampleDim = Any  # int | Flat | None (shared by the batch) | UNKNOWN
+
+
+def rows(d, idx: torch.Tensor) -> torch.Tensor:
+    """The indices along ``d`` of the samples ``idx``."""
+    if isinstance(d, Flat):
+        return (idx.unsqueeze(1) * d.per + torch.arange(d.per, device=idx.device)).reshape(-1)
+    return idx
+
+
+def take(t, d, idx: torch.Tensor):
+    """The samples ``idx`` of ``t`` (which keeps them in ``d``); ``t`` itself when it is shared (``d`` None)."""
+    if d is None or not isinstance(t, torch.Tensor):
+        return t
+    dim = d.dim if isinstance(d, Flat) else d
+    return t.index_select(dim, rows(d, idx.to(t.device)))
+
+
+def batched(t: torch.Tensor, n: int, feature_dims: int, d) -> torch.Tensor:
+    """``t`` as ``(N, T, *features)`` with samples first: ``feature_dims`` trailing dims are features, every
+    other dim a position within the sample. ``d`` None: the tensor is the batch's one sample (N == 1), or
+    shared by every sample (broadcast, a view: no copy)."""
+    feats = tuple(t.shape[t.dim() - feature_dims:]) if feature_dims else ()
+    if d is None:
+        one = t.reshape(1, -1, *feats)
+        return one if n == 1 else one.expand(n, *one.shape[1:])
+    if d is UNKNOWN:
+        raise ValueError("MAS: internal: a per-sample rule was given a tensor whose samples are unknown")
+    if isinstance(d, Flat):
+        t = t.unflatten(d.dim, (n, d.per))
+        d = d.dim
+    if d != 0:
+        t = t.movedim(d, 0)
+    return t.reshape(n, -1, *feats)
+
+
+@dataclasses.dataclass
+class CallDims:
+    """Where one call of a layer keeps its samples: per tensor leaf of ``(args, kwargs)`` (tree_flatten
+    order; non-tensors None) and per tensor output; ``expand``: the output dim to broadcast to the batch in
+    the recorded pass (a shared call whose output every sample uses)."""
+
+    ins: tuple
+    outs: tuple
+    expand: int | None = None
+    rows: bool = False  # a call on a subset of the samples: its rows along dim 0 are samples of their own
+
+    @property
+    def x(self):
+        """The sample dim of the first argument."""
+        return self.ins[0] if self.ins else None
+
+    @property
+    def out(self):
+        return self.outs[0] if self.outs else None
+
+    @property
+    def shared(self) -> bool:
+        """No argument and no output holds samples: the call serves the whole batch at once."""
+        return all(d is None for d in self.ins) and all(d is None for d in self.outs)
+
+    @property
+    def known(self) -> bool:
+        return not any(d is UNKNOWN for d in self.ins + self.outs)
+
+
+@dataclasses.dataclass
+class Layout:
+    """What :func:`probe` observed about one call signature of the model.
+
+    ``inputs``: the sample dim of each leaf of the model call's ``(args, kwargs)`` (None: shared or not a
+    tensor); ``output``: that of the output tensor (None: it has none, UNKNOWN: not observed);
+    ``calls``: per recorded module, the :class:`CallDims` of each of its calls in order; ``coupled``: why
+    the samples are not independent (None when they are); ``stray``: parameter name -> the ops that use it
+    outside the layers whose rules cover it (from ``uses.py``); ``check``: the sub-batch's sample indices.
+    """
+
+    inputs: list
+    output: SampleDim
+    calls: dict = dataclasses.field(default_factory=dict)
+    coupled: str | None = None
+    stray: dict = dataclasses.field(default_factory=dict)
+    check: list = dataclasses.field(default_factory=list)
+    single: bool = False  # observed on one sample: it serves batches of one only
+    notes: dict = dataclasses.field(default_factory=dict)  # what the estimators derived from it (cached)
+
+    def n(self, args: tuple, kwargs: dict) -> int:
+        """N of a call with this layout: the size of the first batched input's sample dim (1: unbatched)."""
+        leaves = tree_flatten((args, kwargs))[0]
+        for t, d in zip(leaves, self.inputs):
+            if isinstance(t, torch.Tensor) and d is not None:
+                size = t.shape[d.dim if isinstance(d, Flat) else d]
+                return size // d.per if isinstance(d, Flat) else int(size)
+        return 1
+
+    def subset(self, args: tuple, kwargs: dict, idx) -> tuple[tuple, dict]:
+        """The call's arguments restricted to the samples ``idx``."""
+        leaves, spec = tree_flatten((args, kwargs))
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return tree_unflatten([take(t, d, idx) for t, d in zip(leaves, self.inputs)], spec)
+
+    def dims_of(self, module: nn.Module, i: int) -> CallDims | None:
+        got = self.calls.get(id(module))
+        return got[i] if got is not None and i < len(got) else None
+
+
+def signature(args: tuple, kwargs: dict) -> tuple:
+    """What makes two calls of the model share a layout: the argument structure, each tensor's rank, dtype
+    and device type, and the plain values of non-tensor arguments (``use_cache=False``...)."""
+    leaves, spec = tree_flatten((args, kwargs))
+    key = []
+    for v in leaves:
+        if isinstance(v, torch.Tensor):
+            key.append(("T", v.dim(), v.dtype, v.device.type))
+        elif v is None or isinstance(v, (bool, int, float, str)):
+            key.append(v)
+        else:
+            key.append(type(v).__name__)
+    return (str(spec), tuple(key))
+
+
+def check_indices(m: int) -> list[int]:
+    """1-3 sample indices of a dim of size ``m``, never starting at 0 (a causal model's first positions
+    depend on nothing before them) and never the whole dim."""
+    return sorted({1, m // 2, m - 1} - {0}) if m > 1 else []
+
+
+def _tol(dtype: torch.dtype) -> float:
+    if dtype == torch.float64:
+        return 1e-9
+    if dtype in (torch.float16, torch.bfloat16):
+        return 3e-2
+    return 2e-4
+
+
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a`` equals ``b`` up to the round-off of computing it on another batch size (relative to ``b``'s
+    largest magnitude; integer tensors exactly)."""
+    if a.shape != b.shape:
+        return False
+    if not (a.dtype.is_floating_point or a.dtype.is_complex):
+        return bool(torch.equal(a, b))
+    if a.numel() == 0:
+        return True
+    tol = _tol(a.dtype)
+    a, b = a.detach().double(), b.detach().double()
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return bool(torch.equal(a.nan_to_num(), b.nan_to_num()))
+    scale = max(b.abs().max().item(), 1e-30)
+    return bool((a - b).abs().max().item() <= tol * scale)
+
+
+def dim_between(full: tuple, sub: tuple, n: int, s: int):
+    """The sample dim of one tensor from its shapes on N samples (``full``) and on s samples (``sub``)."""
+    if tuple(full) == tuple(sub):
+        return None
+    if len(full) != len(sub):
+        return UNKNOWN
+    changed = [d for d in range(len(full)) if full[d] != sub[d]]
+    if len(changed) != 1:
+        return UNKNOWN
+    d = changed[0]
+    f, g = full[d], sub[d]
+    if f == n and g == s:
+        return d
+    if f % n == 0 and f > n and g == s * (f // n):
+        return Flat(d, f // n)
+    return UNKNOWN
+
+
+class _Record:
+    """Forward hooks on ``modules`` that keep each call's tensor shapes (nothing else) during one run, and
+    which module first read the model's input."""
+
+    def __init__(self, modules: list[nn.Module], expand: dict | None = None, n: int = 1):
+        self.modules = modules
+        self.calls: dict[int, list] = {id(m): [] for m in modules}
+        self.first: list = []  # (module, first argument) of the first calls, to find the input's reader
+        self.expand = expand or {}  # (module id, call index) -> dim: the output broadcast to n samples
+        self.n = n
+
+    def hook(self, module, args, kwargs, output):
+        calls = self.calls[id(module)]
+        d = self.expand.get((id(module), len(calls)))
+        new = None
+        if d is not None:
+            args, output = expand_call(args, output, d, self.n)
+            new = output
+        ins = tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else None
+                    for t in tree_flatten((args, kwargs))[0])
+        outs = tuple(tuple(t.shape) for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor))
+        calls.append((ins, outs))
+        return new
+
+    def pre(self, module, args):
+        if len(self.first) < 64:
+            self.first.append((module, args[0] if args else None))
+
+    def __enter__(self):
+        self.handles = []
+        for m in self.modules:
+            self.handles.append(m.register_forward_pre_hook(self.pre))
+            self.handles.append(m.register_forward_hook(self.hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+def expand_call(args: tuple, output, d: int, n: int):
+    """A shared call's output (and first argument, where it has size 1 in ``d``) broadcast to ``n`` samples
+    along ``d``, so that every sample's share of the output gradient is kept apart (a position embedding's
+    ``(1, T)`` ids: each sample's rows of the gradient, not their sum)."""
+    def grow(t):
+        return t.expand(*t.shape[:d], n, *t.shape[d + 1:])
+
+    if isinstance(output, torch.Tensor) and output.dim() > d and output.shape[d] == 1:
+        output = grow(output)
+    if args and isinstance(args[0], torch.Tensor) and args[0].dim() > d and args[0].shape[d] == 1:
+        args = (grow(args[0]),) + tuple(args[1:])
+    return args, output
+
+
+class ProbeFailed(Exception):
+    """The model could not run on a sub-batch taken this way."""
+
+
+def _substitute(module: nn.Module, args: tuple, kwargs: dict):
+    """A forward pre-hook that hands the model's first (outermost) call ``(args, kwargs)`` instead of its own."""
+    done = []
+
+    def pre(m, a, kw):
+        if done:
+            return None
+        done.append(True)
+        return args, kwargs
+
+    return module.register_forward_pre_hook(pre, with_kwargs=True, prepend=True)
+
+
+class Prober:
+    """Runs the observations of one call signature (see the module docstring).
+
+    Args:
+        module: the model.
+        run: ``run()`` runs the batch as the user's ``forward=`` does; the model's outermost call inside
+            it is the one observed (its arguments are replaced by a sub-batch's).
+        pick: ``pick(result)``: the output tensors of a run (the first is the one ``output_fn`` picks).
+        modules: the layers whose calls the rules read.
+        sample_dim: the user's statement of where the input keeps its samples (``MAS(sample_dim=)``): an
+            int for the first tensor argument, or a dict from keyword name / positional index to a dim
+            (None: shared by the batch); None: observe.
+        api: ``api(module, x)``: where the layer ``module`` keeps the samples of its input ``x`` by its
+            API: ``"unbatched"`` (a 1-D input of a Linear, a (C, H, W) input of a Conv2d), a dim (an RNN's
+            ``batch_first``), or None (no say). Asked of the first layer that reads the model's input.
+        tracker: ``tracker(inputs)``: a :class:`~.uses.UseTracker` for a run on ``inputs``, or None.
+        expandable: ``expandable(module)``: whether a shared call of ``module`` should be tried broadcast
+            to the batch (its layer has a per-sample rule), or None.
+    """
+
+    def __init__(self, module: nn.Module, run: Callable[[], Any], pick: Callable, modules: list[nn.Module],
+                 sample_dim=None, api: Callable | None = None, tracker: Callable | None = None,
+                 expandable: Callable | None = None):
+        self.module = module
+        self.run = run
+        self.pick = pick
+        self.modules = modules
+        self.sample_dim = sample_dim
+        self.api = api
+        self.tracker = tracker
+        self.expandable = expandable
+
+    # ----------------------------------------------------------------- runs
+    def _run(self, args, kwargs, expand=None, n=1, tracker=None):
+        rec = _Record(self.modules, expand, n)
+        handle = _substitute(self.module, args, kwargs)
+        try:
+            with rec, torch.no_grad(), (tracker if tracker is not None else contextlib.nullcontext()):
+                out = self.pick(self.run())
+        finally:
+            handle.remove()
+        return out, rec
+
+    def _sub(self, args, kwargs, dims: list, idx: list[int], expand=None, track=False):
+        leaves, spec = tree_flatten((args, kwargs))
+        t = torch.as_tensor(idx, dtype=torch.long)
+        sliced = [take(v, d, t) for v, d in zip(leaves, dims)]
+        sub_args, sub_kwargs = tree_unflatten(sliced, spec)
+        tracker = None
+        if track and self.tracker is not None:
+            tracker = self.tracker([v for v, d in zip(sliced, dims) if isinstance(v, torch.Tensor)])
+        try:
+            out, rec = self._run(sub_args, sub_kwargs, expand, len(idx), tracker)
+        except Exception as exc:  # noqa: BLE001 - any failure means: not a way to take a sub-batch
+            raise ProbeFailed(f"{type(exc).__name__}: {exc}") from exc
+        return out, rec, tracker
+
+    # --------------------------------------------------------------- inputs
+    def _user_dims(self, args, kwargs, leaves) -> dict[int, Any]:
+        """Leaf index -> dim, from ``sample_dim=``."""
+        sd = self.sample_dim
+        if sd is None:
+            return {}
+        tensors = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
+        if isinstance(sd, int):
+            return {tensors[0]: sd} if tensors else {}
+        spans, pos = {}, 0
+        for k, a in enumerate(args):
+            m = len(tree_flatten(a)[0])
+            spans[k] = range(pos, pos + m)
+            pos += m
+        for name, v in kwargs.items():
+            m = len(tree_flatten(v)[0])
+            spans[name] = range(pos, pos + m)
+            pos += m
+        out = {}
+        for key, d in sd.items():
+            if key not in spans:
+                raise ValueError(f"MAS: sample_dim names {key!r}, which is not an argument of the model's call "
+                                 f"(positional 0..{len(args) - 1}, keywords {sorted(kwargs)})")
+            for i in spans[key]:
+                if isinstance(leaves[i], torch.Tensor):
+                    if d is not None and not 0 <= d < leaves[i].dim():
+                        raise ValueError(f"MAS: sample_dim={{{key!r}: {d}}} is not a dim of that argument of "
+                                         f"shape {tuple(leaves[i].shape)}")
+                    out[i] = d
+        return out
+
+    @staticmethod
+    def _natural(leaves, first: int, d0: int, n: int, fixed: dict) -> list:
+        """Sample dims for every leaf: the first tensor's ``d0``; another tensor the same dim when its size
+        is N there, else its first dim of size N, else shared (``fixed``: the user's)."""
+        dims = [None] * len(leaves)
+        for i, v in enumerate(leaves):
+            if not isinstance(v, torch.Tensor) or v.dim() == 0:
+                continue
+            if i in fixed:
+                dims[i] = fixed[i]
+            elif i == first:
+                dims[i] = d0
+            elif v.dim() > d0 and v.shape[d0] == n:
+                dims[i] = d0
+            else:
+                dims[i] = next((d for d in range(v.dim()) if v.shape[d] == n), None)
+        return dims
+
+    def observe(self, args: tuple, kwargs: dict) -> Layout:
+        """The layout of the call ``model(*args, **kwargs)`` (the batch ``run`` runs)."""
+        self._tracked = None  # (input dims, UseTracker) of the sub-run that tracked parameter uses
+        leaves, _ = tree_flatten((args, kwargs))
+        tensors = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
+        if not tensors:
+            raise TypeError("MAS: the model was called without a tensor argument, so its samples cannot be "
+                            "counted; pass the input as a tensor (positional or keyword)")
+        full, rec_full = self._run(args, kwargs)
+        fixed = self._user_dims(args, kwargs, leaves)
+        first = tensors[0]
+        x = leaves[first]
+        said = self._first_reader(rec_full, x)
+        if first in fixed:
+            if fixed[first] is None:
+                raise ValueError("MAS: sample_dim says the model's first tensor argument is shared by the "
+                                 "batch; name the argument that holds the samples instead")
+            candidates = [fixed[first]]
+        else:
+            candidates = list(range(x.dim()))
+            if isinstance(said, int) and 0 <= said < x.dim():  # the reader's API first (an RNN's batch_first)
+                candidates = [said] + [d for d in candidates if d != said]
+        tried: list = []
+        best = None  # (dims, n, idx, sub, rec_sub, out_dim, consistent)
+        dim0 = None  # what became of the first candidate (the convention, or the user's): ran, or None
+        for k, d0 in enumerate(candidates):
+            n = int(x.shape[d0])
+            if n == 1:  # one sample along this dim: nothing to tell apart, nothing to refute
+                best = (self._natural(leaves, first, d0, 1, fixed), 1, [], None, None, None, True)
+                break
+            found = self._inputs_along(leaves, args, kwargs, first, d0, n, check_indices(n), fixed, full, tried)
+            if found is not None and found[-1]:
+                best = found
+                break
+            if k == 0:
+                dim0 = found
+        if best is None and first not in fixed and said == "unbatched":
+            best = ([None] * len(leaves), 1, [], None, None, None, True)
+        unobserved = None
+        if best is None and x.dim() == 0:
+            best = ([None] * len(leaves), 1, [], None, None, None, True)
+        if best is None:
+            # Nothing made the outputs agree: samples along the first candidate (dim 0, or the user's) by
+            # convention, and the exact rule refuses (coupled samples, or a model no sub-batch runs on).
+            d0 = candidates[0]
+            if dim0 is not None:
+                best = dim0
+            else:
+                n = int(x.shape[d0])
+                best = (self._natural(leaves, first, d0, n, fixed), n, check_indices(n), None, None, UNKNOWN, False)
+                why = "; ".join(f"along dim {d}: {e}" for d, e in tried[:3])
+                unobserved = (f"the model did not run on a sub-batch of its samples ({why}), so where its "
+                              "layers keep them cannot be observed")
+        dims, n, idx, sub, rec_sub, out_dim, consistent = best
+        coupled = None
+        if not consistent:
+            coupled = unobserved or (
+                f"the model's output for samples {idx} of a sub-batch differs from their output in the whole "
+                f"batch (samples along dim {dims[first]} of the input of shape {tuple(x.shape)} are not "
+                "independent: expert-choice routing, batch-level pooling; or the samples are kept in another dim; "
+                "or forward= combines the model's output with other tensors of the batch, which it must not: "
+                "it is also run on sub-batches)")
+            if first not in fixed:
+                warnings.warn(f"MAS: {coupled}; N counts along dim {dims[first]} of the input. Pass sample_dim= "
+                              "to say where the samples are", RuntimeWarning, stacklevel=2)
+        layout = Layout(inputs=dims, output=out_dim if n > 1 else None, coupled=coupled, check=list(idx),
+                        single=n == 1)
+        self._calls(layout, n, idx, rec_full, rec_sub if rec_sub is not None or n == 1 else _Record([]))
+        if n > 1 and consistent:
+            self._expansions(layout, args, kwargs, full, n, idx)
+        if self.tracker is not None and consistent:
+            if n > 1 and self._tracked is not None and self._tracked[0] == list(dims):
+                tracker = self._tracked[1]
+            elif n > 1:
+                _, _, tracker = self._sub(args, kwargs, dims, idx, self._expand_map(layout), track=True)
+            else:
+                tracker = self.tracker([v for v in leaves if isinstance(v, torch.Tensor)])
+                self._run(args, kwargs, tracker=tracker)
+            layout.stray = tracker.stray
+        return layout
+
+    def _inputs_along(self, leaves, args, kwargs, first, d0, n, idx, fixed, full, tried):
+        """The sub-batch along ``d0``, other leaves along their natural dims, then each other leaf in turn
+        shared or along another dim of size N: the first that makes the outputs agree, else the first that
+        ran with an output that followed the sub-batch's size, else None."""
+        natural = self._natural(leaves, first, d0, n, fixed)
+        options = [natural]
+        for i, v in enumerate(leaves):
+            if i == first or i in fixed or not isinstance(v, torch.Tensor) or v.dim() == 0:
+                continue
+            for a in [None] + [d for d in range(v.dim()) if v.shape[d] == n]:
+                if a != natural[i]:
+                    options.append(natural[:i] + [a] + natural[i + 1:])
+        ran = None
+        for dims in options[:12]:
+            try:
+                # The first try also tracks the uses of parameters (it is the one accepted, nearly always).
+                sub, rec_sub, tracker = self._sub(args, kwargs, dims, idx, track=self._tracked is None)
+                if tracker is not None:
+                    self._tracked = (list(dims), tracker)
+            except ProbeFailed as exc:
+                tried.append((d0, str(exc)[:200]))
+                continue
+            out_dim, consistent = _agree(full, sub, n, idx)
+            if consistent and n > 2:
+                # A second sub-batch, with sample 0 and of another size: routing that couples samples can
+                # leave one sub-batch's outputs unchanged by chance, rarely two.
+                other = sorted({0, n // 2})
+                try:
+                    sub2, _, _ = self._sub(args, kwargs, dims, other)
+                    consistent = _agree(full, sub2, n, other)[1]
+                except ProbeFailed:
+                    consistent = False
+            got = (dims, n, idx, sub, rec_sub, out_dim, consistent)
+            if consistent:
+                return got
+            if ran is None and out_dim is not None and out_dim is not UNKNOWN:
+                ran = got
+            tried.append((d0, "the sub-batch's outputs differ from the batch's"))
+        return ran
+
+    def _first_reader(self, rec: _Record, x: torch.Tensor):
+        """What the first layer that reads the input says of it by its API (see ``api``), or None."""
+        if self.api is None:
+            return None
+        for module, a in rec.first:
+            if a is x or (isinstance(a, torch.Tensor) and a.shape == x.shape and a.data_ptr() == x.data_ptr()):
+                return self.api(module, a)
+        return None
+
+    # ---------------------------------------------------------------- layers
+    def _calls(self, layout: Layout, n: int, idx: list, rec_full: _Record, rec_sub: _Record | None) -> None:
+        """Each recorded call's dims from its shapes on N and on s samples."""
+        self._shapes = {(id(m), i): c for m in self.modules for i, c in enumerate(rec_full.calls[id(m)])}
+        if n == 1 or rec_sub is None:  # one sample: every tensor is that sample's
+            for m in self.modules:
+                layout.calls[id(m)] = [CallDims(tuple(None for _ in ins), tuple(None for _ in outs))
+                                       for ins, outs in rec_full.calls[id(m)]]
+            return
+        s = len(idx)
+        for m in self.modules:
+            a, b = rec_full.calls[id(m)], rec_sub.calls.get(id(m))
+            if b is None or len(a) != len(b):
+                layout.calls[id(m)] = [CallDims((UNKNOWN,), (UNKNOWN,)) for _ in a]
+                continue
+            got = []
+            for (ins_f, outs_f), (ins_s, outs_s) in zip(a, b):
+                if len(ins_f) != len(ins_s) or len(outs_f) != len(outs_s):
+                    got.append(CallDims((UNKNOWN,), (UNKNOWN,)))
+                    continue
+                ins = tuple(None if f is None and g is None else
+                            UNKNOWN if f is None or g is None else dim_between(f, g, n, s)
+                            for f, g in zip(ins_f, ins_s))
+                outs = tuple(dim_between(f, g, n, s) for f, g in zip(outs_f, outs_s))
+                got.append(CallDims(ins, outs))
+            layout.calls[id(m)] = _subsets(got, a, b, n, s)
+
+    @staticmethod
+    def _expand_map(layout: Layout) -> dict:
+        return {(mid, i): c.expand for mid, cs in layout.calls.items() for i, c in enumerate(cs)
+                if c.expand is not None}
+
+    def _expansions(self, layout: Layout, args, kwargs, full, n: int, idx: list) -> None:
+        """Shared calls of layers with per-sample rules, broadcast to the batch where that leaves the
+        model's output unchanged (observed on the sub-batch); the others stay shared."""
+        if self.expandable is None:
+            return
+        todo = {}
+        for m in self.modules:
+            if not self.expandable(m):
+                continue
+            for i, c in enumerate(layout.calls[id(m)]):
+                if c.shared and c.outs:
+                    todo[(id(m), i)] = c
+        if not todo:
+            return
+        plan = {}
+        for key, c in todo.items():
+            # the dim of size 1 where the input's samples would be: the first one of the output
+            shape = self._out_shape(key)
+            if shape is not None:
+                d = next((k for k, size in enumerate(shape) if size == 1), None)
+                if d is not None:
+                    plan[key] = d
+        if not plan:
+            return
+        try:
+            sub, _, _ = self._sub(args, kwargs, layout.inputs, idx, plan)
+        except ProbeFailed:
+            return
+        if not _agree(full, sub, n, idx)[1]:
+            return
+        for key, d in plan.items():
+            c = todo[key]
+            c.expand = d
+            c.outs = (d,) + tuple(c.outs[1:])
+            if c.ins and c.ins[0] is None and self._in_shape(key) is not None and self._in_shape(key)[d:d + 1] == (1,):
+                c.ins = (d,) + tuple(c.ins[1:])
+
+    def _out_shape(self, key):
+        got = self._shapes.get(key)
+        return got[1][0] if got and got[1] else None
+
+    def _in_shape(self, key):
+        got = self._shapes.get(key)
+        return got[0][0] if got and got[0] else None
+
+
+def _agree(full: list, sub: list, n: int, idx: list) -> tuple:
+    """``(output dim, whether the sub-batch's outputs are the batch's rows idx)``: every output tensor that
+    follows the sub-batch in one dim must hold the same values there, and at least one must; outputs the
+    whole batch shares (a batch loss beside the logits) are not compared."""
+    if not full or len(full) != len(sub):
+        return UNKNOWN, False
+    t = torch.as_tensor(idx)
+    dims = []
+    for f, g in zip(full, sub):
+        d = dim_between(tuple(f.shape), tuple(g.shape), n, len(idx))
+        if d is UNKNOWN or (d is not None and not same_values(g, take(f, d, t))):
+            return (dims[0] if dims else d), False
+        dims.append(d)
+    return dims[0], any(d is not None for d in dims)
+
+
+def _subsets(got: list[CallDims], full: list, sub: list, n: int, s: int) -> list[CallDims]:
+    """Calls of one layer on disjoint subsets of the samples (a multi-task model's head per task,
+    ``head(h[task == t])``): every call's tensors changed in dim 0 only, each call's rows fewer than N and
+    together at most N (at most s in the sub-batch). Each row is then one sample, and each call a batch
+    of its own (``CallDims.rows``); anything else stays UNKNOWN."""
+    if all(c.known for c in got) or not got:
+        return got
+    rows_f, rows_s = [], []
+    for (ins_f, outs_f), (ins_s, outs_s) in zip(full, sub):
+        shapes = [(f, g) for f, g in zip(ins_f + outs_f, ins_s + outs_s) if f is not None and g is not None]
+        changed = {d for f, g in shapes if len(f) == len(g) for d in range(len(f)) if f[d] != g[d]}
+        if changed - {0} or any(len(f) != len(g) for f, g in shapes) or not shapes:
+            return got
+        firsts = {(f[0], g[0]) for f, g in shapes if f and f[0] != g[0]}
+        if len(firsts) > 1:
+            return got
+        f0, g0 = firsts.pop() if firsts else (shapes[0][0][0], shapes[0][1][0])
+        rows_f.append(f0)
+        rows_s.append(g0)
+    if sum(rows_f) > n or sum(rows_s) > s or not all(r < n for r in rows_f):
+        return got
+    out = []
+    for c, (ins_f, outs_f), (ins_s, outs_s) in zip(got, full, sub):
+        ins = tuple(None if f is None else (0 if f and g and f[0] != g[0] else None)
+                    for f, g in zip(ins_f, ins_s))
+        outs = tuple(0 if f and f[0] != g[0] else None for f, g in zip(outs_f, outs_s))
+        out.append(CallDims(ins, outs, rows=True))
+    return out

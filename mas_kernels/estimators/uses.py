@@ -1,0 +1,132 @@
+r"""Every use of every tracked parameter, observed at the op level.
+
+A per-layer rule sees what a layer does with its parameters inside its own
+``forward``. A model can use a parameter elsewhere too: ``F.linear(x,
+self.fc.weight)`` in a parent's forward, a functional LM head ``h @
+self.wte.weight.T``, a parametrization (``weight_norm``) whose original
+parameters reach ``F.linear`` through a derived weight. :class:`UseTracker`
+finds them: a ``TorchFunctionMode`` that sees every torch function call of one
+forward pass (a sub-batch of the probe, so it costs little), with
+
+* *data*: tensors that depend on the model's input (the input's tensors, and
+  every result of an op with a data argument);
+* *derived*: tensors computed from tracked parameters alone (``w.T``,
+  ``w.to(bf16)``, ``g * v / ||v||``), each with the parameters it comes from,
+  except those computed inside the forward of a layer whose rule covers them
+  (a position embedding of constant ids: its rule sees the layer's output);
+* a *use*: an op that takes a parameter (or a tensor derived from it) together
+  with data. It is *covered* when it runs inside the forward of a layer whose
+  rule covers that parameter (the module stack is kept by hooks); any other use
+  is *stray*, and the parameter's exact importance then comes from the
+  per-sample fallback (one backward per sample), which is exact for any use.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
+
+
+def _op_name(func) -> str:
+    name = getattr(func, "__name__", None) or repr(func)
+    qual = getattr(func, "__qualname__", "")
+    if name == "__get__" and qual:
+        return qual.rsplit(".", 1)[0]  # a property: Tensor.T
+    return name
+
+
+class UseTracker(TorchFunctionMode):
+    """The stray uses of ``params`` during the block (see the module docstring).
+
+    Args:
+        model: the model (its submodules' forwards are tracked as a stack).
+        params: tracked name -> parameter.
+        covering: tracked name -> the modules whose rules cover that parameter.
+        inputs: the tensors of the model's input (the data).
+    """
+
+    def __init__(self, model: nn.Module, params: dict[str, torch.Tensor], covering: dict[str, Iterable[nn.Module]],
+                 inputs: Iterable[torch.Tensor]):
+        super().__init__()
+        self.model = model
+        self.params = params
+        self.by_id = {id(p): n for n, p in params.items()}
+        self.covering = {n: {id(m) for m in ms} for n, ms in covering.items()}
+        self.names = {id(m): name or type(m).__name__ for name, m in model.named_modules()}
+        self.derived = WeakIdKeyDictionary()
+        self.data = WeakIdKeyDictionary()
+        for t in inputs:
+            self.data[t] = True
+        self.stack: list[int] = []
+        self.stray: dict[str, list[str]] = {}
+        self.used: set[str] = set()
+        self._handles: list = []
+
+    def _sources(self, leaves) -> tuple[set, bool]:
+        names, data = set(), False
+        for t in leaves:
+            if not isinstance(t, torch.Tensor):
+                continue
+            n = self.by_id.get(id(t))
+            if n is not None and self.params[n] is t:
+                names.add(n)
+            elif t in self.derived:
+                names |= self.derived[t]
+            elif t in self.data:
+                data = True
+        return names, data
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        names, data = self._sources(tree_flatten((args, kwargs))[0])
+        if not names and not data:
+            return out
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if data:
+            for t in outs:
+                self.data[t] = True
+            if names:
+                self.used |= names
+                where = self.names.get(self.stack[-1], "?") if self.stack else "the model's caller"
+                for n in names:
+                    if not (self.covering.get(n, set()) & set(self.stack)):
+                        self.stray.setdefault(n, []).append(f"{_op_name(func)} in {where}")
+        else:
+            # Computed from parameters alone inside the forward of a layer whose rule covers them: the rule
+            # accounts for them through that layer's output (its output gradient), wherever it goes.
+            names = {n for n in names if not (self.covering.get(n, set()) & set(self.stack))}
+            for t in outs:
+                got = names | set(self.derived.get(t, ()))
+                if got:
+                    self.derived[t] = frozenset(got)
+                elif t in self.derived:
+                    del self.derived[t]
+        return out
+
+    # ---------------------------------------------------------- module stack
+    def __enter__(self):
+        for m in self.model.modules():
+            self._handles.append(m.register_forward_pre_hook(self._push))
+            self._handles.append(m.register_forward_hook(self._pop, always_call=True))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            for h in self._handles:
+                h.remove()
+            self._handles.clear()
+
+    def _push(self, module, args):
+        self.stack.append(id(module))
+
+    def _pop(self, module, args, output):
+        if self.stack and self.stack[-1] == id(module):
+            self.stack.pop()

@@ -1,0 +1,115 @@
+r"""The self-check: the fast path against the literal per-sample definition, before anything is committed.
+
+On the first batch of each call signature in an ``estimate()`` /
+``accumulating()`` (every batch with ``verify="always"``), the exact
+estimator runs once more on a sub-batch of 2 of the batch's samples (1 when it
+has one), and its numerators are compared, parameter by parameter, with the
+definition taken literally:
+
+.. math:: \sum_{k \in S} r\Big(\frac{\partial \|F(x_k)\|_2^2}{\partial \theta}\Big)
+
+one forward and one backward per sample ``x_k``, each run alone (a batch of
+one). Both run in eval mode (the rules' structure is what is checked, not
+dropout's draws). A parameter whose two values differ by more than the
+round-off of its dtype is named in a :class:`VerificationError`, with its
+layers and what to do; the batch is not committed. This is the guarantee for
+layers nobody foresaw: a rule that is wrong for a model cannot stay silent.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .capture import grad
+from .layout import UNKNOWN, same_values, take
+from .global_exact import squared_norm
+
+
+class VerificationError(ValueError):
+    """The fast per-layer rules disagree with the per-sample definition on the self-check's sub-batch."""
+
+
+def _rtol(dtypes) -> float:
+    if all(d == torch.float64 for d in dtypes):
+        return 1e-8
+    if any(d in (torch.float16, torch.bfloat16) for d in dtypes):
+        return 5e-2
+    return 2e-3
+
+
+def literal(batch, idx: list[int], params: dict[str, torch.Tensor], output_fn, reduction):
+    """``sum_{k in idx} r(d ||F(x_k)||^2 / d theta)``, one sample at a time (float64 sums), and each sample's
+    output ``F(x_k)``."""
+    names = list(params)
+    out = {k: torch.zeros_like(p, dtype=torch.float64) for k, p in params.items()}
+    outputs = []
+    for k in idx:
+        one = batch if k is None else batch.subset([k])
+        with torch.enable_grad():
+            y = output_fn(one.forward())
+            grads = grad(squared_norm(y), [params[n] for n in names], allow_unused=True)
+        outputs.append(y.detach())
+        for n, g in zip(names, grads):
+            if g is not None:
+                out[n] += reduction.apply(g.detach().double())
+    return out, outputs
+
+
+def mismatches(fast: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], dtypes: dict) -> list[tuple[str, float]]:
+    """``(name, relative error)`` of each parameter whose fast numerators are not the reference's.
+
+    The error is measured in L1 on the parameter's own scale, floored at 1e-4 of the model's largest mean
+    importance (a parameter whose true importance is 0 holds only round-off in both)."""
+    scales = {n: r.abs().mean().nan_to_num(0.0, 0.0, 0.0).item() if r.numel() else 0.0 for n, r in ref.items()}
+    top = max(scales.values(), default=0.0)
+    bad = []
+    for n, r in ref.items():
+        f = fast[n].double()
+        if not (bool(torch.isfinite(f).all()) and bool(torch.isfinite(r).all())):
+            continue  # a non-finite batch: the commit's finite check rejects it, by name
+        scale = max(scales[n], 1e-4 * top, 1e-30)
+        err = (f - r).abs().mean().item() / scale if r.numel() else 0.0
+        if not err <= _rtol([dtypes[n]]):
+            bad.append((n, err))
+    return bad
+
+
+def self_check(estimator, batch, names: list[str], params: dict[str, torch.Tensor], output_fn, plan) -> None:
+    """Raise :class:`VerificationError` when ``estimator`` disagrees with :func:`literal` on the probe's
+    sub-batch of ``batch``; nothing is written anywhere else."""
+    layout = batch.layout
+    idx = (sorted({1, batch.n - 1}) if batch.n > 1 else [0]) if not layout.single else [None]
+    sub = batch.subset(idx) if idx != [None] else batch
+    dtype = {n: params[n].dtype for n in names}
+    fast = {n: torch.zeros_like(params[n], dtype=torch.float64 if dtype[n] == torch.float64 else torch.float32)
+            for n in names}
+    together = estimator.run(sub, fast, names)
+    ref, outputs = literal(batch, idx, {n: params[n] for n in names}, output_fn, estimator.reduction)
+    if idx != [None] and layout.output is not None and layout.output is not UNKNOWN:
+        for j, y in enumerate(outputs):
+            if not same_values(y, take(together, layout.output, torch.tensor([j]))):
+                raise VerificationError(
+                    f"MAS(importance='global'): self-check failed, nothing was committed: sample {idx[j]}'s "
+                    "output run alone differs from its output beside other samples, so the samples are not "
+                    "independent and a per-sample gradient is not defined (train-mode BatchNorm, routing that "
+                    "couples samples, batch-level pooling; or the samples are kept in another dim: pass "
+                    "sample_dim=). Use importance='global_batch' (one gradient per batch)")
+    bad = mismatches(fast, ref, dtype)
+    if not bad:
+        return
+    slow = estimator.fallback(layout)
+    layers = {}
+    for n, _ in bad:
+        layers[n] = [layer.name or "<model>" for layer, _ in plan.uses.get(n, [])]
+    worst = sorted(bad, key=lambda t: -t[1])[:6]
+    detail = ", ".join(f"{n} (layers {layers[n]}, {e:.1%} off)" for n, e in worst)
+    raise VerificationError(
+        f"MAS(importance='global'): self-check failed, nothing was committed: on {len(idx) if idx != [None] else 1} "
+        f"sample(s) of the first batch the fast per-layer rules disagree with the per-sample definition (one "
+        f"backward pass per sample) for {len(bad)} parameter(s): {detail}"
+        f"{' (per-sample fallback already on for ' + str(sorted(set(slow) & set(layers))) + ')' if set(slow) & set(layers) else ''}. "
+        "What to do: if the model keeps the samples of its input in another dim, pass sample_dim=...; to compute "
+        f"these parameters by one backward pass per sample (slow, exact) pass per_sample_fallback={sorted(layers)!r}; "
+        "if a layer has a rule you registered (mas_kernels.register_rule), check it against this. verify=False "
+        "turns the check off."
+    )

@@ -1,0 +1,182 @@
+"""The wrapper's state follows the live model and counts only what it should (issue #21, items 5-11 and 24).
+
+Each test failed on the main branch before the fix it guards.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import mas_kernels as mk
+from tests import reference as ref
+from tests.test_exact_layers import close
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+
+
+class Flaky(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = mlp()
+        self.fail = False
+
+    def forward(self, x):
+        if self.fail:
+            raise RuntimeError("boom")
+        return self.net(x)
+
+
+@pytest.mark.parametrize("importance", ["local", "global", "global_batch"])
+def test_a_forward_that_raises_does_not_stop_the_counting(importance):
+    model = Flaky()
+    mas = mk.MAS(model, importance=importance)
+    x = torch.randn(4, 4)
+    with mas.accumulating():
+        model(x)
+        model.fail = True
+        with pytest.raises(RuntimeError, match="boom"):
+            model(x)
+        model.fail = False
+        model(x)
+    assert mas.num_samples == 8
+
+
+@pytest.mark.parametrize("importance", ["local", "global"])
+def test_forwards_of_other_threads_are_not_counted(importance):
+    model = mlp()
+    mas = mk.MAS(model, importance=importance)
+    x = torch.randn(4, 4)
+    stop = threading.Event()
+    errors = []
+
+    def other():
+        try:
+            while not stop.is_set():
+                with torch.no_grad():
+                    model(torch.randn(8, 4))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    t = threading.Thread(target=other)
+    t.start()
+    try:
+        mas.estimate([x, x, x])
+    finally:
+        stop.set()
+        t.join()
+    assert not errors
+    assert mas.num_samples == 12
+    if importance == "global":
+        close(mas.consolidate().omega, ref.global_exact(model, [x, x, x]))
+
+
+def test_a_parameter_replaced_outside_registration_gets_the_penalty():
+    model = mlp()
+    mas = mk.MAS(model, importance="global_batch", lam=1.0)
+    mas.estimate([torch.randn(4, 4)]).consolidate()
+    old = model[0].weight
+    model[0]._parameters["weight"] = nn.Parameter(old.detach() + 1.0)  # accelerate's way
+    new = model[0].weight
+    assert new is not old
+    model(torch.randn(2, 4)).sum().backward()
+    before = new.grad.clone()
+    mas.add_penalty_grad_()
+    expected = 2 * mas.omega["0.weight"] * (new.detach() - mas.anchors["0.weight"])
+    torch.testing.assert_close(new.grad - before, expected)
+
+
+def test_a_parameter_replaced_after_remove_still_gets_the_penalty():
+    model = mlp()
+    mas = mk.MAS(model, importance="global_batch")
+    mas.estimate([torch.randn(4, 4)]).consolidate()
+    mas.remove()
+    model[2].weight = nn.Parameter(model[2].weight.detach() + 1.0)
+    model(torch.randn(2, 4)).sum().backward()
+    g = model[2].weight.grad.clone()
+    mas.add_penalty_grad_()
+    assert not torch.equal(model[2].weight.grad, g)
+
+
+def test_a_frozen_parameter_with_a_zero_grad_does_not_move():
+    model = mlp()
+    mas = mk.MAS(model, importance="global_batch", lam=10.0)
+    mas.estimate([torch.randn(4, 4)]).consolidate()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.zero_grad(set_to_none=False)
+    model[0].weight.requires_grad_(False)
+    frozen = model[0].weight.detach().clone()
+    model(torch.randn(2, 4)).sum().backward()
+    mas.add_penalty_grad_()
+    opt.step()
+    torch.testing.assert_close(model[0].weight.detach(), frozen)
+    assert not torch.equal(model[2].weight.grad, torch.zeros_like(model[2].weight))
+
+
+def test_empty_batches_are_not_batches():
+    model = mlp()
+    x = torch.randn(4, 4)
+    for importance in ("local", "global", "global_batch"):
+        mas = mk.MAS(model, importance=importance, normalization="avalanche")
+        mas.estimate([x, torch.randn(0, 4), x])
+        assert mas.num_samples == 8
+        assert mas.state_dict()["num_batches"] == 2
+    mas = mk.MAS(model, importance="global_batch", normalization="avalanche").estimate([x, torch.randn(0, 4)])
+    mas.consolidate()
+    close(mas.omega, ref.global_batch_avalanche(model, [x]))
+
+
+def test_an_old_state_without_batch_counts_and_an_open_task_is_refused_under_avalanche_normalization():
+    model = mlp()
+    mas = mk.MAS(model, importance="global_batch", normalization="avalanche").estimate([torch.randn(4, 4)])
+    sd = mas.state_dict()
+    del sd["num_batches"]
+    fresh = mk.MAS(model, importance="global_batch", normalization="avalanche")
+    with pytest.raises(ValueError, match="num_batches"):
+        fresh.load_state_dict(sd)
+    mk.MAS(model, importance="global_batch").load_state_dict(sd)  # samples normalization does not need it
+
+
+def test_accumulating_under_inference_mode_then_consolidate():
+    model = mlp()
+    mas = mk.MAS(model, importance="local")
+    with mas.accumulating(), torch.inference_mode():
+        model(torch.randn(4, 4))
+    mas.consolidate()
+    assert mas.num_tasks == 1 and float(mas.omega["0.weight"].sum()) > 0
+    mas.estimate([torch.randn(4, 4)]).consolidate()
+
+
+def test_a_meta_device_model_is_refused_by_name():
+    with torch.device("meta"):
+        model = mlp()
+    with pytest.raises(ValueError, match="meta device.*to_empty"):
+        mk.MAS(model)
+
+
+def test_global_batch_with_no_tracked_parameters():
+    model = mlp().requires_grad_(False)
+    mas = mk.MAS(model, importance="global_batch")
+    mas.estimate([torch.randn(4, 4)])
+    assert mas.num_samples == 4
+
+
+def test_one_input_label_tuple_is_not_two_batches():
+    model = mlp()
+    x, y = torch.randn(4, 4), torch.randint(0, 3, (4,))
+    mas = mk.MAS(model, importance="global_batch")
+    with pytest.raises(TypeError, match=r"looks like one \(input, label\) batch.*\[batch\]"):
+        mas.estimate((x, y))
+    mas.estimate([(x, y)])
+    assert mas.num_samples == 4
+    mas.estimate([x, x[:3]])  # a list of batches (a short last one) is a list of batches
+    assert mas.num_samples == 11

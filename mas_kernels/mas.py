@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from . import __version__, checkpoint, distributed
+from . import __version__, checkpoint, distributed, fsdp
 from ._copies import Copyable
 from ._model import CheckedOutput, TrackedParams, default_output, modes, remove_handles, unwrap
 from .estimators import Plan
@@ -75,9 +75,17 @@ class MAS(Copyable):
             ``estimate()``'s batches (e.g. ``lambda m, b: m(b[0], b[2])`` for a
             task label); default: a tensor ``model(batch)``, a tuple or list
             ``model(batch[0])`` (labels ignored), a dict ``model(**batch)``.
-        process_group: for ``torch.distributed``: ``consolidate()`` all-reduces
-            importance numerators and sample counts over it (default group when
-            initialized).
+        process_group: for ``torch.distributed``: ``consolidate()`` and
+            ``save()`` sum importance numerators and sample counts over it.
+            Default: the group of a DDP wrapper, or an FSDP2 model's mesh;
+            for a model in neither, no collective at all (each rank alone: a
+            wrapper used on rank 0 only never waits for the others); pass
+            ``dist.group.WORLD`` to sum over every rank, ``False`` to never
+            communicate.
+        batch_ranks: ``importance="global_batch"`` on FSDP2 shards: ``"per_rank"``
+            (default, DDP's semantics: ``sum_r |g_{b,r}|``, each rank's batch a
+            batch) or ``"concatenated"`` (``|sum_r g_{b,r}|``: the ranks' batches
+            together are one batch).
         normalization: how a task's numerators become its importance:
             ``"samples"`` (default): ``(1/N) sum_k`` over the task's N samples;
             ``"avalanche"``: the mean over batches of each batch's mean,
@@ -127,11 +135,13 @@ class MAS(Copyable):
         anchor_dtype: torch.dtype | None = None,
         memory_budget: int | None = None,
         forward: Callable | None = None,
+        batch_ranks: str = "per_rank",
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"MAS: model must be an nn.Module, got {type(model).__name__}")
         self._options = Options(lam, importance, combine, output_fn, uncovered, post_activation, include_frozen,
-                                chunk_size, normalization, params, omega_dtype, anchor_dtype, memory_budget, forward)
+                                chunk_size, normalization, params, omega_dtype, anchor_dtype, memory_budget, forward,
+                                batch_ranks)
         self._setup(model, process_group)
 
     def _setup(self, model: nn.Module, process_group, keep=()) -> None:
@@ -143,6 +153,11 @@ class MAS(Copyable):
         self.process_group = process_group
         self.wrapper = model
         self.module = unwrap(model)
+        self._sharded = fsdp.is_sharded(self.module)  # FSDP2: the state is kept per local shard (fsdp.py)
+        if self._sharded:
+            fsdp.reshard(self.module)  # never hold the unsharded tensors a no_grad forward leaves on the root
+        self._group = distributed.group_for(model, process_group)  # None: no collectives
+        distributed.warn_unwrapped(self._group, process_group, self._sharded)
         self._tracked = TrackedParams(self.module, o.include_frozen, o.params, keep)
         self._handles: list = []  # the open session's hooks (removed if this wrapper is collected mid-session)
         self._build(self._tracked.params)
@@ -152,11 +167,18 @@ class MAS(Copyable):
     def _build(self, params: dict[str, nn.Parameter], old: ImportanceState | None = None,
                anchor_dtypes: dict | None = None) -> None:
         """The state, the plan of rules and the penalty's lists for ``params`` (old values kept by name)."""
-        distributed.check_unsharded(self.module, params)  # FSDP1 / FSDP2 / tensor parallel: a clear error
-        state = ImportanceState(params, old, omega_dtype=self._options.omega_dtype,
-                                anchor_dtype=self._options.anchor_dtype, anchor_dtypes=anchor_dtypes)
+        distributed.check_unsharded(self.module, params, dtensors=not self._sharded)  # FSDP1, TP: a clear error
+        kinds = dict(omega_dtype=self._options.omega_dtype, anchor_dtype=self._options.anchor_dtype,
+                     anchor_dtypes=anchor_dtypes)
+        if self._sharded:
+            state, self._group = fsdp.sharded_state(self.module, params, old, self.process_group, **kinds)
+        else:
+            state = ImportanceState(params, old, **kinds)
+            if distributed.active(self._group):  # a non-finite batch: a warning at consolidate(), ranks in step
+                state.defer_finite_check = True
         self._regularizer = Regularizer("MAS", list(params.values()), [state.anchors[n] for n in params],
-                                        [state.omega[n] for n in params], self._lam, names=list(params))
+                                        [state.omega[n] for n in params], self._lam, names=list(params),
+                                        local=fsdp.local_view if self._sharded else None)
         self._params, self._state_, self._plan = params, state, Plan(self.module, params)
 
     @property
@@ -172,6 +194,8 @@ class MAS(Copyable):
         parameter removed from its module, or whose storage changed shape or device (the state
         follows: a parameter that grew keeps its leading entries, one moved to another device takes
         its state along)."""
+        if self._sharded:
+            fsdp.reshard(self.module)
         params = self._tracked.changed(full=True)
         if params is not None:
             self._build(params, self._state_)
@@ -259,7 +283,11 @@ class MAS(Copyable):
         ``accumulating()`` keep their effect.
         """
         state = self._state
-        rule, extra = rules_for(self.module, self._params, self._plan, self._options, self.output_fn)
+        if self._sharded and self.importance == "global_batch":
+            rule, extra = fsdp.ShardedBatchRule(self.module, self._params, self._plan, self.output_fn,
+                                                state.sharding, self._options.batch_ranks), None
+        else:
+            rule, extra = rules_for(self.module, self._params, self._plan, self._options, self.output_fn)
         return Session(self.module, self._params, state, rule, extra, self._handles,
                        per_batch_mean=self.normalization == "avalanche")
 
@@ -283,6 +311,8 @@ class MAS(Copyable):
         Runs the model in eval mode unless ``train_mode``. The model's mode and
         every ``.grad`` are restored afterwards.
         """
+        if self._sharded and not isinstance(batches, torch.Tensor):  # FSDP2's forward is a collective
+            batches = fsdp.in_step(batches, self._state.sharding)
         with self._session() as session, modes(self.module, train_mode):
             session.run_all(batches, lambda b: call_for(b, self.forward, self._device()), not train_mode,
                             progress, f"MAS {self.importance}")
@@ -301,7 +331,7 @@ class MAS(Copyable):
         """
         self._state.check_finite()
 
-    def consolidate(self) -> "MAS":
+    def consolidate(self, *, timeout: float | None = None) -> "MAS":
         """Fold this task's importance into Omega and snapshot theta* (the anchors).
 
         ``new = accumulator / N``; then ``sum``: ``Omega += new``; ``mean``:
@@ -313,12 +343,29 @@ class MAS(Copyable):
         :meth:`check_finite`), changing nothing (under ``torch.distributed`` a
         ``RuntimeWarning`` instead, and the other batches are folded, since
         every rank must reach the all-reduce). The accumulator is released.
+
+        ``timeout``: seconds to wait for the other ranks to reach it; past
+        that, a ``TimeoutError`` naming ``MAS.consolidate`` on every rank that
+        waited (default: the process group's own timeout). Ranks whose options
+        or tracked parameters differ raise a ``RuntimeError`` on every rank.
         """
         state = self._checked_state()
-        distributed.raise_rejected(state, self.process_group)
-        distributed.consolidate(state, self._params, self.combine, self.normalization == "avalanche",
-                                session_open=bool(self._handles), group=self.process_group)
+        distributed.raise_rejected(state, self._group)
+        params = {n: fsdp.local_view(p.detach()) for n, p in self._params.items()} if self._sharded else self._params
+        distributed.consolidate(state, params, self.combine, self.normalization == "avalanche",
+                                session_open=bool(self._handles), group=self._group,
+                                names=state.sharding.replicated if self._sharded else None,
+                                fingerprint=self._fingerprint(state), timeout=timeout)
         return self
+
+    def _fingerprint(self, state: ImportanceState) -> str:
+        """The options and consolidated history every rank must share (checked at consolidate() and save())."""
+        o = self._options
+        text = (f"importance={o.importance!r}, combine={o.combine!r}, normalization={o.normalization!r}, "
+                f"uncovered={o.uncovered!r}, include_frozen={o.include_frozen}, omega_dtype={o.omega_dtype}, "
+                f"anchor_dtype={o.anchor_dtype}, batch_ranks={o.batch_ranks!r}, lam={self.lam!r}, "
+                f"num_tasks={state.num_tasks}, samples_consolidated={state.samples_consolidated}")
+        return text + (f", sharded={state.sharding.layout_text()}" if self._sharded else "")
 
     # --------------------------------------------------------------- penalty
     def penalty(self) -> torch.Tensor:
@@ -362,13 +409,17 @@ class MAS(Copyable):
         Raises the deferred ``FloatingPointError`` of a rejected batch first (see :meth:`check_finite`).
         """
         state = self._checked_state()
-        distributed.raise_rejected(state, self.process_group)
+        distributed.raise_rejected(state, self._group)
+        if self._sharded:
+            return {**fsdp.state_dict(state, self._params), **self._meta(state)}
         return {**state.state_dict(), **self._meta(state)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Load a ``state_dict()``: every field is checked (names, shapes, dtypes, finite and
         non-negative importance, integer counts) before anything changes, and a bad one is named."""
         target = self._checked_state()
+        if self._sharded:
+            state = fsdp.local_state(state, target, "MAS.load_state_dict")
         target.check(state, "MAS.load_state_dict")
         for key in ("importance", "combine", "normalization"):
             if key in state and state[key] != getattr(self, key):
@@ -376,7 +427,7 @@ class MAS(Copyable):
                               f"this wrapper uses {getattr(self, key)!r}", stacklevel=2)
         target.load_state_dict(state)
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike, *, timeout: float | None = None) -> None:
         """Write the state as safetensors (no pickle), atomically (see :func:`checkpoint.write`: the
         mode of a file it replaces is kept, a symlink is written through, data and folder are
         fsynced, a CRC32 of each part is stored and checked by :meth:`load`).
@@ -384,11 +435,20 @@ class MAS(Copyable):
         Under ``torch.distributed`` every rank calls it: an open accumulator
         (samples seen since the last ``consolidate``) is summed over the ranks
         first, as one process would hold it; then rank 0 writes while the
-        others wait, and an error on rank 0 is raised on every rank.
+        others wait, and an error on rank 0 is raised on every rank (``timeout``:
+        as for :meth:`consolidate`). On FSDP2 shards the file is the same
+        one-file format, written by rank 0 one parameter at a time (no rank
+        holds the whole state); it loads on any number of ranks.
         """
         path = checkpoint.check_path(path, "MAS.save")
-        sd = self.state_dict()
-        distributed.save_over_ranks(path, sd, self._meta(self._state_), self.process_group)
+        state = self._checked_state()
+        distributed.raise_rejected(state, self._group)
+        if self._sharded:
+            fsdp.save(path, state, self._meta(state), self._fingerprint(state), timeout)
+            return
+        sd = {**state.state_dict(), **self._meta(state)}
+        distributed.save_over_ranks(path, sd, self._meta(state), self._group, fingerprint=self._fingerprint(state),
+                                    timeout=timeout)
 
     def load(self, path: str | os.PathLike) -> None:
         """Read a file written by :meth:`save`; a failed load leaves the state as it was.
@@ -398,9 +458,15 @@ class MAS(Copyable):
         saved it) goes to rank 0 only, so the next ``consolidate()`` counts it once.
         """
         path = checkpoint.check_path(path, "MAS.load")
-        parts, meta = checkpoint.read(path, "MAS.load")
+        if self._sharded:  # each rank reads its own rows only
+            parts, meta = fsdp.read_rows(path, self._checked_state(), "MAS.load")
+        else:
+            parts, meta = checkpoint.read(path, "MAS.load")
         self.load_state_dict({**meta, **parts})
-        distributed.keep_open_task_on_rank0(self._state, self.process_group)
+        if self._sharded:
+            fsdp.keep_open_task(self._state)
+        else:
+            distributed.keep_open_task_on_rank0(self._state, self._group)
 
     # ----------------------------------------------------------------- hooks
     def remove(self) -> None:

@@ -14,6 +14,7 @@ from .state import STATE_DTYPES, check_combine
 IMPORTANCE = ("local", "global", "global_batch")
 UNCOVERED = ("global", "skip", "error")
 NORMALIZATION = ("samples", "avalanche")
+BATCH_RANKS = ("per_rank", "concatenated")
 
 
 def check_lam(lam, who: str = "MAS") -> float:
@@ -51,12 +52,16 @@ class Options:
     anchor_dtype: torch.dtype | None = None
     memory_budget: int | None = None
     forward: Callable | None = None
+    batch_ranks: str = "per_rank"
 
     def __post_init__(self) -> None:
         if self.importance not in IMPORTANCE:
             raise ValueError(f"MAS: importance={self.importance!r} is not one of {IMPORTANCE}")
         if self.uncovered not in UNCOVERED:
             raise ValueError(f"MAS: uncovered={self.uncovered!r} is not one of {UNCOVERED}")
+        if self.batch_ranks not in BATCH_RANKS:
+            raise ValueError(f"MAS: batch_ranks={self.batch_ranks!r} is not one of {BATCH_RANKS} (global_batch on "
+                             "FSDP2 shards: each rank's batch a batch, or the ranks' batches one batch)")
         if self.normalization not in NORMALIZATION:
             raise ValueError(f"MAS: normalization={self.normalization!r} is not one of {NORMALIZATION}")
         _positive_int(self.chunk_size, "chunk_size", "a positive number of samples per chunk, or None (as many "

@@ -8,6 +8,7 @@ buffers instead of one tensor per parameter.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import warnings
@@ -91,6 +92,11 @@ class FlatBuffers:
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.views[name]
+
+    def scope(self, layers: list, names) -> contextlib.AbstractContextManager:
+        """The rules write ``names``'s numerators for ``layers`` inside this block (nothing to do here: the
+        views are the numerators; a sharded state's staging reduce-scatters them per block, fsdp.py)."""
+        return contextlib.nullcontext(self)
 
     def __contains__(self, name: str) -> bool:
         return name in self.views

@@ -132,19 +132,21 @@ class ExactRule:
             del loss
             for layer in layers:
                 calls = rec.calls[layer.module]
-                accs = {a: staging[name] for a, name in layer.attrs.items()
-                        if name in wanted and name not in self.plan.shared and calls}
-                if not accs:
-                    continue
-                parts = _subsets(layer, calls, ctx)
-                if parts is None:
-                    layer.rule.exact(layer, calls, ctx, accs)
-                else:  # calls on disjoint subsets of the samples: each a batch of its own
-                    for call, m in parts:
-                        layer.rule.exact(layer, [call], dataclasses.replace(ctx, n=m), accs)
+                names = [name for name in layer.attrs.values() if name in wanted and name not in self.plan.shared]
+                with staging.scope([layer], names):  # a sharded state reduce-scatters the layer's numerators after
+                    accs = {a: staging[name] for a, name in layer.attrs.items() if name in names and calls}
+                    if not accs:
+                        continue
+                    parts = _subsets(layer, calls, ctx)
+                    if parts is None:
+                        layer.rule.exact(layer, calls, ctx, accs)
+                    else:  # calls on disjoint subsets of the samples: each a batch of its own
+                        for call, m in parts:
+                            layer.rule.exact(layer, [call], dataclasses.replace(ctx, n=m), accs)
             for name in self.plan.shared:
                 if name in wanted and name not in stray:
-                    self._shared(name, rec.calls, ctx, staging[name])
+                    with staging.scope([layer for layer, _ in self.plan.uses[name]], [name]):
+                        self._shared(name, rec.calls, ctx, staging[name])
         if stray:  # after the rules: its backward passes fire the recorded calls' hooks again
             with torch.enable_grad():
                 self._stray(stray, out, batch, staging)

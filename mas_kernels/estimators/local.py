@@ -75,6 +75,7 @@ class LocalRule:
                                                       for a in args), y)
             call = Call(args, kwargs, y, [None], [0])
             stage = staging()
-            layer.rule.local(layer, call, {a: stage[n] for a, n in layer.attrs.items()})
+            with stage.scope([layer], layer.attrs.values()):
+                layer.rule.local(layer, call, {a: stage[n] for a, n in layer.attrs.items()})
 
         return hook

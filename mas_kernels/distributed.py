@@ -45,7 +45,10 @@ from .state import FlatBuffers
 
 # ------------------------------------------------------------------- groups
 def active(group=None) -> bool:
-    """True when torch.distributed is initialized with more than one rank in ``group``."""
+    """True when torch.distributed is initialized with more than one rank in ``group`` (``None``: the
+    default group; ``False``: no group, never active)."""
+    if group is False:
+        return False
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
@@ -100,7 +103,7 @@ def main_process_only(fn: Callable[[], Any], group=None, what: str = "MAS") -> A
 
 # ---------------------------------------------------------- importance sums
 def group_for(model: nn.Module, process_group=None):
-    """The process group a MAS wrapper's ``consolidate()``/``save()`` communicate over, or None for none.
+    """The process group a MAS wrapper's ``consolidate()``/``save()`` communicate over, or False for none.
 
     Collectives only where the ranks are known to hold one model: ``process_group`` when given;
     else the group of a ``DistributedDataParallel`` wrapper around ``model``; else, for an FSDP2
@@ -109,7 +112,7 @@ def group_for(model: nn.Module, process_group=None):
     ``process_group=False``: never communicate (this rank's own importance).
     """
     if process_group is False:
-        return None
+        return False
     if process_group is not None:
         return process_group
     m = model
@@ -120,14 +123,14 @@ def group_for(model: nn.Module, process_group=None):
         if inner is None and hasattr(m, "_orig_mod") and isinstance(m._orig_mod, nn.Module):
             inner = m._orig_mod
         if inner is None:
-            return None
+            return False
         m = inner
 
 
 def warn_unwrapped(group, process_group, sharded: bool) -> None:
     """A wrapper on a plain model inside a multi-rank job communicates with no one: say so once, since
     ranks that each estimate on their own data then hold different Omegas (pass ``process_group``)."""
-    if group is None and process_group is None and not sharded and active():
+    if group is False and process_group is None and not sharded and active():
         warnings.warn(
             f"MAS: torch.distributed runs {dist.get_world_size()} ranks, but the model is neither DDP-wrapped nor "
             "FSDP2-sharded and no process_group= was given, so consolidate() and save() stay on this rank (each "

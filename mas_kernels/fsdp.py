@@ -557,7 +557,8 @@ def sharded_state(module: nn.Module, params: dict[str, torch.Tensor], old, proce
                          "be that group")
     local = {n: local_view(p.detach()) for n, p in params.items()}
     state = ShardedState(local, sharding, old, **kinds)
-    return state, (None if process_group is False else sharding.group)
+    group = sharding.group if sharding.group is not None else False
+    return state, (False if process_group is False else group)
 
 
 def _dtensor(local: torch.Tensor, sharding: Sharding, name: str):

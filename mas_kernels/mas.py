@@ -156,7 +156,7 @@ class MAS(Copyable):
         self._sharded = fsdp.is_sharded(self.module)  # FSDP2: the state is kept per local shard (fsdp.py)
         if self._sharded:
             fsdp.reshard(self.module)  # never hold the unsharded tensors a no_grad forward leaves on the root
-        self._group = distributed.group_for(model, process_group)  # None: no collectives
+        self._group = distributed.group_for(model, process_group)  # False: no collectives
         distributed.warn_unwrapped(self._group, process_group, self._sharded)
         self._tracked = TrackedParams(self.module, o.include_frozen, o.params, keep)
         self._handles: list = []  # the open session's hooks (removed if this wrapper is collected mid-session)
@@ -167,6 +167,10 @@ class MAS(Copyable):
     def _build(self, params: dict[str, nn.Parameter], old: ImportanceState | None = None,
                anchor_dtypes: dict | None = None) -> None:
         """The state, the plan of rules and the penalty's lists for ``params`` (old values kept by name)."""
+        if not self._sharded and fsdp.is_sharded(self.module):  # fully_shard-ed since: the state follows, sliced
+            self._sharded = True
+            fsdp.reshard(self.module)
+            self._group = distributed.group_for(self.wrapper, self.process_group)
         distributed.check_unsharded(self.module, params, dtensors=not self._sharded)  # FSDP1, TP: a clear error
         kinds = dict(omega_dtype=self._options.omega_dtype, anchor_dtype=self._options.anchor_dtype,
                      anchor_dtypes=anchor_dtypes)

@@ -127,6 +127,22 @@ def group_for(model: nn.Module, process_group=None):
         m = inner
 
 
+def trainer_group():
+    """The group an integration's wrapper sums over: the default group in a multi-rank job (a trainer runs
+    every rank on one model, DDP or not), else None; the user's own ``process_group=`` takes precedence."""
+    return dist.group.WORLD if active() else None
+
+
+def same_group(a, b) -> bool:
+    """Whether two process groups hold the same ranks (the default group and a 1-D mesh's over all ranks)."""
+    if a is b:
+        return True
+    try:
+        return dist.get_process_group_ranks(a) == dist.get_process_group_ranks(b)
+    except (RuntimeError, ValueError, AttributeError):
+        return False
+
+
 def warn_unwrapped(group, process_group, sharded: bool) -> None:
     """A wrapper on a plain model inside a multi-rank job communicates with no one: say so once, since
     ranks that each estimate on their own data then hold different Omegas (pass ``process_group``)."""

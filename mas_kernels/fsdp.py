@@ -552,7 +552,10 @@ def sharded_state(module: nn.Module, params: dict[str, torch.Tensor], old, proce
                   ) -> tuple[ShardedState, object]:
     """``MAS``'s state for an FSDP2 model, and the group its collectives use (the mesh's)."""
     sharding = Sharding(module, params)
-    if process_group is not None and process_group is not False and process_group is not sharding.group:
+    from .distributed import same_group
+
+    if process_group is not None and process_group is not False and sharding.group is not None \
+            and not same_group(process_group, sharding.group):
         raise ValueError("MAS: process_group= must be left out for an FSDP2 model (its mesh's group is used) or "
                          "be that group")
     local = {n: local_view(p.detach()) for n, p in params.items()}

@@ -106,7 +106,8 @@ def group_for(model: nn.Module, process_group=None):
     """The process group a MAS wrapper's ``consolidate()``/``save()`` communicate over, or False for none.
 
     Collectives only where the ranks are known to hold one model: ``process_group`` when given;
-    else the group of a ``DistributedDataParallel`` wrapper around ``model``; else, for an FSDP2
+    else the group of a ``DistributedDataParallel`` wrapper around ``model`` (or a DeepSpeed
+    engine's data-parallel group); else, for an FSDP2
     model, its mesh's group (:mod:`mas_kernels.fsdp` finds it); else none, so a wrapper made on one
     rank alone (``if rank == 0: MAS(model).estimate(...).save(path)``) never waits for the others.
     ``process_group=False``: never communicate (this rank's own importance).
@@ -119,8 +120,10 @@ def group_for(model: nn.Module, process_group=None):
     while True:
         if isinstance(m, nn.parallel.DistributedDataParallel):
             return m.process_group
-        inner = getattr(m, "module", None) if type(m).__name__ == "DeepSpeedEngine" else None
-        if inner is None and hasattr(m, "_orig_mod") and isinstance(m._orig_mod, nn.Module):
+        if type(m).__name__ == "DeepSpeedEngine":
+            return getattr(m, "data_parallel_group", None) or dist.group.WORLD
+        inner = None
+        if hasattr(m, "_orig_mod") and isinstance(m._orig_mod, nn.Module):
             inner = m._orig_mod
         if inner is None:
             return False

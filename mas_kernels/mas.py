@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from . import __version__, checkpoint, distributed, fsdp
+from . import __version__, checkpoint, distributed, fsdp, zero
 from ._copies import Copyable
 from ._model import CheckedOutput, TrackedParams, default_output, modes, remove_handles, unwrap
 from .estimators import Plan
@@ -157,6 +157,7 @@ class MAS(Copyable):
         if self._sharded:
             fsdp.reshard(self.module)  # never hold the unsharded tensors a no_grad forward leaves on the root
         self._group = distributed.group_for(model, process_group)  # False: no collectives
+        self._zero = zero.stage(model)  # a DeepSpeed ZeRO engine ignores .grad
         distributed.warn_unwrapped(self._group, process_group, self._sharded)
         self._tracked = TrackedParams(self.module, o.include_frozen, o.params, keep)
         self._handles: list = []  # the open session's hooks (removed if this wrapper is collected mid-session)
@@ -172,6 +173,11 @@ class MAS(Copyable):
             fsdp.reshard(self.module)
             self._group = distributed.group_for(self.wrapper, self.process_group)
         distributed.check_unsharded(self.module, params, dtensors=not self._sharded)  # FSDP1, TP: a clear error
+        if zero.is_zero3(params) is not None:
+            raise NotImplementedError(
+                f"MAS: parameter {zero.is_zero3(params)!r} is partitioned by DeepSpeed ZeRO-3 (each rank holds a "
+                "flat slice, the module an empty tensor); estimate on an unsharded replica (or FSDP2), save() it, "
+                "and apply the penalty with mas_kernels.ZeroPenalty(engine, path)")
         kinds = dict(omega_dtype=self._options.omega_dtype, anchor_dtype=self._options.anchor_dtype,
                      anchor_dtypes=anchor_dtypes)
         if self._sharded:
@@ -384,8 +390,12 @@ class MAS(Copyable):
         """Add ``2 lam Omega (theta - theta*)`` into each ``.grad`` (after ``backward()``); return the penalty.
 
         A frozen parameter (``requires_grad=False``) without a ``.grad`` gets
-        none, and its term is left out. No host synchronization.
+        none, and its term is left out. No host synchronization. On a
+        DeepSpeed ZeRO-1/2 engine (which ignores ``.grad``) a ``NotImplementedError``
+        pointing to :class:`mas_kernels.ZeroPenalty`, never a silent no-op.
         """
+        if self._zero:
+            zero.refuse_add_grad(self._zero)
         return self._apply_penalty("add_grad_")
 
     def _apply_penalty(self, how: str) -> torch.Tensor:

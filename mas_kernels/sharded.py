@@ -21,18 +21,77 @@ from .regularizer import Regularizer
 from .state import STATE_DTYPES, FlatBuffers
 
 
-def _read_state(state, want: dict[str, torch.Tensor]) -> tuple[dict, dict, dict[str, Any]]:
-    """(omega, anchors, metadata) from a ``MAS.save`` file or a ``MAS.state_dict()``; from a file, only the rows
-    each parameter's local shard needs (``safetensors`` ``get_slice``) and only the parameters ``want`` names."""
-    if isinstance(state, dict):
-        if "omega" not in state or "anchors" not in state:
-            raise ValueError("ShardedPenalty: state must be a MAS.state_dict() (entries 'omega' and 'anchors') "
-                             "or the path of a file written by MAS.save()")
-        meta = {k: v for k, v in state.items() if k not in checkpoint.PARTS}
-        omega = {clean_name(n): t for n, t in state["omega"].items()}
-        anchors = {clean_name(n): t for n, t in state["anchors"].items()}
-        return omega, anchors, meta
-    return _read_rows(checkpoint.check_path(state, "ShardedPenalty"), want)
+class _Source:
+    """Where Omega and theta* come from: a ``MAS.state_dict()`` or a ``MAS.save()`` file, one entry at a time
+    (from a file only the rows a local shard needs, through ``safetensors`` ``get_slice``), so that at most one
+    parameter's entry is held besides the penalty's own buffers."""
+
+    def __init__(self, state):
+        self.file = None
+        if isinstance(state, dict):
+            if "omega" not in state or "anchors" not in state:
+                raise ValueError("ShardedPenalty: state must be a MAS.state_dict() (entries 'omega' and 'anchors') "
+                                 "or the path of a file written by MAS.save()")
+            self.meta = {k: v for k, v in state.items() if k not in checkpoint.PARTS}
+            self.whole = {part: {clean_name(n): t for n, t in state[part].items()} for part in ("omega", "anchors")}
+            self.names = {part: list(self.whole[part]) for part in ("omega", "anchors")}
+            return
+        import json
+        import os
+
+        from safetensors import safe_open
+
+        path = checkpoint.check_path(state, "ShardedPenalty")
+        if not os.path.exists(path):
+            raise FileNotFoundError(2, "ShardedPenalty: no such file", path)
+        self.path = path
+        try:
+            self.file = safe_open(path, framework="pt", device="cpu").__enter__()
+            raw = self.file.metadata() or {}
+            if raw.get("format") != json.dumps(checkpoint.FORMAT):
+                raise ValueError(f"ShardedPenalty: {path} was not written by mas_kernels.MAS.save "
+                                 f"(format {raw.get('format')})")
+            self.names = {"omega": [], "anchors": []}
+            for key in self.file.keys():
+                part, _, name = key.partition("/")
+                if part not in checkpoint.PARTS or not name:
+                    raise ValueError(f"ShardedPenalty: {path} has an unexpected entry {key!r}")
+                if part in self.names:
+                    self.names[part].append(name)
+            self.meta = {k: json.loads(v) for k, v in raw.items()}
+        except (OSError, ValueError):
+            self.close()
+            raise
+        except Exception as exc:  # safetensors raises its own error types on bad headers / sizes
+            self.close()
+            raise ValueError(f"ShardedPenalty: {path} is not a readable safetensors file ({exc})") from exc
+
+    def shape(self, part: str, name: str) -> tuple:
+        if self.file is None:
+            return tuple(self.whole[part][name].shape)
+        return tuple(self.file.get_slice(f"{part}/{name}").get_shape())
+
+    def local(self, part: str, name: str, p: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The entry's part that the local shard ``like`` of parameter ``p`` holds."""
+        if self.file is None:
+            t = self.whole[part][name]
+            if is_dtensor(t):
+                return t.to_local()
+            return t if tuple(t.shape) == tuple(like.shape) else local_shard(t, p)
+        try:
+            piece = self.file.get_slice(f"{part}/{name}")
+            rows = _rows(p)
+            if rows is not None:
+                return piece[rows[0]:rows[1]]
+            t = piece[:] if piece.get_shape() else self.file.get_tensor(f"{part}/{name}")
+        except Exception as exc:
+            raise ValueError(f"ShardedPenalty: {self.path}: {part}[{name!r}] cannot be read ({exc})") from exc
+        return t if tuple(t.shape) == tuple(like.shape) else local_shard(t, p)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.__exit__(None, None, None)
+            self.file = None
 
 
 def _rows(p: torch.Tensor) -> tuple[int, int] | None:
@@ -44,52 +103,6 @@ def _rows(p: torch.Tensor) -> tuple[int, int] | None:
     if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
         return None
     return rows_of(p)
-
-
-def _read_rows(path: str, want: dict[str, torch.Tensor]) -> tuple[dict, dict, dict[str, Any]]:
-    import json
-    import os
-
-    from safetensors import safe_open
-
-    who = "ShardedPenalty"
-    if not os.path.exists(path):
-        raise FileNotFoundError(2, f"{who}: no such file", path)
-    omega, anchors = {}, {}
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            raw = f.metadata() or {}
-            if raw.get("format") != json.dumps(checkpoint.FORMAT):
-                raise ValueError(f"{who}: {path} was not written by mas_kernels.MAS.save (format {raw.get('format')})")
-            keys = set(f.keys())
-            for key in keys:
-                part, _, name = key.partition("/")
-                if part not in checkpoint.PARTS or not name:
-                    raise ValueError(f"{who}: {path} has an unexpected entry {key!r}")
-                if part == "accumulator":
-                    continue
-                if name not in want:
-                    (omega if part == "omega" else anchors)[name] = None  # named in the file: checked by the caller
-                    continue
-                p = want[name]
-                piece = f.get_slice(key)
-                shape = tuple(piece.get_shape())
-                rows = _rows(p)
-                if rows is not None and shape == tuple(p.shape):
-                    t = piece[rows[0]:rows[1]]
-                    t.full_shape = shape  # type: ignore[attr-defined]
-                else:
-                    t = piece[:] if shape else f.get_tensor(key)
-                (omega if part == "omega" else anchors)[name] = t
-    except (OSError, ValueError):
-        raise
-    except Exception as exc:  # safetensors raises its own error types on bad headers / sizes
-        raise ValueError(f"{who}: {path} is not a readable safetensors file ({exc})") from exc
-    try:
-        meta = {k: json.loads(v) for k, v in raw.items()}
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{who}: {path} has corrupt metadata ({exc})") from exc
-    return omega, anchors, meta
 
 
 class ShardedPenalty:
@@ -137,42 +150,36 @@ class ShardedPenalty:
         module = unwrap(model)
         reshard(module)  # never hold the unsharded tensors a no_grad forward leaves on the FSDP2 root
         params = {n: p for n, p in named_parameters(module) if p.requires_grad or include_frozen}
-        omega, anchors, meta = _read_state(state, params)
-        if lam is None:
-            lam = check_lam(meta.get("lam", 1.0), "ShardedPenalty (the state's lam)")
-        for name in omega:
-            if name not in params:
-                raise ValueError(f"ShardedPenalty: the state has parameter {name!r}, which the model lacks")
-        local = {}
-        for name, p in params.items():
-            if name not in omega:
-                continue
-            if name not in anchors:
-                raise ValueError(f"ShardedPenalty: state has Omega for {name!r} but no theta*")
-            mine = local_view(p.detach())
-            for part, named in (("omega", omega), ("anchors", anchors)):
-                t = named[name]
-                full = tuple(getattr(t, "full_shape", t.shape))
-                if full != tuple(p.shape):
-                    raise ValueError(f"ShardedPenalty: state entry {part}[{name!r}] has shape {full}, the model's "
-                                     f"parameter has {tuple(p.shape)}")
-                if tuple(t.shape) != tuple(mine.shape):  # a whole tensor (state dict, other placements): slice it
-                    t = local_shard(t.to_local() if is_dtensor(t) else t, p) if not is_dtensor(t) else t.to_local()
-                elif is_dtensor(t):
-                    t = t.to_local()
-                # finite, Omega >= 0, float, real data: a bad entry never loads
-                checkpoint.check_tensor("ShardedPenalty", part, name, t, tuple(mine.shape))
-                named[name] = t
-            local[name] = mine
-        self.names = [n for n in params if n in omega]
-        self.skipped = [n for n in params if n not in omega]
-        specs = [(n, local[n].shape, local[n].device, local[n].dtype) for n in self.names]
-        self._omega = FlatBuffers(specs, dtype=torch.float32)
-        self._anchors = FlatBuffers(specs, dtype=anchor_dtype)
-        with torch.no_grad():
-            for n in self.names:
-                self._omega[n].copy_(omega[n])
-                self._anchors[n].copy_(anchors[n])
+        src = _Source(state)
+        try:
+            if lam is None:
+                lam = check_lam(src.meta.get("lam", 1.0), "ShardedPenalty (the state's lam)")
+            for name in src.names["omega"]:
+                if name not in params:
+                    raise ValueError(f"ShardedPenalty: the state has parameter {name!r}, which the model lacks")
+            self.names = [n for n in params if n in src.names["omega"]]
+            self.skipped = [n for n in params if n not in src.names["omega"]]
+            local = {n: local_view(params[n].detach()) for n in self.names}
+            for name in self.names:
+                if name not in src.names["anchors"]:
+                    raise ValueError(f"ShardedPenalty: state has Omega for {name!r} but no theta*")
+                for part in ("omega", "anchors"):
+                    if src.shape(part, name) != tuple(params[name].shape):
+                        raise ValueError(f"ShardedPenalty: state entry {part}[{name!r}] has shape "
+                                         f"{src.shape(part, name)}, the model's parameter has "
+                                         f"{tuple(params[name].shape)}")
+            specs = [(n, local[n].shape, local[n].device, local[n].dtype) for n in self.names]
+            self._omega = FlatBuffers(specs, dtype=torch.float32)
+            self._anchors = FlatBuffers(specs, dtype=anchor_dtype)
+            with torch.no_grad():
+                for name in self.names:  # one entry at a time: finite, Omega >= 0, real data, then copied
+                    for part, store in (("omega", self._omega), ("anchors", self._anchors)):
+                        t = src.local(part, name, params[name], local[name])
+                        checkpoint.check_tensor("ShardedPenalty", part, name, t, tuple(local[name].shape))
+                        store[name].copy_(t)
+                        del t
+        finally:
+            src.close()
         self._regularizer = Regularizer(
             "ShardedPenalty", [params[n] for n in self.names], [self._anchors[n] for n in self.names],
             [self._omega[n] for n in self.names], lam, local=local_view, names=self.names)
@@ -184,6 +191,7 @@ class ShardedPenalty:
     @lam.setter
     def lam(self, value: float) -> None:
         self._regularizer.lam = check_lam(value, "ShardedPenalty")
+
     @property
     def omega(self) -> dict[str, torch.Tensor]:
         """This rank's shard of Omega, by parameter name."""

@@ -3,8 +3,10 @@
     PYTHONPATH=. python bench/fsdp.py [--width 2896] [--layers 6] [--out bench/results/fsdp.txt]
 
 Two gloo ranks on CPU. The model is an MLP of ``layers`` square Linear layers (default ~50M parameters).
-Per rank, for each layout (FSDP2 ``fully_shard`` per layer + root; DDP), the peak bytes allocated above
-what was live before (``bench.harness.peak_memory``: the profiler's memory events) of:
+Per rank, for each layout (FSDP2 ``fully_shard`` per layer + root; DDP), the peak resident memory above
+what was resident before (``peak_rss``: ``RssAnon`` of ``/proc/self/status`` sampled every 0.2 ms by a thread, after
+``malloc_trim`` returned freed memory; the profiler's memory events, ``bench.harness.peak_memory``, miss
+frees made in gloo's threads and add up to several times the truth here) of:
 
 * the layout's own forward + backward of a batch (no MAS: what FSDP2/DDP themselves allocate);
 * ``estimate`` (local and global, 2 batches of 8), ``consolidate``, ``save``;
@@ -36,6 +38,42 @@ WORLD = 2
 MB = 1 << 20
 
 
+def _rss() -> int:
+    """Resident anonymous memory (the process's own; file pages a reader maps are the page cache's)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def peak_rss(fn) -> int:
+    """Peak resident bytes above the start during ``fn()`` (sampled; freed heap returned to the OS first)."""
+    import ctypes
+    import threading
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    base = _rss()
+    peak, done = [base], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.0002)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        t.join()
+    return max(peak[0], _rss()) - base
+
+
 def model_of(width: int, layers: int) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.ReLU()) for _ in range(layers)])
@@ -46,7 +84,7 @@ def run(rank: int, tmp: str, width: int, layers: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rdv", rank=rank, world_size=WORLD,
                             timeout=timedelta(seconds=600))
     import mas_kernels as mk
-    from bench.harness import measure, peak_memory, ratio, summarize
+    from bench.harness import measure, ratio, summarize
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -80,22 +118,22 @@ def run(rank: int, tmp: str, width: int, layers: int, out: str) -> None:
             wrapped(xs[0]).pow(2).mean().backward()
             model.zero_grad(set_to_none=True)
 
-        peaks["(the layout's own forward+backward)"] = peak_memory(own_step)
+        peaks["(the layout's own forward+backward)"] = peak_rss(own_step)
         for rule in ("local", "global"):
             mas = mk.MAS(wrapped, importance=rule)
-            peaks[f"estimate ({rule})"] = peak_memory(lambda: mas.estimate(xs))
-            peaks[f"consolidate ({rule})"] = peak_memory(mas.consolidate)
-        peaks["save"] = peak_memory(lambda: mas.save(Path(tmp) / f"state-{layout[:3]}.safetensors"))
+            peaks[f"estimate ({rule})"] = peak_rss(lambda: mas.estimate(xs))
+            peaks[f"consolidate ({rule})"] = peak_rss(mas.consolidate)
+        peaks["save"] = peak_rss(lambda: mas.save(Path(tmp) / f"state-{layout[:3]}.safetensors"))
         peaks["state held (Omega + theta*)"] = mas.nbytes
         wrapped(xs[0]).pow(2).mean().backward()
-        peaks["add_penalty_grad_ (one step)"] = peak_memory(mas.add_penalty_grad_)
-        peaks["ShardedPenalty(model, file)"] = peak_memory(
+        peaks["add_penalty_grad_ (one step)"] = peak_rss(mas.add_penalty_grad_)
+        peaks["ShardedPenalty(model, file)"] = peak_rss(
             lambda: mk.ShardedPenalty(model, Path(tmp) / "state-rep.safetensors"))
         if layout.startswith("sharded"):
             from safetensors.torch import load_file
 
-            peaks["(whole file read, as before)"] = peak_memory(
-                lambda: load_file(Path(tmp) / "state-rep.safetensors"))
+            peaks["(whole file in memory, as before)"] = peak_rss(
+                lambda: {k: v.clone() for k, v in load_file(Path(tmp) / "state-rep.safetensors").items()})
         for what, b in peaks.items():
             mine = torch.tensor([b], dtype=torch.float64)
             every = [torch.zeros_like(mine) for _ in range(WORLD)]

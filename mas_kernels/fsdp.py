@@ -680,6 +680,7 @@ def save(path: str, state: ShardedState, meta: dict, fingerprint: str, timeout: 
                 writer.write(full)
             except BaseException as exc:
                 error = exc
+        del full, local  # one gathered parameter at a time
     if writer is not None and error is None:
         try:
             writer.commit()

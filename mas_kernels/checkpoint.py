@@ -24,6 +24,7 @@ the caller checks names, shapes and values before it changes anything.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import numbers
 import os
@@ -64,6 +65,43 @@ def checksum(named: dict[str, torch.Tensor]) -> str:
         crc = zlib.crc32(f"{name}|{t.dtype}|{tuple(t.shape)}".encode(), crc)
         crc = zlib.crc32(_bytes(t), crc)
     return f"{crc:08x}"
+
+
+def _gf2_times(mat: tuple, vec: int) -> int:
+    out, i = 0, 0
+    while vec:
+        if vec & 1:
+            out ^= mat[i]
+        vec >>= 1
+        i += 1
+    return out
+
+
+def _gf2_square(mat: tuple) -> tuple:
+    return tuple(_gf2_times(mat, mat[n]) for n in range(32))
+
+
+@functools.lru_cache(maxsize=4096)
+def _zeros_operator(length: int) -> tuple:
+    """The GF(2) matrix that advances a CRC32 over ``length`` zero bytes (zlib's crc32_combine, by squaring)."""
+    op = tuple([0xEDB88320] + [1 << n for n in range(31)])  # one zero bit
+    op = _gf2_square(_gf2_square(op))  # four zero bits
+    result = None
+    while length:
+        op = _gf2_square(op)  # one zero byte, then 2, 4, ... bytes
+        if length & 1:
+            result = op if result is None else tuple(_gf2_times(op, result[n]) for n in range(32))
+        length >>= 1
+    return result
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """``zlib.crc32(a + b)`` from ``crc1 = zlib.crc32(a)``, ``crc2 = zlib.crc32(b)`` and ``len2 = len(b)``
+    (zlib's ``crc32_combine``, which Python's zlib does not expose): ranks that each read a slice of a tensor
+    check the file's CRC32 of the whole tensor together."""
+    if len2 <= 0:
+        return crc1
+    return _gf2_times(_zeros_operator(len2), crc1) ^ crc2
 
 
 def _umask() -> int:

@@ -202,6 +202,16 @@ def local_view(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def local_data(t: torch.Tensor) -> torch.Tensor:
+    """:func:`local_view` without autograd, for the training step: a DTensor's raw local tensor (no dispatch)."""
+    raw = getattr(t, "_local_tensor", None) if is_dtensor(t) else t
+    if raw is None:
+        raw = t.detach().to_local()
+    if raw.numel() and raw.data_ptr() == 0:
+        return local_view(raw)  # the named error
+    return raw
+
+
 # ----------------------------------------------------------------- numerators
 # Rules that need only the layer's recorded inputs, outputs and output gradients (and shapes), never the
 # weights' values: no all-gather for them. Every other rule runs with its layer's FSDP unit unsharded.
@@ -268,16 +278,22 @@ class ShardedStaging:
             return full
         if self._names is None or name not in self._names:
             raise NotImplementedError(
-                f"MAS: parameter {name!r} is sharded by FSDP2 and is used outside the forward of the layer that "
-                "owns it (or by a rule that writes it outside its layer's turn), so its importance would need one "
-                "backward pass per sample, each a collective; register a rule for the module that uses it "
-                "(mas_kernels.register_rule), or use importance='local' or 'global_batch'")
+                f"MAS: parameter {name!r} is sharded by FSDP2 and its numerators were asked for outside the turn "
+                "of a layer that owns it (a rule writing it out of its scope); register a rule for the module "
+                "that uses it (mas_kernels.register_rule), or use importance='local' or 'global_batch'")
         lo, hi, shape = self.sharding.sharded[name]
         chunk = -(-shape[0] // self.sharding.world)
         padded = torch.zeros((chunk * self.sharding.world, *shape[1:]), dtype=torch.float32,
                              device=self.local[name].device)
         self._full[name] = full = padded[:shape[0]]
         return full
+
+    def per_sample_backward(self, names: list[str]) -> None:
+        raise NotImplementedError(
+            f"MAS: parameters {names} are sharded by FSDP2 and used outside the forward of the layers that own them, "
+            "so their exact importance would need one backward pass per sample, each a collective (and ranks hold "
+            "different numbers of samples); register a rule for the module that uses them "
+            "(mas_kernels.register_rule), or use importance='local' or 'global_batch'")
 
     @contextlib.contextmanager
     def scope(self, layers: list, names: Iterable[str]) -> Iterator["ShardedStaging"]:
@@ -461,6 +477,25 @@ def in_step(batches: Iterable, sharding: Sharding, who: str = "MAS.estimate") ->
             f"{who}: rank(s) {short} ran out of batches after {done} while the others have more; under FSDP2 "
             "every forward is a collective, so every rank must run the same number of batches (give each "
             "rank the same number, e.g. DistributedSampler(drop_last=True) or a DataLoader with drop_last=True)")
+
+
+class GraphParams(dict):
+    """The tracked parameters by name, where ``[name]`` is the tensor FSDP2's forward computes with (its
+    unsharded parameter, once made), so that the exact rule's identity checks on the autograd graph (a
+    parameter used outside its layer's forward) see the tensors the graph holds."""
+
+    def __init__(self, params: dict, module: nn.Module):
+        super().__init__(params)
+        self._module = module
+
+    def __getitem__(self, name: str):
+        p = super().__getitem__(name)
+        for unit in fsdp_modules(self._module):
+            for group in _groups(unit):
+                for fp in group.fsdp_params:
+                    if fp.sharded_param is p and hasattr(fp, "_unsharded_param"):
+                        return fp._unsharded_param
+        return p
 
 
 # ----------------------------------------------------------- the batch rule
@@ -697,12 +732,52 @@ def save(path: str, state: ShardedState, meta: dict, fingerprint: str, timeout: 
 
 def read_rows(path: str, state: ShardedState, who: str = "MAS.load") -> tuple[dict, dict]:
     """``({part: {name: tensor}}, metadata)`` of a MAS file with this rank's rows only for sharded
-    parameters (``safetensors``' ``get_slice`` reads just those bytes) and whole tensors for the others.
+    parameters (``safetensors`` ``get_slice`` reads just those bytes) and whole tensors for the others.
 
-    The file's CRC32s cover whole tensors, which no rank reads; the values read are checked as any
-    load checks them (shapes, finite, non-negative importance)."""
+    The file's CRC32 of each part (over whole tensors, which no rank reads) is checked together: each rank
+    takes the CRC32 of the bytes it read, one all-gather brings them together, and every rank combines
+    them (:func:`checkpoint.crc32_combine`) and compares; a corrupt file raises on every rank."""
+    import json
+
+    out: dict = {p: {} for p in ImportanceState.PARTS}
+    heads: dict = {}  # key -> (name, "name|dtype|shape") of the whole tensor, for the checksums
+    crcs: dict = {}  # key -> (crc32 of the bytes read here, their length)
+    raw: dict = {}
+    try:
+        _read_slices(path, state, who, out, heads, crcs, raw)
+        error = None
+    except BaseException as exc:
+        error = exc
+    agree(error, state.sharding, who)  # a rank that cannot read must not leave the others in the gather below
+    try:
+        meta = {k: json.loads(v) for k, v in raw.items()}
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{who}: {path} has corrupt metadata ({exc})") from exc
+    sums = meta.pop("checksums", None)
+    if sums is not None:
+        _check_sums(path, sums, heads, crcs, state.sharding, who)
+    return out, meta
+
+
+def agree(error: BaseException | None, sharding: Sharding, who: str) -> None:
+    """Raise ``error`` here and a ``RuntimeError`` on every other rank when any rank failed (one all-reduce),
+    so that no rank goes on to a collective the failed one never reaches."""
+    if sharding.group is not None and sharding.world > 1:
+        flag = torch.tensor([0 if error is None else 1], dtype=torch.int64, device=_comm_device(sharding.group))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=sharding.group)
+        failed = bool(flag.item())
+    else:
+        failed = error is not None
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError(f"{who}: another rank failed (its own error is raised there)")
+
+
+def _read_slices(path: str, state: ShardedState, who: str, out: dict, heads: dict, crcs: dict, raw: dict) -> None:
     import json
     import os
+    import zlib
 
     from safetensors import safe_open
 
@@ -712,32 +787,74 @@ def read_rows(path: str, state: ShardedState, who: str = "MAS.load") -> tuple[di
         raise FileNotFoundError(2, f"{who}: no such file", path)
     if os.path.isdir(path):
         raise IsADirectoryError(21, f"{who}: is a folder, not a file written by MAS.save", path)
-    out: dict = {p: {} for p in ImportanceState.PARTS}
+
+    dtypes = {v: k for k, v in checkpoint._SAFETENSORS_DTYPES.items()}
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
-            raw = f.metadata() or {}
+            raw.update(f.metadata() or {})
             if raw.get("format") != json.dumps(checkpoint.FORMAT):
                 raise ValueError(f"{who}: {path} was not written by mas_kernels.MAS.save (format {raw.get('format')})")
-            for key in f.keys():
+            for key in sorted(f.keys()):
                 part, _, name = key.partition("/")
                 if part not in ImportanceState.PARTS or not name:
                     raise ValueError(f"{who}: {path} has an unexpected entry {key!r}")
+                piece = f.get_slice(key)
+                shape = tuple(piece.get_shape())
+                heads[key] = (name, f"{name}|{dtypes.get(piece.get_dtype(), piece.get_dtype())}|{shape}")
                 if name in state.sharding.sharded:
-                    lo, hi, shape = state.sharding.sharded[name]
-                    piece = f.get_slice(key)
-                    if tuple(piece.get_shape()) != shape:
-                        raise ValueError(f"{who}: {part}[{name!r}] has shape {tuple(piece.get_shape())}, the model's "
-                                         f"parameter has {shape}")
-                    out[part][name] = piece[lo:hi]
+                    lo, hi, want = state.sharding.sharded[name]
+                    if shape != want:
+                        raise ValueError(f"{who}: {part}[{name!r}] has shape {shape}, the model's parameter has {want}")
+                    t = piece[lo:hi]
                 else:
-                    out[part][name] = f.get_tensor(key)
+                    t = f.get_tensor(key)
+                data = checkpoint._bytes(t.contiguous())
+                crcs[key] = (zlib.crc32(data), len(data))
+                out[part][name] = t
     except (OSError, ValueError):
         raise
     except Exception as exc:  # safetensors raises its own error types on bad headers / sizes
         raise ValueError(f"{who}: {path} is not a readable safetensors file ({exc})") from exc
-    try:
-        meta = {k: json.loads(v) for k, v in raw.items()}
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{who}: {path} has corrupt metadata ({exc})") from exc
-    meta.pop("checksums", None)
-    return out, meta
+
+
+def _check_sums(path: str, sums, heads: dict, crcs: dict, sharding: Sharding, who: str) -> None:
+    """Every rank: the parts' CRC32s from the ranks' pieces, against the file's (a ``ValueError`` on all)."""
+    from . import checkpoint
+
+    if not isinstance(sums, dict):
+        raise ValueError(f"{who}: {path} has corrupt metadata (checksums={sums!r})")
+    keys = sorted(crcs)
+    mine = torch.tensor([[crcs[k][0], crcs[k][1]] for k in keys], dtype=torch.int64).reshape(-1, 2)
+    if sharding.group is not None and sharding.world > 1:
+        every = [torch.empty_like(mine) for _ in range(sharding.world)]
+        device = _comm_device(sharding.group)
+        moved = [t.to(device) for t in every]
+        dist.all_gather(moved, mine.to(device), group=sharding.group)
+        every = [t.cpu() for t in moved]
+    else:
+        every = [mine]
+    got: dict = {}
+    for i, key in enumerate(keys):
+        part = key.partition("/")[0]
+        name, head = heads[key]
+        if name in sharding.sharded:  # the ranks' rows, in rank order, are the whole tensor's bytes
+            crc, length = 0, 0
+            for table in every:
+                c, n = int(table[i, 0]), int(table[i, 1])
+                crc = checkpoint.crc32_combine(crc, c, n)
+                length += n
+        else:
+            crc, length = crcs[key]
+        got.setdefault(part, []).append((name, head, crc, length))
+    import zlib
+
+    for part, entries in got.items():
+        if part not in sums:
+            continue
+        total = 0
+        for _, head, crc, length in sorted(entries):
+            total = zlib.crc32(head.encode(), total)
+            total = checkpoint.crc32_combine(total, crc, length)
+        if sums[part] != f"{total:08x}":
+            raise ValueError(f"{who}: {path} is corrupt: the checksum of its {part} tensors does not match the one "
+                             "written with them (the file changed after it was saved)")

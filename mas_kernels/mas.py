@@ -188,7 +188,8 @@ class MAS(Copyable):
                 state.defer_finite_check = True
         self._regularizer = Regularizer("MAS", list(params.values()), [state.anchors[n] for n in params],
                                         [state.omega[n] for n in params], self._lam, names=list(params),
-                                        local=fsdp.local_view if self._sharded else None)
+                                        local=fsdp.local_view if self._sharded else None,
+                                        local_data=fsdp.local_data if self._sharded else None)
         self._params, self._state_, self._plan = params, state, Plan(self.module, params)
 
     @property
@@ -298,6 +299,10 @@ class MAS(Copyable):
                                                 state.sharding, self._options.batch_ranks), None
         else:
             rule, extra = rules_for(self.module, self._params, self._plan, self._options, self.output_fn)
+            if self._sharded:  # identity checks on the autograd graph must see FSDP2's unsharded tensors
+                for exact in (rule, extra[0] if extra else None):
+                    if exact is not None and hasattr(exact, "params"):
+                        exact.params = fsdp.GraphParams(exact.params, self.module)
         return Session(self.module, self._params, state, rule, extra, self._handles,
                        per_batch_mean=self.normalization == "avalanche")
 
@@ -472,15 +477,20 @@ class MAS(Copyable):
         saved it) goes to rank 0 only, so the next ``consolidate()`` counts it once.
         """
         path = checkpoint.check_path(path, "MAS.load")
-        if self._sharded:  # each rank reads its own rows only
-            parts, meta = fsdp.read_rows(path, self._checked_state(), "MAS.load")
-        else:
-            parts, meta = checkpoint.read(path, "MAS.load")
-        self.load_state_dict({**meta, **parts})
-        if self._sharded:
+        if self._sharded:  # each rank reads its own rows only; a failure on one rank is raised on all
+            state = self._checked_state()
+            parts, meta = fsdp.read_rows(path, state, "MAS.load")
+            try:
+                self.load_state_dict({**meta, **parts})
+                error = None
+            except BaseException as exc:
+                error = exc
+            fsdp.agree(error, state.sharding, "MAS.load")
             fsdp.keep_open_task(self._state)
-        else:
-            distributed.keep_open_task_on_rank0(self._state, self._group)
+            return
+        parts, meta = checkpoint.read(path, "MAS.load")
+        self.load_state_dict({**meta, **parts})
+        distributed.keep_open_task_on_rank0(self._state, self._group)
 
     # ----------------------------------------------------------------- hooks
     def remove(self) -> None:

@@ -15,7 +15,7 @@ from torch import nn
 from . import checkpoint
 from ._model import clean_name, named_parameters, unwrap
 from .distributed import is_dtensor, local_shard
-from .fsdp import local_view, reshard, rows_of
+from .fsdp import local_data, local_view, reshard, rows_of
 from .options import check_lam
 from .regularizer import Regularizer
 from .state import STATE_DTYPES, FlatBuffers
@@ -182,7 +182,7 @@ class ShardedPenalty:
             src.close()
         self._regularizer = Regularizer(
             "ShardedPenalty", [params[n] for n in self.names], [self._anchors[n] for n in self.names],
-            [self._omega[n] for n in self.names], lam, local=local_view, names=self.names)
+            [self._omega[n] for n in self.names], lam, local=local_view, names=self.names, local_data=local_data)
 
     @property
     def lam(self) -> float:

@@ -98,6 +98,10 @@ class FlatBuffers:
         views are the numerators; a sharded state's staging reduce-scatters them per block, fsdp.py)."""
         return contextlib.nullcontext(self)
 
+    def per_sample_backward(self, names: list[str]) -> None:
+        """The exact rule is about to run one backward pass per sample for ``names`` (parameters used outside
+        their layers' forward): fine here; a sharded state's staging refuses it by name (fsdp.py)."""
+
     def __contains__(self, name: str) -> bool:
         return name in self.views
 

@@ -270,7 +270,22 @@ def _w_regressions(rank: int, tmp: Path, mesh) -> None:
         while not flag.exists():
             assert time.monotonic() < deadline, "rank 0 hung in a rank-0-only estimate/save"
             time.sleep(0.02)
-    # 4. ranks that run different numbers of batches: one named error on every rank, no hang.
+    # 4. a parameter used outside its layer's forward (the exact rule's per-sample fallback) is refused on
+    #    shards by name (one backward per sample would be a collective per sample).
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.b(torch.nn.functional.linear(x, self.a.weight))
+
+    torch.manual_seed(0)
+    tied = Tied()
+    fully_shard(tied, mesh=mesh)
+    with pytest.raises(NotImplementedError, match=r"\['a.weight'\] are sharded by FSDP2 and used outside"):
+        mk.MAS(tied, importance="global").estimate(batches(rank))
+    # 5. ranks that run different numbers of batches: one named error on every rank, no hang.
     model = shard_mlp(mlp(), mesh)
     mas = mk.MAS(model, importance="local")
     with pytest.raises(RuntimeError, match=r"rank\(s\) \[1\] ran out of batches after 1"):
@@ -300,6 +315,23 @@ def _w_files(rank: int, tmp: Path, mesh) -> None:
     loaded.consolidate()
     save_result(tmp, "loaded", rank, ({n: full(t) for n, t in loaded.state_dict()["anchors"].items()},
                                       omega_of(loaded)))
+
+    # a file changed after it was saved, in rows only rank 1 reads: the ranks' CRC32s, combined, catch it on both
+    bad = tmp / "corrupt.safetensors"
+    if rank == 0:
+        raw = bytearray((tmp / "plain.safetensors").read_bytes())
+        from safetensors import safe_open
+
+        with safe_open(tmp / "plain.safetensors", framework="pt") as f:
+            header = 8 + int.from_bytes(raw[:8], "little")
+            import json
+
+            start, end = json.loads(raw[8:header])["omega/0.weight"]["data_offsets"]
+        raw[header + end - 2] ^= 0x40  # the last row of omega/0.weight: rank 1's
+        bad.write_bytes(bytes(raw))
+    dist.barrier()
+    with pytest.raises(ValueError, match="is corrupt: the checksum of its omega tensors"):
+        mk.MAS(shard_mlp(mlp(), mesh), importance="global").load(bad)
 
     # ShardedPenalty reads only this rank's rows of the sharded parameters, and keeps fp32 anchors
     # of a bf16 model unrounded with anchor_dtype=torch.float32.

@@ -125,6 +125,8 @@ class ExactRule:
                 reached = _graph_params(loss)
                 stray = [name for layer in uncalled for name in layer.names()
                          if name in wanted and id(self.params[name]) in reached]
+                if stray:  # a sharded state refuses one backward per sample (each a collective) by name
+                    staging.per_sample_backward(stray)
             backward(loss, rec, retain_graph=bool(stray))
         n = batch.n
         ctx = Context(n, self.budget, self.max_chunk, batch.layout)

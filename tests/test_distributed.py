@@ -529,6 +529,15 @@ def test_sharded_penalty_on_a_plain_model_equals_mas(tmp_path):
                            mas.state_dict())
     with pytest.raises(ValueError, match="model lacks"):
         mk.ShardedPenalty(nn.Sequential(nn.Linear(6, 12)), mas.state_dict())
+    for bad in (-1.0, float("nan"), float("inf")):  # issue 21 item 18: a negative lam rewards drift
+        with pytest.raises(ValueError, match="lam="):
+            mk.ShardedPenalty(model, mas.state_dict(), lam=bad)
+        with pytest.raises(ValueError, match="the state's lam"):
+            mk.ShardedPenalty(model, {**mas.state_dict(), "lam": bad})
+    pen = mk.ShardedPenalty(model, mas.state_dict())
+    with pytest.raises(ValueError, match="lam=-2.0"):
+        pen.lam = -2.0
+    assert pen.lam == 0.3
     (tmp_path / "junk").write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match="not a readable safetensors"):
         mk.ShardedPenalty(model, tmp_path / "junk")

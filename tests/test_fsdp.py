@@ -624,3 +624,27 @@ def test_ddp_options_fingerprint_non_finite_batch_and_timeout(group):
         close(load_result(tmp, "nonfinite", rank), ref.global_exact(mlp().eval(), good), f"nonfinite rank {rank}")
         close(load_result(tmp, "nonfinite-shards", rank), ref.global_exact(mlp().eval(), [batches(0)[0],
               batches(1)[0]]), f"nonfinite on shards rank {rank}")
+
+
+# ------------------------------------------------------------- single process
+def test_crc32_combine_is_zlibs():
+    """The CRC32 of a concatenation from the parts' CRC32s (sharded loads check the file's checksums so)."""
+    import zlib
+
+    from hypothesis import given, settings, strategies as st
+
+    from mas_kernels.checkpoint import crc32_combine
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.binary(max_size=300), st.binary(max_size=300), st.binary(max_size=40))
+    def check(a, b, c):
+        assert crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
+        ab = crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b))
+        assert crc32_combine(ab, zlib.crc32(c), len(c)) == zlib.crc32(a + b + c)
+
+    check()
+
+
+def test_batch_ranks_is_validated():
+    with pytest.raises(ValueError, match="batch_ranks='sum' is not one of"):
+        mk.MAS(mlp(), importance="global_batch", batch_ranks="sum")

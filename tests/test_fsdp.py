@@ -136,6 +136,16 @@ def _w_rules_mlp(rank: int, tmp: Path, mesh) -> None:
         assert mas.samples_consolidated == sum(map(sum, SIZES))
         out[(rule, batch_ranks)] = omega_of(mas)
         assert all(p.grad is None for p in model.parameters())  # estimation leaves no gradient behind
+    # online, the user's own forwards inside accumulating() (the global rules replay each call on the shards)
+    for rule in ("local", "global"):
+        online = shard_mlp(randomized(mlp()), mesh)
+        acc = mk.MAS(online, importance=rule)
+        online.eval()
+        with acc.accumulating(), torch.no_grad():
+            for b in batches(rank):
+                online(b)
+        acc.consolidate()
+        out[("online", rule)] = omega_of(acc)
     # the penalty on shards: add_penalty_grad_ and penalty() after a training step's backward
     with torch.no_grad():
         for p in model.parameters():
@@ -428,12 +438,13 @@ def _w_all(rank: int, tmp: Path, device, checks) -> None:
     torch.set_num_threads(1)
     mesh = init_device_mesh("cpu", (WORLD,))
     for name in checks:
+        t0 = time.monotonic()
         try:
             WORKERS[name](rank, tmp, mesh)
         except BaseException:
             (tmp / f"error-{name}-{rank}.txt").write_text(f"rank {rank}, check {name!r}:\n{traceback.format_exc()}")
             raise
-        (tmp / f"ok-{name}-{rank}").touch()
+        (tmp / f"ok-{name}-{rank}").write_text(f"{time.monotonic() - t0:.1f} s")
         dist.barrier()
 
 
@@ -494,6 +505,12 @@ def test_every_rule_on_a_sharded_mlp_equals_one_process(group, rule, batch_ranks
     want = expected(rule, batch_ranks, randomized(mlp()))
     for rank in range(WORLD):
         close(load_result(tmp, "mlp", rank)[(rule, batch_ranks)], want, f"{rule}/{batch_ranks} rank {rank}")
+
+
+@pytest.mark.parametrize("rule", ["local", "global"])
+def test_accumulating_on_shards_equals_one_process(group, rule):
+    tmp = passed(group, "rules_mlp")
+    close(load_result(tmp, "mlp", 1)[("online", rule)], expected(rule, "per_rank", randomized(mlp())), f"online {rule}")
 
 
 def test_penalty_on_shards_equals_the_full_penalty(group):

@@ -8,6 +8,7 @@ from .estimators import Rule, register_rule
 from .mas import MAS
 from .ops import abs_accumulate_, abs_bmm_accumulate_, abs_outer_accumulate_, penalty, penalty_grad_
 from .sharded import ShardedPenalty
+from .zero import ZeroPenalty
 
 _backend.use()  # the kernels MAS_KERNELS_BACKEND asks for (default: auto) go on the dispatcher
 
@@ -17,6 +18,7 @@ __all__ = [
     "Rule",
     "register_rule",
     "ShardedPenalty",
+    "ZeroPenalty",
     "use_backend",
     "abs_outer_accumulate_",
     "abs_accumulate_",

@@ -40,7 +40,7 @@ class Copyable:
 
     def __getstate__(self) -> dict[str, Any]:
         """For pickle and ``torch.save``: the settings, the model and the state's values (not the hooks)."""
-        if self.process_group is not None:
+        if self.process_group not in (None, False):
             raise TypeError("MAS: a wrapper with a process_group cannot be pickled (a process group belongs to "
                             "its process); pickle the model and mas.state_dict(), or use mas.save()")
         return self._snapshot()

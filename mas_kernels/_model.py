@@ -23,14 +23,49 @@ from torch import nn
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module under DDP / DataParallel / ``torch.compile`` wrappers."""
+    """The user's module under DDP / DataParallel / ``torch.compile`` / DeepSpeed engine wrappers."""
     while True:
         if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
             model = model._orig_mod
         elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
+        elif type(model).__name__ == "DeepSpeedEngine" and isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module
         else:
             return model
+
+
+# Submodules that wrappers insert into a model's tree (activation checkpointing's CheckpointWrapper,
+# a block compiled alone): they are not part of a parameter's name, so a state saved from the bare model
+# loads into the wrapped one and back.
+WRAPPER_KEYS = ("_checkpoint_wrapped_module", "_orig_mod")
+
+
+def clean_name(name: str) -> str:
+    """``name`` without wrapper segments: ``h.0._checkpoint_wrapped_module.attn.weight`` -> ``h.0.attn.weight``."""
+    if "_checkpoint_wrapped_module" not in name and "_orig_mod" not in name:
+        return name
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_KEYS)
+
+
+def named_parameters(module: nn.Module):
+    """``module.named_parameters()`` with wrapper segments left out of the names (:func:`clean_name`)."""
+    for name, p in module.named_parameters():
+        yield clean_name(name), p
+
+
+def _descend(mod: nn.Module, key: str | None, links: dict) -> nn.Module:
+    """Step through wrapper submodules of ``mod`` until one has ``key`` (a child; None: ``mod`` itself)."""
+    while key is None or key not in mod._modules:
+        inner = next((mod._modules[w] for w in WRAPPER_KEYS if w in mod._modules), None)
+        if inner is None:
+            return mod
+        w = next(w for w in WRAPPER_KEYS if w in mod._modules)
+        links[(id(mod), w)] = (mod, w, inner, type(inner))
+        mod = inner
+        if key is None:
+            return mod
+    return mod
 
 
 def default_output(out: Any) -> torch.Tensor:
@@ -52,38 +87,6 @@ _GLOBAL_HOOKS: list = []
 def _mark_stale(*_args) -> None:
     for watch in list(_LIVE):
         watch.stale = True
-
-
-class _WatchedParameters(dict):
-    """A module's ``_parameters`` that marks every live watcher stale when an entry is set or removed
-    outside ``register_parameter`` (``module._parameters["weight"] = Parameter(...)``: accelerate's
-    ``set_module_tensor_to_device``, ``model.half()`` under
-    ``torch.__future__.set_overwrite_module_params_on_conversion(True)``). It pickles and copies as a plain
-    dict, so a saved model does not depend on this package."""
-
-    __slots__ = ()
-
-    def __setitem__(self, key, value):
-        super().__setitem__(key, value)
-        _mark_stale()
-
-    def __delitem__(self, key):
-        super().__delitem__(key)
-        _mark_stale()
-
-    def pop(self, *args):
-        out = super().pop(*args)
-        _mark_stale()
-        return out
-
-    def __reduce__(self):
-        return (dict, (dict(self),))
-
-
-def _watch(module: nn.Module) -> None:
-    params = module.__dict__.get("_parameters")
-    if params is not None and type(params) is dict:
-        module.__dict__["_parameters"] = _WatchedParameters(params)
 
 
 def _install_global_hooks() -> None:
@@ -133,7 +136,7 @@ class TrackedParams:
     def read(self) -> dict[str, nn.Parameter]:
         """The tracked parameters as the module has them now."""
         keep, select = self.params, self.select
-        return {name: p for name, p in self.module.named_parameters()
+        return {name: p for name, p in named_parameters(self.module)
                 if (p.requires_grad or self.include_frozen or name in keep) and select(name, p)}
 
     def _paths(self) -> tuple[list, list]:
@@ -141,24 +144,30 @@ class TrackedParams:
         (owner's parameter dict, key, parameter) for every tracked parameter."""
         links: dict = {}
         owners = []
+        self._root_type = type(self.module)
         for name, p in self.params.items():
             *path, leaf = name.split(".")
             mod = self.module
             for key in path:
+                mod = _descend(mod, key, links)
                 child = mod._modules.get(key)
                 if child is None:  # not reachable by its name (should not happen for named_parameters names)
                     break
-                links[(id(mod), key)] = (mod, key, child)
+                links[(id(mod), key)] = (mod, key, child, type(child))
                 mod = child
-            _watch(mod)
+            if leaf not in mod._parameters:
+                mod = _descend(mod, None, links)
             owners.append((mod._parameters, leaf, p))
         return list(links.values()), owners
 
     def intact(self, full: bool = False) -> bool:
-        """Whether every module on the paths to the tracked parameters is still where it was
+        """Whether every module on the paths to the tracked parameters is still where it was, of the class
+        it was (FSDP2's ``fully_shard`` changes a module's class when it swaps in sharded parameters)
         (``full``: and every tracked parameter too)."""
-        for mod, key, child in self._links:
-            if mod._modules.get(key) is not child:
+        if type(self.module) is not self._root_type:
+            return False
+        for mod, key, child, cls in self._links:
+            if mod._modules.get(key) is not child or type(child) is not cls:
                 return False
         if full:
             for params, key, p in self._owners:
@@ -166,11 +175,14 @@ class TrackedParams:
                     return False
         return True
 
-    def changed(self, full: bool = False) -> dict[str, nn.Parameter] | None:
+    def changed(self, full: bool = True) -> dict[str, nn.Parameter] | None:
         """The new tracked parameters if any was added, removed or replaced since the last call, else None.
 
-        Cheap when nothing was registered anywhere since (one flag, and one
-        dict look-up per module on the paths to the tracked parameters).
+        Cheap when nothing was registered anywhere since: one flag, one dict look-up per module on the paths
+        to the tracked parameters, and (``full``, the default) one per tracked parameter, which notices a
+        parameter replaced without registration (``module._parameters["weight"] = Parameter(...)``:
+        accelerate's ``set_module_tensor_to_device``, ``model.half()`` under
+        ``torch.__future__.set_overwrite_module_params_on_conversion(True)``).
         """
         if not self.stale and self.intact(full):
             return None
@@ -200,7 +212,7 @@ def _selector(module: nn.Module, select, include_frozen: bool):
     bad = [n for n in names if not isinstance(n, str)]
     if bad:
         raise ValueError(f"MAS: params= lists {bad!r}, which are not parameter names (strings)")
-    have = dict(module.named_parameters())
+    have = dict(named_parameters(module))
     unknown = [n for n in names if n not in have]
     if unknown:
         raise ValueError(f"MAS: params= names {unknown}, which the model does not have; its parameters are "

@@ -24,6 +24,7 @@ the caller checks names, shapes and values before it changes anything.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import numbers
 import os
@@ -64,6 +65,43 @@ def checksum(named: dict[str, torch.Tensor]) -> str:
         crc = zlib.crc32(f"{name}|{t.dtype}|{tuple(t.shape)}".encode(), crc)
         crc = zlib.crc32(_bytes(t), crc)
     return f"{crc:08x}"
+
+
+def _gf2_times(mat: tuple, vec: int) -> int:
+    out, i = 0, 0
+    while vec:
+        if vec & 1:
+            out ^= mat[i]
+        vec >>= 1
+        i += 1
+    return out
+
+
+def _gf2_square(mat: tuple) -> tuple:
+    return tuple(_gf2_times(mat, mat[n]) for n in range(32))
+
+
+@functools.lru_cache(maxsize=4096)
+def _zeros_operator(length: int) -> tuple:
+    """The GF(2) matrix that advances a CRC32 over ``length`` zero bytes (zlib's crc32_combine, by squaring)."""
+    op = tuple([0xEDB88320] + [1 << n for n in range(31)])  # one zero bit
+    op = _gf2_square(_gf2_square(op))  # four zero bits
+    result = None
+    while length:
+        op = _gf2_square(op)  # one zero byte, then 2, 4, ... bytes
+        if length & 1:
+            result = op if result is None else tuple(_gf2_times(op, result[n]) for n in range(32))
+        length >>= 1
+    return result
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """``zlib.crc32(a + b)`` from ``crc1 = zlib.crc32(a)``, ``crc2 = zlib.crc32(b)`` and ``len2 = len(b)``
+    (zlib's ``crc32_combine``, which Python's zlib does not expose): ranks that each read a slice of a tensor
+    check the file's CRC32 of the whole tensor together."""
+    if len2 <= 0:
+        return crc1
+    return _gf2_times(_zeros_operator(len2), crc1) ^ crc2
 
 
 def _umask() -> int:
@@ -142,6 +180,125 @@ def write(path: str | os.PathLike, parts: dict[str, dict[str, torch.Tensor]], me
         if isinstance(exc, OSError):
             raise _named_error(exc, who, f"writing {path!r} failed", path) from exc
         raise
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+class StreamWriter:
+    """The same file as :func:`write`, written one tensor at a time (for sharded states: a rank holds one
+    gathered parameter at a time, never the whole state), with the same guarantees: a temp file in the
+    target's folder, fsynced and renamed into place (the mode kept, a symlink written through); nothing
+    at ``path`` changes unless :meth:`commit` succeeds.
+
+    Args:
+        path: the target.
+        entries: ``(part, name, dtype, shape)`` of every tensor, in the order :meth:`write` gets them:
+            parts in :data:`PARTS` order, names sorted within a part (the checksums' order).
+        meta: JSON-able metadata, as for :func:`write`.
+    """
+
+    def __init__(self, path: str | os.PathLike, entries: list[tuple[str, str, torch.dtype, tuple]],
+                 meta: dict[str, Any], who: str = "MAS.save"):
+        self.path = check_path(path, who)
+        self.who = who
+        self.target = os.path.realpath(self.path)
+        self.folder = os.path.dirname(self.target)
+        if not os.path.isdir(self.folder):
+            raise FileNotFoundError(errno.ENOENT, f"{who}: the folder {self.folder!r} does not exist; create it "
+                                    "first", self.path)
+        order = sorted(range(len(entries)), key=lambda i: (PARTS.index(entries[i][0]), entries[i][1]))
+        if order != list(range(len(entries))):
+            raise ValueError(f"{who}: StreamWriter entries must come by part, then by sorted name")
+        self.entries = list(entries)
+        parts = list(dict.fromkeys(part for part, *_ in entries))
+        # Fixed-width placeholders, patched with the CRC32s once every tensor is written.
+        self.marks = {part: f"@@@@@@@{i}" for i, part in enumerate(parts)}
+        header_meta = {k: json.dumps(v) for k, v in {"format": FORMAT, **meta, "checksums": self.marks}.items()}
+        header: dict[str, Any] = {"__metadata__": header_meta}
+        offset = 0
+        for part, name, dtype, shape in entries:
+            if dtype not in _SAFETENSORS_DTYPES:
+                raise ValueError(f"{who}: {part}[{name!r}] has dtype {dtype}, which the file format does not hold")
+            size = torch.empty((), dtype=dtype).element_size()
+            for d in shape:
+                size *= int(d)
+            header[f"{part}/{name}"] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": [int(d) for d in shape],
+                                       "data_offsets": [offset, offset + size]}
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.header = bytearray(len(raw).to_bytes(8, "little") + raw)
+        self.crcs = {part: 0 for part in parts}
+        self.next = 0
+        try:
+            self.mode = stat.S_IMODE(os.stat(self.target).st_mode)
+        except FileNotFoundError:
+            self.mode = 0o666 & ~_umask()
+        try:
+            fd, self.tmp = tempfile.mkstemp(prefix=".mas-", suffix=".tmp", dir=self.folder)
+        except OSError as exc:
+            raise _named_error(exc, who, f"cannot create a file in the folder {self.folder!r}", self.path) from exc
+        self.file = os.fdopen(fd, "wb")
+        self._guard(lambda: self.file.write(self.header))
+
+    def _guard(self, fn):
+        try:
+            return fn()
+        except BaseException as exc:
+            self.abort()
+            if isinstance(exc, OSError):
+                raise _named_error(exc, self.who, f"writing {self.path!r} failed", self.path) from exc
+            raise
+
+    def write(self, t: torch.Tensor) -> None:
+        """The next entry's tensor (its dtype and shape as declared)."""
+        part, name, dtype, shape = self.entries[self.next]
+        t = t.detach().contiguous().cpu()
+        if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+            self.abort()
+            raise ValueError(f"{self.who}: {part}[{name!r}] is {t.dtype} {tuple(t.shape)}, declared {dtype} "
+                             f"{tuple(shape)}")
+        crc = zlib.crc32(f"{name}|{t.dtype}|{tuple(t.shape)}".encode(), self.crcs[part])
+        data = _bytes(t)
+        self.crcs[part] = zlib.crc32(data, crc)
+        self._guard(lambda: self.file.write(data))
+        self.next += 1
+
+    def commit(self) -> None:
+        """Write the checksums, fsync, and rename the file into place."""
+        if self.next != len(self.entries):
+            self.abort()
+            raise ValueError(f"{self.who}: {len(self.entries) - self.next} tensor(s) were not written")
+
+        def finish():
+            for part, mark in self.marks.items():
+                at = self.header.find(mark.encode())
+                self.header[at:at + 8] = f"{self.crcs[part]:08x}".encode()
+            self.file.seek(0)
+            self.file.write(self.header)
+            self.file.flush()
+            os.fchmod(self.file.fileno(), self.mode)
+            os.fsync(self.file.fileno())  # the data is on disk before the name points at it
+            self.file.close()
+            os.replace(self.tmp, self.target)
+            self.tmp = None
+            _fsync_folder(self.folder)
+
+        self._guard(finish)
+
+    def abort(self) -> None:
+        """Remove the temp file (the target is untouched)."""
+        try:
+            self.file.close()
+        except OSError:
+            pass
+        if self.tmp is not None:
+            try:
+                os.unlink(self.tmp)
+            except FileNotFoundError:
+                pass
+            self.tmp = None
 
 
 def read(path: str | os.PathLike, who: str = "MAS.load",

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from . import __version__, checkpoint, distributed
+from . import __version__, checkpoint, distributed, fsdp, zero
 from ._copies import Copyable
 from ._model import CheckedOutput, TrackedParams, default_output, modes, remove_handles, unwrap
 from .estimators import Plan
@@ -95,9 +95,17 @@ class MAS(Copyable):
             ``name -> bool``, or True for all. Parameters no rule can serve as observed (used outside
             the layers that own them, layers whose samples could not be located) get it anyway, with a
             warning naming them.
-        process_group: for ``torch.distributed``: ``consolidate()`` all-reduces
-            importance numerators and sample counts over it (default group when
-            initialized).
+        process_group: for ``torch.distributed``: ``consolidate()`` and
+            ``save()`` sum importance numerators and sample counts over it.
+            Default: the group of a DDP wrapper, or an FSDP2 model's mesh;
+            for a model in neither, no collective at all (each rank alone: a
+            wrapper used on rank 0 only never waits for the others); pass
+            ``dist.group.WORLD`` to sum over every rank, ``False`` to never
+            communicate.
+        batch_ranks: ``importance="global_batch"`` on FSDP2 shards: ``"per_rank"``
+            (default, DDP's semantics: ``sum_r |g_{b,r}|``, each rank's batch a
+            batch) or ``"concatenated"`` (``|sum_r g_{b,r}|``: the ranks' batches
+            together are one batch).
         normalization: how a task's numerators become its importance:
             ``"samples"`` (default): ``(1/N) sum_k`` over the task's N samples;
             ``"avalanche"``: the mean over batches of each batch's mean,
@@ -150,12 +158,13 @@ class MAS(Copyable):
         sample_dim: int | dict | None = None,
         verify: bool | str = True,
         per_sample_fallback: Callable | Iterable[str] | bool | None = None,
+        batch_ranks: str = "per_rank",
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"MAS: model must be an nn.Module, got {type(model).__name__}")
         self._options = Options(lam, importance, combine, output_fn, uncovered, post_activation, include_frozen,
                                 chunk_size, normalization, params, omega_dtype, anchor_dtype, memory_budget, forward,
-                                sample_dim, verify, per_sample_fallback)
+                                sample_dim, verify, per_sample_fallback, batch_ranks)
         self._setup(model, process_group)
 
     def _setup(self, model: nn.Module, process_group, keep=()) -> None:
@@ -167,6 +176,12 @@ class MAS(Copyable):
         self.process_group = process_group
         self.wrapper = model
         self.module = unwrap(model)
+        self._sharded = fsdp.is_sharded(self.module)  # FSDP2: the state is kept per local shard (fsdp.py)
+        if self._sharded:
+            fsdp.reshard(self.module)  # never hold the unsharded tensors a no_grad forward leaves on the root
+        self._group = distributed.group_for(model, process_group)  # False: no collectives
+        self._zero = zero.stage(model)  # a DeepSpeed ZeRO engine ignores .grad
+        distributed.warn_unwrapped(self._group, process_group, self._sharded)
         self._tracked = TrackedParams(self.module, o.include_frozen, o.params, keep)
         self._handles: list = []  # the open session's hooks (removed if this wrapper is collected mid-session)
         self._build(self._tracked.params)
@@ -176,28 +191,50 @@ class MAS(Copyable):
     def _build(self, params: dict[str, nn.Parameter], old: ImportanceState | None = None,
                anchor_dtypes: dict | None = None) -> None:
         """The state, the plan of rules and the penalty's lists for ``params`` (old values kept by name)."""
-        distributed.check_unsharded(self.module, params)  # FSDP1 / FSDP2 / tensor parallel: a clear error
+        if not self._sharded and fsdp.is_sharded(self.module):  # fully_shard-ed since: the state follows, sliced
+            self._sharded = True
+            fsdp.reshard(self.module)
+            self._group = distributed.group_for(self.wrapper, self.process_group)
+        distributed.check_unsharded(self.module, params, dtensors=not self._sharded)  # FSDP1, TP: a clear error
         meta = [n for n, p in params.items() if p.is_meta]
         if meta:
             raise ValueError(f"MAS: parameters {meta[:4]}{' ...' if len(meta) > 4 else ''} are on the meta device "
                              "(no data); materialize the model first (model.to_empty(device=...) and load its "
                              "weights), then wrap it")
-        state = ImportanceState(params, old, omega_dtype=self._options.omega_dtype,
-                                anchor_dtype=self._options.anchor_dtype, anchor_dtypes=anchor_dtypes)
+        if zero.is_zero3(params) is not None:
+            raise NotImplementedError(
+                f"MAS: parameter {zero.is_zero3(params)!r} is partitioned by DeepSpeed ZeRO-3 (each rank holds a "
+                "flat slice, the module an empty tensor); estimate on an unsharded replica (or FSDP2), save() it, "
+                "and apply the penalty with mas_kernels.ZeroPenalty(engine, path)")
+        kinds = dict(omega_dtype=self._options.omega_dtype, anchor_dtype=self._options.anchor_dtype,
+                     anchor_dtypes=anchor_dtypes)
+        if self._sharded:
+            state, self._group = fsdp.sharded_state(self.module, params, old, self.process_group, **kinds)
+        else:
+            state = ImportanceState(params, old, **kinds)
+            if distributed.active(self._group):  # a non-finite batch: a warning at consolidate(), ranks in step
+                state.defer_finite_check = True
         self._regularizer = Regularizer("MAS", list(params.values()), [state.anchors[n] for n in params],
-                                        [state.omega[n] for n in params], self._lam, names=list(params))
+                                        [state.omega[n] for n in params], self._lam, names=list(params),
+                                        local=fsdp.local_view if self._sharded else None,
+                                        local_data=fsdp.local_data if self._sharded else None)
         self._params, self._state_, self._plan = params, state, Plan(self.module, params)
         o = self._options
         # The layouts observed per call signature (where samples are, which ops use which parameter), kept
         # across estimate()/accumulating() calls until the tracked parameters change.
-        self._layouts = Layouts(self.module, self._plan, params, o.output_fn if o.importance == "local" else
+        self._layouts = Layouts(self.module, self._plan, fsdp.GraphParams(params, self.module) if self._sharded
+                                else params, o.output_fn if o.importance == "local" else
                                 self.output_fn, o.sample_dim, own_passes,
                                 exact=o.importance == "global" or (o.importance == "local" and o.uncovered == "global"))
 
     @property
     def _state(self) -> ImportanceState:
-        """The state, rebuilt first if parameters were added, removed or replaced since (cheap: the training step)."""
-        params = self._tracked.changed()
+        """The state, rebuilt first if parameters were added, removed or replaced since (cheap: the training step).
+
+        On FSDP2 shards the modules hold unsharded parameters between a forward and the next reshard (the
+        root after a no_grad forward): there only registrations and module changes are followed here, and
+        replaced entries by the entry points that reshard first (:meth:`_checked_state`)."""
+        params = self._tracked.changed(full=not self._sharded)
         if params is not None:
             self._build(params, self._state_)
         return self._state_
@@ -207,6 +244,8 @@ class MAS(Copyable):
         parameter removed from its module, or whose storage changed shape or device (the state
         follows: a parameter that grew keeps its leading entries, one moved to another device takes
         its state along)."""
+        if self._sharded:
+            fsdp.reshard(self.module)
         params = self._tracked.changed(full=True)
         if params is not None:
             self._build(params, self._state_)
@@ -295,9 +334,19 @@ class MAS(Copyable):
         """
         state = self._state
         o = self._options
-        estimator, extra = estimators_for(self.module, self._params, self._plan, o, self.output_fn)
+        if self._sharded and self.importance == "global_batch":
+            estimator, extra = fsdp.ShardedBatchRule(self.module, self._params, self._plan, self.output_fn,
+                                                     state.sharding, o.batch_ranks), None
+        else:
+            estimator, extra = estimators_for(self.module, self._params, self._plan, o, self.output_fn)
+            if self._sharded:  # identity checks on the autograd graph must see FSDP2's unsharded tensors
+                for exact in (estimator, extra[0] if extra else None):
+                    if exact is not None and hasattr(exact, "params"):
+                        exact.params = fsdp.GraphParams(exact.params, self.module)
+        # The self-check's one backward per sample would be collectives of their own on FSDP2 shards, and
+        # gradients w.r.t. sharded parameters: verify the rules on an unsharded replica instead.
         return Session(self.module, self._params, state, estimator, extra, self._handles, self._layouts,
-                       per_batch_mean=self.normalization == "avalanche", verify=o.verify,
+                       per_batch_mean=self.normalization == "avalanche", verify=o.verify and not self._sharded,
                        output_fn=self.output_fn)
 
     @contextlib.contextmanager
@@ -320,6 +369,8 @@ class MAS(Copyable):
         Runs the model in eval mode unless ``train_mode``. The model's mode and
         every ``.grad`` are restored afterwards.
         """
+        if self._sharded and not isinstance(batches, torch.Tensor):  # FSDP2's forward is a collective
+            batches = fsdp.in_step(batches, self._state.sharding)
         with self._session() as session, modes(self.module, train_mode):
             session.run_all(batches, lambda b: call_for(b, self.forward, self._device()), not train_mode,
                             progress, f"MAS {self.importance}")
@@ -338,7 +389,7 @@ class MAS(Copyable):
         """
         self._state.check_finite()
 
-    def consolidate(self) -> "MAS":
+    def consolidate(self, *, timeout: float | None = None) -> "MAS":
         """Fold this task's importance into Omega and snapshot theta* (the anchors).
 
         ``new = accumulator / N``; then ``sum``: ``Omega += new``; ``mean``:
@@ -350,12 +401,29 @@ class MAS(Copyable):
         :meth:`check_finite`), changing nothing (under ``torch.distributed`` a
         ``RuntimeWarning`` instead, and the other batches are folded, since
         every rank must reach the all-reduce). The accumulator is released.
+
+        ``timeout``: seconds to wait for the other ranks to reach it; past
+        that, a ``TimeoutError`` naming ``MAS.consolidate`` on every rank that
+        waited (default: the process group's own timeout). Ranks whose options
+        or tracked parameters differ raise a ``RuntimeError`` on every rank.
         """
         state = self._checked_state()
-        distributed.raise_rejected(state, self.process_group)
-        distributed.consolidate(state, self._params, self.combine, self.normalization == "avalanche",
-                                session_open=bool(self._handles), group=self.process_group)
+        distributed.raise_rejected(state, self._group)
+        params = {n: fsdp.local_view(p.detach()) for n, p in self._params.items()} if self._sharded else self._params
+        distributed.consolidate(state, params, self.combine, self.normalization == "avalanche",
+                                session_open=bool(self._handles), group=self._group,
+                                names=state.sharding.replicated if self._sharded else None,
+                                fingerprint=self._fingerprint(state), timeout=timeout)
         return self
+
+    def _fingerprint(self, state: ImportanceState) -> str:
+        """The options and consolidated history every rank must share (checked at consolidate() and save())."""
+        o = self._options
+        text = (f"importance={o.importance!r}, combine={o.combine!r}, normalization={o.normalization!r}, "
+                f"uncovered={o.uncovered!r}, include_frozen={o.include_frozen}, omega_dtype={o.omega_dtype}, "
+                f"anchor_dtype={o.anchor_dtype}, batch_ranks={o.batch_ranks!r}, lam={self.lam!r}, "
+                f"num_tasks={state.num_tasks}, samples_consolidated={state.samples_consolidated}")
+        return text + (f", sharded={state.sharding.layout_text()}" if self._sharded else "")
 
     # --------------------------------------------------------------- penalty
     def penalty(self) -> torch.Tensor:
@@ -370,8 +438,12 @@ class MAS(Copyable):
         """Add ``2 lam Omega (theta - theta*)`` into each ``.grad`` (after ``backward()``); return the penalty.
 
         A frozen parameter (``requires_grad=False``) without a ``.grad`` gets
-        none, and its term is left out. No host synchronization.
+        none, and its term is left out. No host synchronization. On a
+        DeepSpeed ZeRO-1/2 engine (which ignores ``.grad``) a ``NotImplementedError``
+        pointing to :class:`mas_kernels.ZeroPenalty`, never a silent no-op.
         """
+        if self._zero:
+            zero.refuse_add_grad(self._zero)
         return self._apply_penalty("add_grad_")
 
     def _apply_penalty(self, how: str) -> torch.Tensor:
@@ -399,13 +471,17 @@ class MAS(Copyable):
         Raises the deferred ``FloatingPointError`` of a rejected batch first (see :meth:`check_finite`).
         """
         state = self._checked_state()
-        distributed.raise_rejected(state, self.process_group)
+        distributed.raise_rejected(state, self._group)
+        if self._sharded:
+            return {**fsdp.state_dict(state, self._params), **self._meta(state)}
         return {**state.state_dict(), **self._meta(state)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Load a ``state_dict()``: every field is checked (names, shapes, dtypes, finite and
         non-negative importance, integer counts) before anything changes, and a bad one is named."""
         target = self._checked_state()
+        if self._sharded:
+            state = fsdp.local_state(state, target, "MAS.load_state_dict")
         target.check(state, "MAS.load_state_dict")
         if self.normalization == "avalanche" and "num_batches" not in state and int(state.get("num_samples", 0)):
             raise ValueError(
@@ -419,7 +495,7 @@ class MAS(Copyable):
                               f"this wrapper uses {getattr(self, key)!r}", stacklevel=2)
         target.load_state_dict(state)
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike, *, timeout: float | None = None) -> None:
         """Write the state as safetensors (no pickle), atomically (see :func:`checkpoint.write`: the
         mode of a file it replaces is kept, a symlink is written through, data and folder are
         fsynced, a CRC32 of each part is stored and checked by :meth:`load`).
@@ -427,11 +503,20 @@ class MAS(Copyable):
         Under ``torch.distributed`` every rank calls it: an open accumulator
         (samples seen since the last ``consolidate``) is summed over the ranks
         first, as one process would hold it; then rank 0 writes while the
-        others wait, and an error on rank 0 is raised on every rank.
+        others wait, and an error on rank 0 is raised on every rank (``timeout``:
+        as for :meth:`consolidate`). On FSDP2 shards the file is the same
+        one-file format, written by rank 0 one parameter at a time (no rank
+        holds the whole state); it loads on any number of ranks.
         """
         path = checkpoint.check_path(path, "MAS.save")
-        sd = self.state_dict()
-        distributed.save_over_ranks(path, sd, self._meta(self._state_), self.process_group)
+        state = self._checked_state()
+        distributed.raise_rejected(state, self._group)
+        if self._sharded:
+            fsdp.save(path, state, self._meta(state), self._fingerprint(state), timeout)
+            return
+        sd = {**state.state_dict(), **self._meta(state)}
+        distributed.save_over_ranks(path, sd, self._meta(state), self._group, fingerprint=self._fingerprint(state),
+                                    timeout=timeout)
 
     def load(self, path: str | os.PathLike) -> None:
         """Read a file written by :meth:`save`; a failed load leaves the state as it was.
@@ -441,9 +526,20 @@ class MAS(Copyable):
         saved it) goes to rank 0 only, so the next ``consolidate()`` counts it once.
         """
         path = checkpoint.check_path(path, "MAS.load")
+        if self._sharded:  # each rank reads its own rows only; a failure on one rank is raised on all
+            state = self._checked_state()
+            parts, meta = fsdp.read_rows(path, state, "MAS.load")
+            try:
+                self.load_state_dict({**meta, **parts})
+                error = None
+            except BaseException as exc:
+                error = exc
+            fsdp.agree(error, state.sharding, "MAS.load")
+            fsdp.keep_open_task(self._state)
+            return
         parts, meta = checkpoint.read(path, "MAS.load")
         self.load_state_dict({**meta, **parts})
-        distributed.keep_open_task_on_rank0(self._state, self.process_group)
+        distributed.keep_open_task_on_rank0(self._state, self._group)
 
     # ----------------------------------------------------------------- hooks
     def remove(self) -> None:

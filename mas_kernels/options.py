@@ -15,6 +15,7 @@ IMPORTANCE = ("local", "global", "global_batch")
 VERIFY = (True, False, "always")
 UNCOVERED = ("global", "skip", "error")
 NORMALIZATION = ("samples", "avalanche")
+BATCH_RANKS = ("per_rank", "concatenated")
 
 
 def check_lam(lam, who: str = "MAS") -> float:
@@ -55,6 +56,7 @@ class Options:
     sample_dim: int | dict | None = None
     verify: bool | str = True
     per_sample_fallback: Callable | Iterable[str] | bool | None = None
+    batch_ranks: str = "per_rank"
 
     def fallback_predicate(self) -> Callable[[str], bool] | None:
         """``per_sample_fallback=`` as a ``name -> bool`` predicate (None: no parameter forced)."""
@@ -72,6 +74,9 @@ class Options:
             raise ValueError(f"MAS: importance={self.importance!r} is not one of {IMPORTANCE}")
         if self.uncovered not in UNCOVERED:
             raise ValueError(f"MAS: uncovered={self.uncovered!r} is not one of {UNCOVERED}")
+        if self.batch_ranks not in BATCH_RANKS:
+            raise ValueError(f"MAS: batch_ranks={self.batch_ranks!r} is not one of {BATCH_RANKS} (global_batch on "
+                             "FSDP2 shards: each rank's batch a batch, or the ranks' batches one batch)")
         if self.normalization not in NORMALIZATION:
             raise ValueError(f"MAS: normalization={self.normalization!r} is not one of {NORMALIZATION}")
         _positive_int(self.chunk_size, "chunk_size", "a positive number of samples per chunk, or None (as many "

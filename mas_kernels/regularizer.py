@@ -55,6 +55,8 @@ class Regularizer:
         lam: lambda.
         local: maps a parameter (or its ``.grad``) to the tensor the op works
             on; ``None`` for the identity.
+        local_data: the same without autograd, for the per-step paths (default
+            ``local(t.detach())``; a DTensor's raw local tensor costs no dispatch).
         names: the parameters' names, for messages (default ``params[i]``).
 
     A parameter with ``requires_grad=False`` (frozen) gets neither a gradient
@@ -65,13 +67,14 @@ class Regularizer:
 
     def __init__(self, who: str, params: list[torch.Tensor], anchors: list[torch.Tensor],
                  omegas: list[torch.Tensor], lam: float, local: Callable | None = None,
-                 names: list[str] | None = None):
+                 names: list[str] | None = None, local_data: Callable | None = None):
         self.who = who
         self.params = list(params)
         self.anchors = list(anchors)
         self.omegas = list(omegas)
         self.lam = float(lam)
         self.local = local
+        self.local_data = local_data or (None if local is None else (lambda t: local(t.detach())))
         self.names = list(names) if names is not None else [f"params[{i}]" for i in range(len(self.params))]
         self._subset: tuple | None = None  # (skipped indices, lists without them), for frozen parameters
         if self.params:
@@ -94,12 +97,12 @@ class Regularizer:
     def _views(self) -> list[torch.Tensor]:
         if self.local is None:
             return [p.detach() for p in self.params]
-        return [self.local(p.detach()) for p in self.params]
+        return [self.local_data(p) for p in self.params]
 
     def _layout(self) -> list[int]:
         if self.local is None:
             return list(map(_data_ptr, self.params))
-        return [self.local(p.detach()).data_ptr() for p in self.params]
+        return [self.local_data(p).data_ptr() for p in self.params]
 
     def check_layout(self) -> None:
         """Validate the parameters' storage again if any changed since the last check (cheap otherwise).
@@ -155,8 +158,9 @@ class Regularizer:
         # The op's Autograd key is a fallthrough: parameters that require grad need no detach.
         if self.local is None:
             return torch.ops.mas_kernels.penalty_grad_(params, anchors, omegas, self.lam, grads)
-        return torch.ops.mas_kernels.penalty_grad_([self.local(p.detach()) for p in params], anchors, omegas,
-                                                   self.lam, [self.local(g) for g in grads])
+        local = self.local_data
+        return torch.ops.mas_kernels.penalty_grad_([local(p) for p in params], anchors, omegas, self.lam,
+                                                   [local(g) for g in grads])
 
     def _fill(self, grads: list) -> tuple[list, list, list, list]:
         """Zeros for the missing ``.grad`` of parameters that require grad; frozen ones are left out. A

@@ -236,6 +236,10 @@ class Session:
         other rules run their own passes on it (in eval mode unless told otherwise).
         """
         if self.local:
+            # The layout observed before the forward (not from inside its pre-hook, where a sharded model's
+            # own hooks are half-way through theirs); the forward then finds it known.
+            with own_passes():
+                self.layouts.resolve(Batch(self.module, call))
             with torch.no_grad():
                 call(self.module)
             return

@@ -8,6 +8,7 @@ buffers instead of one tensor per parameter.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import warnings
@@ -95,6 +96,15 @@ class FlatBuffers:
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.views[name]
+
+    def scope(self, layers: list, names) -> contextlib.AbstractContextManager:
+        """The rules write ``names``'s numerators for ``layers`` inside this block (nothing to do here: the
+        views are the numerators; a sharded state's staging reduce-scatters them per block, fsdp.py)."""
+        return contextlib.nullcontext(self)
+
+    def per_sample_backward(self, names: list[str]) -> None:
+        """The exact rule is about to run one backward pass per sample for ``names`` (parameters used outside
+        their layers' forward): fine here; a sharded state's staging refuses it by name (fsdp.py)."""
 
     def __contains__(self, name: str) -> bool:
         return name in self.views

@@ -358,7 +358,7 @@ def _w_ddp_training_and_state(rank: int, tmp: Path, device: torch.device) -> Non
     assert mkd.main_process_only(lambda: 42) == (42 if rank == 0 else None)
 
     # --- ranks that track different parameters: a clear error on both, not a hang.
-    odd = mk.MAS(make_model() if rank == 0 else nn.Linear(6, 3), importance="local")
+    odd = mk.MAS(make_model() if rank == 0 else nn.Linear(6, 3), importance="local", process_group=dist.group.WORLD)
     odd.estimate(shard(1, rank))
     with pytest.raises(RuntimeError, match="ranks track different parameters"):
         odd.consolidate()
@@ -410,10 +410,8 @@ def _w_fsdp2(rank: int, tmp: Path, device: torch.device) -> None:
     assert [n for n, _ in model.named_parameters()] == [n for n, _ in replica.named_parameters()]
     assert mkd.first_dtensor(dict(model.named_parameters())) == "0.weight"
 
-    # The wrapper needs whole parameters: it raises today (a DTensor error from torch unless
-    # mas.py calls check_unsharded, which gives the clear NotImplementedError below).
-    with pytest.raises(RuntimeError):
-        mk.MAS(model)
+    # The wrapper takes FSDP2 shards (tests/test_fsdp.py); the check for whole parameters still names them.
+    assert mk.MAS(model).omega["0.weight"].shape == model[0].weight.to_local().shape
     with pytest.raises(NotImplementedError, match="'0.weight' is a DTensor.*ShardedPenalty"):
         mkd.check_unsharded(model, dict(model.named_parameters()))
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
@@ -531,6 +529,15 @@ def test_sharded_penalty_on_a_plain_model_equals_mas(tmp_path):
                            mas.state_dict())
     with pytest.raises(ValueError, match="model lacks"):
         mk.ShardedPenalty(nn.Sequential(nn.Linear(6, 12)), mas.state_dict())
+    for bad in (-1.0, float("nan"), float("inf")):  # issue 21 item 18: a negative lam rewards drift
+        with pytest.raises(ValueError, match="lam="):
+            mk.ShardedPenalty(model, mas.state_dict(), lam=bad)
+        with pytest.raises(ValueError, match="the state's lam"):
+            mk.ShardedPenalty(model, {**mas.state_dict(), "lam": bad})
+    pen = mk.ShardedPenalty(model, mas.state_dict())
+    with pytest.raises(ValueError, match="lam=-2.0"):
+        pen.lam = -2.0
+    assert pen.lam == 0.3
     (tmp_path / "junk").write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match="not a readable safetensors"):
         mk.ShardedPenalty(model, tmp_path / "junk")

@@ -24,6 +24,7 @@ rule refuses them by name.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 from typing import Callable
@@ -132,6 +133,8 @@ class ExactEstimator:
         wanted = set(self.params if names is None else names)
         slow = {k: v for k, v in self.fallback(layout).items() if k in wanted}
         fast = wanted - set(slow)
+        if slow and hasattr(staging, "per_sample_backward"):
+            staging.per_sample_backward(sorted(slow))  # a sharded state refuses one backward per sample by name
         layers = [layer for layer in self.plan.layers if fast & set(layer.names())]
         modules = list({id(layer.module): layer.module for layer in layers}.values())
         inline = {layer.module: layer for layer in layers if layer.rule.inline_forward is not None}
@@ -146,19 +149,21 @@ class ExactEstimator:
             del loss
             for layer in layers:
                 calls = rec.calls[layer.module]
-                accs = {a: staging[name] for a, name in layer.attrs.items()
-                        if name in fast and name not in self.plan.shared and calls}
-                if not accs:
-                    continue
-                if any(c.dims is not None and c.dims.rows for c in calls):
-                    for call in calls:  # calls on disjoint subsets of the samples: each a batch of its own
-                        m = int(call.x.shape[0]) if call.x.dim() else 1
-                        layer.rule.exact(layer, [call], dataclasses.replace(ctx, n=m), accs)
-                else:
-                    layer.rule.exact(layer, calls, ctx, accs)
+                names_ = [name for name in layer.attrs.values() if name in fast and name not in self.plan.shared]
+                with _scope(staging, [layer], names_):  # a sharded state reduce-scatters the layer's numerators
+                    accs = {a: staging[name] for a, name in layer.attrs.items() if name in names_ and calls}
+                    if not accs:
+                        continue
+                    if any(c.dims is not None and c.dims.rows for c in calls):
+                        for call in calls:  # calls on disjoint subsets of the samples: each a batch of its own
+                            m = int(call.x.shape[0]) if call.x.dim() else 1
+                            layer.rule.exact(layer, [call], dataclasses.replace(ctx, n=m), accs)
+                    else:
+                        layer.rule.exact(layer, calls, ctx, accs)
             for name in self.plan.shared:
                 if name in fast:
-                    self._shared(name, rec.calls, ctx, staging[name])
+                    with _scope(staging, [layer for layer, _ in self.plan.uses[name]], [name]):
+                        self._shared(name, rec.calls, ctx, staging[name])
         if slow:
             with torch.enable_grad():
                 self._per_sample(slow, out, layout, n, staging)
@@ -286,3 +291,9 @@ class ExactEstimator:
                 if g is not None:
                     self.reduction.dense_(staging[k], g.detach())
 
+
+def _scope(staging, layers, names):
+    """``staging.scope(layers, names)`` where the staging has one (a sharded state: the layer's numerators
+    reduce-scattered to their owners after), else nothing."""
+    scope = getattr(staging, "scope", None)
+    return scope(layers, names) if scope is not None else contextlib.nullcontext()

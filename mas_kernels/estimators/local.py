@@ -80,8 +80,10 @@ class LocalEstimator:
             batch = self._batch
             dims = batch.layout.dims_of(module, i)
             n = batch.n
-            # A call every sample shares counts once per sample (not once per batch).
-            times = n if dims is not None and dims.shared and n > 1 and not batch.layout.single else 1
+            # A call every sample shares counts once per sample (not once per batch); one the exact rule's
+            # recorded pass broadcasts (``expand``) is shared here, in the user's own forward.
+            shared = dims is not None and (dims.shared or dims.expand is not None)
+            times = n if shared and n > 1 and not batch.layout.single else 1
             args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
             stage = staging()
             for layer, act in zip(layers, acts):
@@ -92,13 +94,14 @@ class LocalEstimator:
                 else:  # RNNs, MultiheadAttention: (output, state) tuples
                     y = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, output)
                 call = Call(args, kwargs, y, [None], [0], dims=dims)
-                accs = {a: stage[name] for a, name in layer.attrs.items()}
-                if times == 1:
-                    layer.rule.local(layer, call, accs)
-                    continue
-                tmp = {a: torch.zeros_like(acc) for a, acc in accs.items()}
-                layer.rule.local(layer, call, tmp)
-                for a, acc in accs.items():
-                    acc.add_(tmp[a], alpha=times)
+                with stage.scope([layer], layer.attrs.values()):  # a sharded state reduce-scatters after
+                    accs = {a: stage[name] for a, name in layer.attrs.items()}
+                    if times == 1:
+                        layer.rule.local(layer, call, accs)
+                        continue
+                    tmp = {a: torch.zeros_like(acc) for a, acc in accs.items()}
+                    layer.rule.local(layer, call, tmp)
+                    for a, acc in accs.items():
+                        acc.add_(tmp[a], alpha=times)
 
         return hook

@@ -54,8 +54,8 @@ class UseTracker(TorchFunctionMode):
                  inputs: Iterable[torch.Tensor]):
         super().__init__()
         self.model = model
-        self.params = params
-        self.by_id = {id(p): n for n, p in params.items()}
+        self.params = {n: params[n] for n in params}  # params[n]: the tensor the forward uses (FSDP2's)
+        self.by_id = {id(p): n for n, p in self.params.items()}
         self.covering = {n: {id(m) for m in ms} for n, ms in covering.items()}
         self.names = {id(m): name or type(m).__name__ for name, m in model.named_modules()}
         self.derived = WeakIdKeyDictionary()

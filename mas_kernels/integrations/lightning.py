@@ -44,6 +44,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from ..distributed import trainer_group
 from ..mas import MAS
 from . import check_mas_options, require
 
@@ -90,7 +91,8 @@ class MASCallback(_pl.Callback):
 
     def _wrapper(self, module: torch.nn.Module) -> MAS:
         if self.mas is None:
-            self.mas = MAS(module, **self._mas_options)
+            # every rank of a multi-rank Trainer runs this on one model: importance summed over the ranks
+            self.mas = MAS(module, **{"process_group": trainer_group(), **self._mas_options})
             if self._pending is not None:
                 state, self._pending = self._pending, None
                 self.mas.load_state_dict(state)

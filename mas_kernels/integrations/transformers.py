@@ -67,6 +67,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from ..distributed import trainer_group
 from ..mas import MAS
 from . import check_mas_options, require
 
@@ -171,7 +172,9 @@ class MASCallback(_transformers.TrainerCallback):
 
     def _wrapper(self, model: torch.nn.Module) -> MAS:
         if self.mas is None:
-            self.mas = MAS(model, output_fn=self.output_fn, forward=self._forward, **self._mas_options)
+            # every rank of a multi-rank Trainer runs this on one model: importance summed over the ranks
+            self.mas = MAS(model, output_fn=self.output_fn, forward=self._forward,
+                           **{"process_group": trainer_group(), **self._mas_options})
             if self._pending is not None:
                 path, self._pending = self._pending, None
                 self.mas.load(path)

@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from . import _backend
+from . import _backend, optim
 from ._backend import use as use_backend
 from .estimators import Rule, register_rule
 from .mas import MAS
@@ -17,6 +17,7 @@ __all__ = [
     "Rule",
     "register_rule",
     "ShardedPenalty",
+    "optim",
     "use_backend",
     "abs_outer_accumulate_",
     "abs_accumulate_",

@@ -130,9 +130,13 @@ def sgd_guard(params, grads, momentum_buffers, anchors, omegas, lam, lr, weight_
 
 
 # --------------------------------------------------------------- the definition
-def _f32(ts: list[torch.Tensor]) -> list[torch.Tensor]:
-    """float32 versions (the tensors themselves when they are float32 already)."""
-    return [t if t.dtype == torch.float32 else t.float() for t in ts]
+_WIDE = (torch.float32, torch.float64)
+
+
+def _opmath(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors in the precision of the arithmetic: float16/bfloat16 as float32 copies; float32
+    (and float64, which only this path serves) themselves."""
+    return [t if t.dtype in _WIDE else t.float() for t in ts]
 
 
 def _store(outs: list[torch.Tensor], work: list[torch.Tensor]) -> None:
@@ -142,16 +146,16 @@ def _store(outs: list[torch.Tensor], work: list[torch.Tensor]) -> None:
             o.copy_(w)
 
 
-def _penalty_grads(params32, grads, anchors, omegas, lam: float, device) -> tuple[list, torch.Tensor]:
+def _penalty_grads(params_op, grads, anchors, omegas, lam: float, device) -> tuple[list, torch.Tensor]:
     """``grad + 2 lam Omega (p - a)`` as new float32 tensors, and ``lam * sum Omega (p - a)^2``."""
     if not anchors:
-        return [g.float().clone() if g.dtype == torch.float32 else g.float() for g in grads], \
+        return [g.clone() if g.dtype in _WIDE else g.float() for g in grads], \
             torch.zeros((), dtype=torch.float32, device=device)
-    d = torch._foreach_sub(params32, _f32(anchors))
-    od = torch._foreach_mul(_f32(omegas), d)
-    g = torch._foreach_add(_f32(grads), od, alpha=2.0 * lam)
+    d = torch._foreach_sub(params_op, _opmath(anchors))
+    od = torch._foreach_mul(_opmath(omegas), d)
+    g = torch._foreach_add(_opmath(grads), od, alpha=2.0 * lam)
     # sum Omega d^2 per tensor; od * d >= 0, so its L1 norm is its sum.
-    value = torch.stack(torch._foreach_norm(torch._foreach_mul(od, d), 1)).sum() * lam
+    value = torch.stack([x.float() for x in torch._foreach_norm(torch._foreach_mul(od, d), 1)]).sum() * lam
     return g, value
 
 
@@ -176,7 +180,7 @@ def adam_penalty_step_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sq
     for step, idx in _by_step(state_steps).items():
         pick = (lambda xs: [xs[i] for i in idx]) if len(idx) != len(params) else (lambda xs: list(xs))
         p_out, m_out, v_out = pick(params), pick(exp_avgs), pick(exp_avg_sqs)
-        p, m, v = _f32(p_out), _f32(m_out), _f32(v_out)
+        p, m, v = _opmath(p_out), _opmath(m_out), _opmath(v_out)
         g, value = _penalty_grads(p, pick(grads), pick(anchors) if anchors else [],
                                   pick(omegas) if omegas else [], lam, device)
         total = total + value
@@ -194,7 +198,7 @@ def adam_penalty_step_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sq
         bias_correction2_sqrt = (1.0 - beta2 ** step) ** 0.5
         if amsgrad:
             vmax_out = pick(max_exp_avg_sqs)
-            vmax = _f32(vmax_out)
+            vmax = _opmath(vmax_out)
             torch._foreach_maximum_(vmax, v)
             _store(vmax_out, vmax)
             denom = torch._foreach_sqrt(vmax)
@@ -216,14 +220,14 @@ def sgd_penalty_step_torch(params, grads, momentum_buffers, anchors, omegas, lam
     device = params[0].device if params else torch.device("cpu")
     if not params:
         return torch.zeros((), dtype=torch.float32, device=device)
-    p = _f32(params)
+    p = _opmath(params)
     g, value = _penalty_grads(p, grads, anchors, omegas, lam, device)
     if maximize:
         torch._foreach_neg_(g)
     if weight_decay != 0:
         torch._foreach_add_(g, p, alpha=weight_decay)
     if momentum != 0:
-        buf = _f32(momentum_buffers)
+        buf = _opmath(momentum_buffers)
         if first_step:
             for b, x in zip(buf, g):
                 b.copy_(x)

@@ -75,10 +75,12 @@ def _adam_chunk(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, a_ptr, o_ptr, offs, n,
     mask = offs < n
     p = _load(p_ptr, offs, mask, MASKED)
     g, sq = _grad_with_penalty(p, g_ptr, a_ptr, o_ptr, offs, mask, two_lam, grad_sign, PENALTY, MASKED)
-    # Coupled weight decay reads theta before the decoupled one scales it; one of the two is a no-op
-    # (wd_coupled = 0 or decay = 1), both exact then.
-    g = g + wd_coupled * p
-    p = p * decay
+    # Coupled weight decay reads theta before the decoupled one scales it. A decay of 0 touches
+    # nothing, as in torch (an inf theta does not become NaN through 0 * inf).
+    if wd_coupled != 0.0:
+        g = g + wd_coupled * p
+    if decay != 1.0:
+        p = p * decay
     m = _load(m_ptr, offs, mask, MASKED)
     # torch.lerp's two forms (the one it uses depends on the weight).
     if lerp_w < 0.5:
@@ -145,7 +147,8 @@ def _sgd_chunk(p_ptr, g_ptr, b_ptr, a_ptr, o_ptr, offs, n, two_lam, grad_sign, w
     mask = offs < n
     p = _load(p_ptr, offs, mask, MASKED)
     g, sq = _grad_with_penalty(p, g_ptr, a_ptr, o_ptr, offs, mask, two_lam, grad_sign, PENALTY, MASKED)
-    g = g + wd * p
+    if wd != 0.0:
+        g = g + wd * p
     if MOMENTUM:
         if FIRST:
             buf = g  # torch.optim.SGD: the buffer starts as a copy of the first gradient

@@ -55,6 +55,15 @@ Conventions (the same as ``mas.add_penalty_grad_()`` followed by the torch step)
   use the two-pass form: ``add_penalty_grad_()``, clip, the torch step: the
   norm needs the penalty gradient, an extra read of theta, theta* and Omega.)
 
+``torch.compile``: the step runs eagerly inside a compiled function (``torch.compiler.disable``:
+a graph break around ``opt.step()``), so no value of ``lr``, ``lam`` or the step count ever
+recompiles anything. There is nothing for a compiler to fuse in it (it is one multi-tensor
+kernel per parameter kind already), and Dynamo's handling of ``torch.optim`` (marking groups
+capturable, moving the step counts to the GPU) does not fit its CPU-hosted step counts. (The ops
+themselves, ``torch.ops.mas_kernels.adam_penalty_step_`` / ``sgd_penalty_step_``, trace into a
+graph like any custom op, but Dynamo guards on their float arguments, as on the penalty ops':
+called inside a compiled function with a new ``lr`` they would recompile.)
+
 Flags: ``amsgrad``, ``maximize``, ``nesterov``, ``dampening`` and
 ``foreach`` are accepted (``foreach`` chooses nothing here: every step is one
 multi-tensor kernel); ``fused=True``, ``capturable=True`` and
@@ -182,6 +191,7 @@ def _sum(total, value):
 
 
 class _AdamStep(_PenaltyStep):
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
         """One step (see the module docstring); returns the closure's loss, if any."""
@@ -272,6 +282,7 @@ class SGD(_PenaltyStep, torch.optim.SGD):
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize, foreach=foreach)
         self._init_mas(mas)
 
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
         """One step (see the module docstring); returns the closure's loss, if any."""

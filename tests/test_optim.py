@@ -259,6 +259,41 @@ def test_closure_and_step_hooks(backend):
     _assert_same_training(model, twin, opt, ref_opt)
 
 
+def test_inside_torch_compile_no_recompile_for_lr_or_lam(backend):
+    import torch._dynamo.testing
+
+    pair, ref_pair = _twins("mlp")
+    (model, mas), (twin, ref_mas) = pair, ref_pair
+    opt = mk.optim.AdamW(model.parameters(), lr=1e-2, mas=mas)
+    ref_opt = torch.optim.AdamW(twin.parameters(), lr=1e-2)
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda k: 1.0 / (1 + k)) for o in (opt, ref_opt)]
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+
+    @torch.compile(backend=counter)
+    def train_step(x, y):
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    torch._dynamo.reset()
+    frames = []
+    for i, (x, y) in enumerate(_data("mlp", 6)):
+        train_step(x, y)
+        ref_opt.zero_grad()
+        _backward(twin, x, y)
+        ref_mas.add_penalty_grad_()
+        ref_opt.step()
+        for s in scheds:
+            s.step()
+        if i == 2:
+            mas.lam = ref_mas.lam = 0.2
+        frames.append(counter.frame_count)
+    assert frames[-1] == frames[1], frames  # new lr every step, new lam once: nothing recompiled
+    _assert_same_training(model, twin, opt, ref_opt)
+
+
 # ------------------------------------------------------------ state_dict
 @pytest.mark.parametrize("direction", ["ours->torch", "torch->ours", "torch fused->ours"])
 def test_state_dict_round_trip_with_torch_optim(backend, direction):

@@ -113,8 +113,9 @@ MAS_KERNELS_INLINE double adam_range(P* __restrict p, P* __restrict m, P* __rest
                                      const float* __restrict o, int64_t n, const AdamArgs& s, float neg_step_size,
                                      float bc2_sqrt) {
   double acc = 0.0;
-  for (int64_t b0 = 0; b0 < n; b0 += kSumBlock) {
-    const int64_t b1 = std::min(n, b0 + kSumBlock);
+  const int64_t block = PEN ? kSumBlock : n;  // without a penalty there is nothing to sum: one loop
+  for (int64_t b0 = 0; b0 < n; b0 += block) {
+    const int64_t b1 = std::min(n, b0 + block);
     float part = 0.f;
 #pragma omp simd reduction(+ : part)
     for (int64_t i = b0; i < b1; ++i) {
@@ -194,8 +195,9 @@ MAS_KERNELS_INLINE double sgd_range(P* __restrict p, P* __restrict buf, const fl
                                     const float* __restrict a, const float* __restrict o, int64_t n,
                                     const SgdArgs& s) {
   double acc = 0.0;
-  for (int64_t b0 = 0; b0 < n; b0 += kSumBlock) {
-    const int64_t b1 = std::min(n, b0 + kSumBlock);
+  const int64_t block = PEN ? kSumBlock : n;  // without a penalty there is nothing to sum: one loop
+  for (int64_t b0 = 0; b0 < n; b0 += block) {
+    const int64_t b1 = std::min(n, b0 + block);
     float part = 0.f;
 #pragma omp simd reduction(+ : part)
     for (int64_t i = b0; i < b1; ++i) {

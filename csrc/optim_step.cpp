@@ -162,8 +162,8 @@ MAS_KERNELS_INLINE double adam_piece(const StepTensor& t, int64_t b, int64_t e, 
   return with_flag(pen, [&](auto PEN) {
     return with_flag(ams, [&](auto AMS) {
       return with_flag(s.wd_coupled != 0.f, [&](auto COUPLED) {
-        return adam_range<P, decltype(PEN)::value, decltype(AMS)::value, decltype(COUPLED)::value>(p, m, v, vmax, g, a, o, e - b, s, t.neg_step_size,
-                                                     t.bc2_sqrt);
+        constexpr bool pen_ = decltype(PEN)::value, ams_ = decltype(AMS)::value, coupled_ = decltype(COUPLED)::value;
+        return adam_range<P, pen_, ams_, coupled_>(p, m, v, vmax, g, a, o, e - b, s, t.neg_step_size, t.bc2_sqrt);
       });
     });
   });
@@ -234,10 +234,12 @@ MAS_KERNELS_INLINE double sgd_piece(const StepTensor& t, int64_t b, int64_t e, c
   const float* o = f32_chunk(t.o, b, e, 2);
   return with_flag(f.pen, [&](auto PEN) {
     return with_flag(s.wd != 0.f, [&](auto WD) {
-      if (!f.mom) return sgd_range<P, decltype(PEN)::value, decltype(WD)::value, false, false, false>(p, buf, g, a, o, e - b, s);
+      constexpr bool pen_ = decltype(PEN)::value, wd_ = decltype(WD)::value;
+      if (!f.mom) return sgd_range<P, pen_, wd_, false, false, false>(p, buf, g, a, o, e - b, s);
       return with_flag(f.nest, [&](auto NEST) {
         return with_flag(f.first, [&](auto FIRST) {
-          return sgd_range<P, decltype(PEN)::value, decltype(WD)::value, true, decltype(NEST)::value, decltype(FIRST)::value>(p, buf, g, a, o, e - b, s);
+          constexpr bool nest_ = decltype(NEST)::value, first_ = decltype(FIRST)::value;
+          return sgd_range<P, pen_, wd_, true, nest_, first_>(p, buf, g, a, o, e - b, s);
         });
       });
     });

@@ -59,7 +59,13 @@ def main(argv: list[str] | None = None) -> int:
             continue
         case = build()
         t0 = time.perf_counter()
-        rows.extend(harness.run_case(case, device, reps, info, args.quick))
+        case_rows = harness.run_case(case, device, reps, info, args.quick)
+        if case.op == "optim_step":  # the target: the penalty in the step adds <= half the separate pass
+            added = cases.added_fraction(case_rows)
+            case.notes["added vs separate"] = None if added is None else round(added, 3)
+            for r in case_rows:
+                r.setdefault("notes", {})["added vs separate"] = case.notes["added vs separate"]
+        rows.extend(case_rows)
         out.say(report.case_line(case, time.perf_counter() - t0), err=True)
         del case
     info["loadavg_end"] = harness.loadavg()

@@ -26,7 +26,8 @@ from .harness import Case, ours_backend, peak_memory, sync
 from .models import KINDS, build
 
 LAM = 1e-3  # small, so grads that accumulate over hundreds of timed calls stay finite in bf16
-SECTIONS = ("penalty", "abs_accumulate", "abs_outer", "conv", "e2e", "importance", "selfcheck", "integrations")
+SECTIONS = ("penalty", "abs_accumulate", "abs_outer", "conv", "optim", "e2e", "importance", "selfcheck",
+            "integrations")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -276,6 +277,68 @@ def conv_case(n: int, c: int, o: int, hw: int, dtype: torch.dtype, device: torch
                 "flops", flops, impls, bound="plain weight-grad bound", baseline="unfold+einsum")
 
 
+# ----------------------------------------------------------------- optimizer step
+class _ParamList(nn.Module):
+    """Parameters of given shapes (views of one flat buffer), as a module a wrapper can track."""
+
+    def __init__(self, flat: torch.Tensor, shapes):
+        super().__init__()
+        self.ps = nn.ParameterList([nn.Parameter(v) for v in _views(flat, shapes)])
+
+
+def optim_case(model: str, device: torch.device, width: float = 1.0) -> Case:
+    """One AdamW step over the ``model``-like list (``PARAM_LISTS``), fp32, with and without the MAS penalty.
+
+    Rows: torch's ``AdamW(fused=True)`` alone (the baseline); ``mas.add_penalty_grad_()`` then that step
+    (the separate pass); ``mk.optim.AdamW`` (the penalty in the step); ``mk.optim.AdamW`` before any
+    ``consolidate()`` (its step without a penalty). lr = 0, as in the training-step rows: the update is
+    computed and stored in full, but the parameters do not drift over hundreds of rounds (the moments
+    do, as in training). ``notes["added"]``: the time the penalty adds to a fused AdamW step, fused
+    into the step, as a fraction of what the separate pass adds (target: <= 0.5).
+    """
+    shapes = PARAM_LISTS[model](width)
+    n = sum(math.prod(s) for s in shapes)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    flat = torch.randn(n, generator=gen).to(device)
+    net = _ParamList(flat, shapes)
+    for p in net.parameters():
+        p.grad = 1e-3 * torch.randn(p.shape, generator=gen).to(device)
+    mas = mk.MAS(net, lam=LAM)
+    # One consolidated task: random Omega, theta* = theta + a small drift, so every term is nonzero.
+    names = list(dict(net.named_parameters()))
+    mas.load_state_dict({"omega": {k: torch.rand(p.shape, generator=gen).to(device)
+                                   for k, p in zip(names, net.parameters())},
+                         "anchors": {k: p.detach() + 0.01 * torch.randn(p.shape, generator=gen).to(device)
+                                     for k, p in zip(names, net.parameters())},
+                         "accumulator": {k: torch.zeros_like(p) for k, p in zip(names, net.parameters())},
+                         "num_samples": 0, "num_batches": 0, "samples_consolidated": 1, "num_tasks": 1})
+    params = list(net.parameters())
+    fused = torch.optim.AdamW(params, lr=0.0, fused=True)
+    ours = mk.optim.AdamW(params, lr=0.0, mas=mas)
+    ours_plain = mk.optim.AdamW(params, lr=0.0, mas=mk.MAS(net, lam=LAM))  # no consolidate(): no penalty
+
+    def separate():
+        mas.add_penalty_grad_()  # adds into .grad: LAM is small, so hundreds of rounds keep it finite
+        fused.step()
+
+    impls = {"AdamW(fused=True)": fused.step, "+ add_penalty_grad_() (separate pass)": separate,
+             "mk.optim.AdamW (penalty in the step)": ours.step, "mk.optim.AdamW, no penalty": ours_plain.step}
+    bpe = 36  # read p, grad, m, v, theta*, Omega; write p, m, v (fp32)
+    impls["copy bound"] = _copy_bound(n * bpe, device)
+    return Case("optim_step", "float32", f"{model} x{width:g} ({len(shapes)} tensors, {n / 1e6:.2f}M)", n, "bytes",
+                n * bpe, impls, bound="copy bound", baseline="AdamW(fused=True)")
+
+
+def added_fraction(rows: list[dict]) -> float | None:
+    """For one ``optim_step`` case's rows: (ours - fused AdamW) / (separate - fused AdamW), from the
+    per-round ratios to the fused AdamW step."""
+    by = {r["impl"]: r["ratio_to_baseline"] for r in rows}
+    sep, ours = by.get("+ add_penalty_grad_() (separate pass)"), by.get("mk.optim.AdamW (penalty in the step)")
+    if sep is None or ours is None or sep <= 1.0:
+        return None
+    return (ours - 1.0) / (sep - 1.0)
+
+
 # ----------------------------------------------------------------- end to end
 def _mlp(hidden: int, n_in: int = 784, n_out: int = 10) -> nn.Module:
     return nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
@@ -470,6 +533,9 @@ def plan(quick: bool, device: torch.device, use_compile: bool) -> list[tuple[str
         cases.append(("abs_outer", lambda n=n, j=j, i=i, d=dtype: abs_outer_case(n, j, i, d, device)))
     for spec in convs:
         cases.append(("conv", lambda s=spec: conv_case(*s, fp32, device)))
+    # The fused optimizer step: the ResNet-50 list, and the BERT-base one (4.4 GB of fp32 state) off --quick.
+    for model, w in ((("resnet50", 0.25),) if quick else (("resnet50", 1.0), ("transformer", 1.0))):
+        cases.append(("optim", lambda m=model, w=w: optim_case(m, device, w)))
     for kind, batch in e2e:
         cases.append(("e2e", lambda k=kind, b=batch: train_case(k, b, device)))
     for kind, batch in e2e:

@@ -49,7 +49,7 @@ def format_table(rows: list[dict]) -> str:
         rb = r["ratio_to_baseline"]
         if rb is None:
             ratio_base = ""
-        elif r["op"] in ("train_step", "inference"):
+        elif r["op"] in ("train_step", "inference", "optim_step"):
             ratio_base = f"{rb:.3f} ({(rb - 1) * 100:+.1f}%)"
         else:
             ratio_base = f"{rb:.3f}" + (f" ({1 / rb:.1f}x faster)" if rb < 0.95 else "")

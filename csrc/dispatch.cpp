@@ -72,6 +72,40 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> penalty_cpu(at::TensorList param
   return {value, grads};
 }
 
+at::Tensor adam_penalty_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                                 at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                                 at::TensorList state_steps, at::TensorList anchors, at::TensorList omegas, double lam,
+                                 double lr, double beta1, double beta2, double eps, double weight_decay,
+                                 bool decoupled_weight_decay, bool maximize) {
+  at::Tensor value;
+  {
+    at::NoGradGuard no_grad;  // scratch copies of strided outputs are copied back with ATen ops
+    value = adam_penalty_step_(params.vec(), grads.vec(), exp_avgs.vec(), exp_avg_sqs.vec(), max_exp_avg_sqs.vec(),
+                               state_steps.vec(), anchors.vec(), omegas.vec(), lam, lr, beta1, beta2, eps,
+                               weight_decay, decoupled_weight_decay, maximize);
+  }
+  for (const auto& list : {params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps}) {
+    for (const auto& t : list) bump(t);
+  }
+  return value;
+}
+
+at::Tensor sgd_penalty_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                                at::TensorList anchors, at::TensorList omegas, double lam, double lr,
+                                double weight_decay, double momentum, double dampening, bool nesterov, bool maximize,
+                                bool first_step) {
+  at::Tensor value;
+  {
+    at::NoGradGuard no_grad;
+    value = sgd_penalty_step_(params.vec(), grads.vec(), momentum_buffers.vec(), anchors.vec(), omegas.vec(), lam, lr,
+                              weight_decay, momentum, dampening, nesterov, maximize, first_step);
+  }
+  for (const auto& list : {params, momentum_buffers}) {
+    for (const auto& t : list) bump(t);
+  }
+  return value;
+}
+
 }  // namespace
 
 // The registration, while there is one. Deleting it takes the kernels off the
@@ -87,6 +121,8 @@ void register_cpu_kernels() {
   registration->impl("penalty_grad_", TORCH_FN(penalty_grad_cpu));
   registration->impl("penalty", TORCH_FN(penalty_cpu));
   registration->impl("abs_bmm_accumulate_", TORCH_FN(abs_bmm_cpu));
+  registration->impl("adam_penalty_step_", TORCH_FN(adam_penalty_step_cpu));
+  registration->impl("sgd_penalty_step_", TORCH_FN(sgd_penalty_step_cpu));
 }
 
 void unregister_cpu_kernels() {

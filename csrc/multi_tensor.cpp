@@ -73,6 +73,14 @@ WorkList::WorkList(const std::vector<Prepared>& prepared) {
   n_chunks = (total + kChunk - 1) / kChunk;
 }
 
+WorkList::WorkList(const std::vector<int64_t>& numels) {
+  offsets.reserve(numels.size() + 1);
+  offsets.push_back(0);
+  for (int64_t n : numels) offsets.push_back(offsets.back() + n);
+  total = offsets.back();
+  n_chunks = (total + kChunk - 1) / kChunk;
+}
+
 bool cross_tensor_hazard(const std::vector<at::Tensor>& outs,
                          const std::vector<std::vector<at::Tensor>>& ins) {
   std::vector<Span> out_spans;

@@ -147,6 +147,7 @@ struct WorkList {
   int64_t n_chunks = 0;
 
   explicit WorkList(const std::vector<Prepared>& prepared);
+  explicit WorkList(const std::vector<int64_t>& numels);  // tensor i has numels[i] elements
 
   // Calls f(i, begin, end) for each piece [begin, end) of tensor i (indices
   // within the tensor) that chunk c covers, in order.

@@ -21,6 +21,22 @@ void abs_accumulate_(const std::vector<at::Tensor>& omegas, const std::vector<at
 at::Tensor penalty_grad_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& anchors,
                          const std::vector<at::Tensor>& omegas, double lam, const std::vector<at::Tensor>& grads);
 
+// One torch.optim Adam/AdamW step with grad + 2 lam Omega_i (p_i - a_i) as the gradient (anchors and
+// omegas empty: no penalty); increments state_steps; returns the penalty before the step (0-dim fp32).
+at::Tensor adam_penalty_step_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                              const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+                              const std::vector<at::Tensor>& max_exp_avg_sqs,
+                              const std::vector<at::Tensor>& state_steps, const std::vector<at::Tensor>& anchors,
+                              const std::vector<at::Tensor>& omegas, double lam, double lr, double beta1,
+                              double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
+                              bool maximize);
+
+// The same for one torch.optim SGD step (momentum_buffers empty when momentum == 0).
+at::Tensor sgd_penalty_step_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                             const std::vector<at::Tensor>& momentum_buffers, const std::vector<at::Tensor>& anchors,
+                             const std::vector<at::Tensor>& omegas, double lam, double lr, double weight_decay,
+                             double momentum, double dampening, bool nesterov, bool maximize, bool first_step);
+
 // omega += alpha * sum_s |a_s^T b_s|; omega (J, I) fp32/fp64, a (S, T, J), b (S, T, I) fp32/bf16/fp16/fp64.
 void abs_bmm_accumulate_(at::Tensor omega, const at::Tensor& a, const at::Tensor& b, double alpha,
                          int64_t memory_budget);

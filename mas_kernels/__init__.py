@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from . import _backend
+from . import _backend, optim
 from ._backend import use as use_backend
 from .estimators import Rule, register_rule
 from .mas import MAS
@@ -19,6 +19,7 @@ __all__ = [
     "register_rule",
     "ShardedPenalty",
     "ZeroPenalty",
+    "optim",
     "use_backend",
     "abs_outer_accumulate_",
     "abs_accumulate_",

@@ -174,6 +174,46 @@ def _penalty_cases() -> list[Case]:
     return cases
 
 
+def _adam_step_cases() -> list[Case]:
+    # fp32 (params, grads and state alike, as torch.optim keeps them), 16-bit storage, amsgrad, no
+    # penalty (a parameter the wrapper does not track), and a misaligned view (the masked path).
+    cases = []
+    for dt, amsgrad, penalty, misaligned in ((F32, False, True, False), (F32, False, True, True),
+                                             (F32, True, True, False), (F32, False, False, False),
+                                             (BF16, False, True, False), (F16, True, True, True)):
+        def args(dt=dt, amsgrad=amsgrad, penalty=penalty, misaligned=misaligned):
+            params, grads, m, v, vmax = _lists((dt,) * 5, _SIZES, misaligned)
+            anchors, omegas = _lists((dt, F32), _SIZES, misaligned) if penalty else ([], [])
+            steps = [torch.tensor(3.0) for _ in _SIZES]
+            return (params, grads, m, v, vmax if amsgrad else [], steps, anchors, omegas, 0.5, 1e-3, 0.9, 0.999,
+                    1e-8, 0.01, True, False)
+        label = ", ".join(["a misaligned view" if misaligned else "aligned"] + (["amsgrad"] if amsgrad else [])
+                          + ([] if penalty else ["no penalty"]))
+        ci = (dt, amsgrad, penalty, misaligned) in ((F32, False, True, False), (F32, False, True, True),
+                                                    (BF16, False, True, False))
+        cases.append(Case(label, {"params": SHORT[dt]}, args, ci=ci))
+    return cases
+
+
+def _sgd_step_cases() -> list[Case]:
+    cases = []
+    for dt, momentum, nesterov, first, misaligned in ((F32, 0.9, False, False, False), (F32, 0.9, True, False, True),
+                                                      (F32, 0.0, False, False, False), (F32, 0.9, False, True, False),
+                                                      (BF16, 0.9, True, False, False)):
+        def args(dt=dt, momentum=momentum, nesterov=nesterov, first=first, misaligned=misaligned):
+            params, grads, bufs = _lists((dt,) * 3, _SIZES, misaligned)
+            anchors, omegas = _lists((dt, F32), _SIZES, misaligned)
+            return (params, grads, bufs if momentum else [], anchors, omegas, 0.5, 1e-2, 1e-4, momentum, 0.0,
+                    nesterov, False, first)
+        label = ", ".join(["a misaligned view" if misaligned else "aligned"]
+                          + ([f"momentum{', nesterov' if nesterov else ''}{', first step' if first else ''}"]
+                             if momentum else ["no momentum"]))
+        ci = (dt, momentum, nesterov, first, misaligned) in ((F32, 0.9, False, False, False),
+                                                             (F32, 0.9, True, False, True))
+        cases.append(Case(label, {"params": SHORT[dt]}, args, ci=ci))
+    return cases
+
+
 def _abs_bmm_cases() -> list[Case]:
     # The launcher itself (abs_bmm_triton sends T = 1 to abs_outer, audited above), with the
     # budget a call gets by default and ``programs`` as on a GPU: 1 (a CPU tensor would get 4)
@@ -226,6 +266,11 @@ ENTRIES: list[Entry] = [
           scalars=("two_lam",), chunked=True),
     Entry("abs_bmm_accumulate_", "mas_kernels.ops.triton.abs_bmm:launch", _abs_bmm_cases,
           scalars=("alpha",), tensor_cores=True),
+    Entry("adam_penalty_step_", "mas_kernels.ops.triton.optim_step:adam_penalty_step_triton", _adam_step_cases,
+          scalars=("two_lam", "grad_sign", "decay", "wd_coupled", "lerp_w", "beta2", "one_minus_beta2",
+                   "neg_step_size", "bc2_sqrt", "eps"), chunked=True),
+    Entry("sgd_penalty_step_", "mas_kernels.ops.triton.optim_step:sgd_penalty_step_triton", _sgd_step_cases,
+          scalars=("two_lam", "grad_sign", "wd", "momentum", "one_minus_dampening", "neg_lr"), chunked=True),
 ]
 
 

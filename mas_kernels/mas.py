@@ -446,6 +446,18 @@ class MAS(Copyable):
             zero.refuse_add_grad(self._zero)
         return self._apply_penalty("add_grad_")
 
+    def _step_regularizer(self) -> Regularizer | None:
+        """The penalty's fixed lists for a fused optimizer step (``mk.optim``), layout checked; ``None``
+        before the first task (no penalty yet). A parameter whose storage changed shape or device is
+        followed first, as in :meth:`add_penalty_grad_`."""
+        if self._state.num_tasks == 0:
+            return None
+        try:
+            self._regularizer.check_layout()
+        except LayoutChanged:
+            self._checked_state()
+        return self._regularizer
+
     def _apply_penalty(self, how: str) -> torch.Tensor:
         """``Regularizer.penalty`` or ``add_grad_`` (0 before the first task); a parameter whose storage
         changed shape or device since is followed first."""

@@ -77,6 +77,7 @@ class Regularizer:
         self.local_data = local_data or (None if local is None else (lambda t: local(t.detach())))
         self.names = list(names) if names is not None else [f"params[{i}]" for i in range(len(self.params))]
         self._subset: tuple | None = None  # (skipped indices, lists without them), for frozen parameters
+        self._positions: dict | None = None  # parameter -> index in the lists (mk.optim's fused steps)
         if self.params:
             _check_penalty_args(who, self._views(), self.anchors, self.omegas, self.lam)
         self._check_grads()
@@ -124,6 +125,13 @@ class Regularizer:
                     f"and theta* are {tuple(o.shape)} on {o.device}")
         self._check_grads()
         self._ptrs = ptrs
+
+    def positions(self) -> dict:
+        """``{parameter: i}`` over the lists, built once (the lists are fixed): how ``mk.optim``'s fused
+        steps find each parameter's theta* and Omega (``anchors[i]``, ``omegas[i]``)."""
+        if self._positions is None:
+            self._positions = {p: i for i, p in enumerate(self.params)}
+        return self._positions
 
     def zero(self) -> torch.Tensor:
         """A zero penalty, of the dtype and device the op's value would have (float64 for float64 state)."""

@@ -35,6 +35,49 @@ def penalty_and_grads(params, anchors, omegas, lam, grads):
     return lam * value, new_grads
 
 
+def adam_step(p, g, m, v, vmax, a, o, *, lam, lr, beta1, beta2, eps, weight_decay, decoupled, maximize, step):
+    """One Adam(W) step of one tensor in float64, the torch.optim formulas literally, with the MAS penalty
+    gradient in the gradient: returns (p, m, v, vmax or None, Omega (p - a)^2 summed) after the step
+    (``step`` is the count after the increment; a/o None: no penalty)."""
+    p, g, m, v = (t.to(F64) for t in (p, g, m, v))
+    sq = torch.zeros((), dtype=F64)
+    if a is not None:
+        d = p - a.to(F64)
+        sq = (o.to(F64) * d * d).sum()
+        g = g + 2.0 * lam * o.to(F64) * d
+    if maximize:
+        g = -g
+    if decoupled:
+        p = p * (1.0 - lr * weight_decay)
+    else:
+        g = g + weight_decay * p
+    m = beta1 * m + (1.0 - beta1) * g
+    v = beta2 * v + (1.0 - beta2) * g * g
+    if vmax is not None:
+        vmax = torch.maximum(vmax.to(F64), v)
+    m_hat = m / (1.0 - beta1 ** step)
+    v_hat = (vmax if vmax is not None else v) / (1.0 - beta2 ** step)
+    return p - lr * m_hat / (v_hat.sqrt() + eps), m, v, vmax, sq
+
+
+def sgd_step(p, g, buf, a, o, *, lam, lr, weight_decay, momentum, dampening, nesterov, maximize):
+    """One SGD step of one tensor in float64 (torch.optim.SGD literally, buf None on the first step),
+    with the MAS penalty gradient: returns (p, buf or None, Omega (p - a)^2 summed)."""
+    p, g = p.to(F64), g.to(F64)
+    sq = torch.zeros((), dtype=F64)
+    if a is not None:
+        d = p - a.to(F64)
+        sq = (o.to(F64) * d * d).sum()
+        g = g + 2.0 * lam * o.to(F64) * d
+    if maximize:
+        g = -g
+    g = g + weight_decay * p
+    if momentum != 0:
+        buf = g.clone() if buf is None else momentum * buf.to(F64) + (1.0 - dampening) * g
+        g = g + momentum * buf if nesterov else buf
+    return p - lr * g, buf, sq
+
+
 def abs_bmm(omega, a, b, alpha):
     """omega + alpha * sum_s |sum_t outer(a_st, b_st)|: per sample, the sum over positions first, then abs."""
     out = omega.to(F64).clone()

@@ -281,3 +281,41 @@ def test_misaligned_views_take_the_masked_path(launch_path):
     assert aligned[1][2].tolist() == [omegas[0].data_ptr(), omegas[2].data_ptr()]
     assert masked[1][2].tolist() == [omegas[1].data_ptr()]
     assert masked[0] == (2,)  # 3000 elements: two chunks of 2048
+
+
+def test_optimizer_step_warm_call_reuses_the_table(monkeypatch, sync_counter):
+    # mk.optim's Adam step on the Triton path: a warm call with the same tensors uploads nothing and
+    # reads no device value; the one host read is of the step counts, which torch.optim keeps on the
+    # CPU (a list of 0-dim CPU tensors: no device synchronization). lr and the bias corrections
+    # change every step and are plain arguments of the launch.
+    pytest.importorskip("triton")
+    from mas_kernels.ops.triton import _table, optim_step
+
+    stub = _Stub()
+    monkeypatch.setattr(optim_step, "_adam_kernel", stub)
+    uploads = []
+    upload = _table._upload
+    monkeypatch.setattr(_table, "_upload", lambda host, device, out=None: uploads.append(host.numel()) or
+                        upload(host, device, out))
+    _table.clear()
+    calls, start, stop = sync_counter
+    sizes = [400 * 784, 400, 4000, 10]
+    params, anchors, omegas, grads = _penalty_lists(sizes)
+    m, v = [torch.zeros(n) for n in sizes], [torch.zeros(n) for n in sizes]
+    steps = [torch.tensor(0.0) for _ in sizes]
+
+    def call(lr):
+        return optim_step.adam_penalty_step_triton(params, grads, m, v, [], steps, anchors, omegas, 0.5, lr, 0.9,
+                                                   0.999, 1e-8, 0.01, True, False)
+
+    call(1e-3)  # cold: builds the table
+    n_uploads = len(uploads)
+    start()
+    call(2e-3)
+    stop()
+    assert calls == ["tolist"] and len(uploads) == n_uploads
+    (_, args1, kw1), (_, args2, kw2) = stub.launches
+    assert args1[0].data_ptr() == args2[0].data_ptr() and kw1["ALIGNED"] and kw2["ALIGNED"]
+    # neg_step_size = -lr / (1 - beta1^step): step 1 with lr 1e-3, then step 2 with lr 2e-3
+    assert args1[18] == pytest.approx(-1e-3 / 0.1) and args2[18] == pytest.approx(-2e-3 / (1 - 0.81))
+    assert [s.item() for s in steps] == [2.0] * 4

@@ -100,3 +100,26 @@ def test_peak_memory_drops_the_profilers_progress_lines_and_keeps_other_stderr(c
     err = capfd.readouterr().err
     assert "a line of our own" in err
     assert "USDT:" not in err and "profiler_start" not in err
+
+
+def test_optim_case_rows_update_the_same_state():
+    # The optimizer-step rows: each one a real step (lr = 0, so the parameters stay put while the
+    # moments move), the separate pass and the fused step giving the same moments.
+    case = cases.optim_case("resnet50", torch.device("cpu"), 1 / 64)
+    params = [p for p in case.impls["AdamW(fused=True)"].__self__.param_groups[0]["params"]]
+    before = [p.detach().clone() for p in params]
+    ours = case.impls["mk.optim.AdamW (penalty in the step)"].__self__
+    ours.step()  # first: the separate pass adds the penalty gradient into .grad
+    case.impls["+ add_penalty_grad_() (separate pass)"]()
+    fused = case.impls["AdamW(fused=True)"].__self__
+    for p, b in zip(params, before):
+        assert torch.equal(p, b)
+        torch.testing.assert_close(ours.state[p]["exp_avg"], fused.state[p]["exp_avg"], rtol=1e-5, atol=1e-8)
+    assert float(ours.last_penalty) > 0
+
+
+def test_added_fraction():
+    rows = [{"impl": "AdamW(fused=True)", "ratio_to_baseline": 1.0},
+            {"impl": "+ add_penalty_grad_() (separate pass)", "ratio_to_baseline": 1.8},
+            {"impl": "mk.optim.AdamW (penalty in the step)", "ratio_to_baseline": 1.2}]
+    assert cases.added_fraction(rows) == pytest.approx(0.25)

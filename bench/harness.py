@@ -81,6 +81,14 @@ def native_error() -> str:
     return _native.load_error()
 
 
+def package_origin() -> dict:
+    """Which mas_kernels is measured: ``path``, ``where`` (``installed`` or ``source tree``) and ``shadows``
+    (the installed copy the source tree hides when the bench runs from the repository root)."""
+    package = _backend.info().package
+    installed = os.sep + "site-packages" + os.sep in package["path"] + os.sep
+    return {**package, "where": "installed" if installed else "source tree"}
+
+
 def ours_backend(device: torch.device) -> str:
     """What "ours" runs on ``device`` under the default backend: native, triton or torch."""
     return _backend.choose(device)

@@ -198,7 +198,7 @@ class MAS(Copyable):
     @property
     def tracked(self) -> list[str]:
         """The names of the tracked parameters (importance, theta* and the penalty cover these)."""
-        self._state
+        self._state  # noqa: B018 - the property rebuilds the state first if parameters changed
         return list(self._params)
 
     @property
@@ -214,13 +214,13 @@ class MAS(Copyable):
     @property
     def covered(self) -> list[str]:
         """Parameters a layer's own rule covers (for ``"local"``: the Hebbian rule)."""
-        self._state
+        self._state  # noqa: B018 - the property rebuilds the state first if parameters changed
         return self._plan.covered
 
     @property
     def uncovered(self) -> list[str]:
         """Parameters no layer rule covers (for ``"local"``, handled as ``uncovered=`` says)."""
-        self._state
+        self._state  # noqa: B018 - the property rebuilds the state first if parameters changed
         return self._plan.uncovered
 
     @property

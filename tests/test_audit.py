@@ -40,6 +40,7 @@ def ci_records(tmp_path_factory):
     return records, proc
 
 
+@pytest.mark.slow
 def test_ci_subset_is_clean(ci_records):
     records, proc = ci_records
     bad = [f"{r['op']} {r['kernel']} sm_{r['arch']} {r['dtypes']} {r['case']} {r['config']}: {'; '.join(audit.check(r))}"

@@ -143,6 +143,7 @@ def _has_cxx() -> bool:
 
 
 @pytest.mark.skipif(not _has_cxx(), reason="inductor on CPU needs a C++ compiler")
+@pytest.mark.slow
 def test_compile_training_step_inductor():
     with _backend.using("torch"):
         _check_compiled_step("penalty", "inductor")

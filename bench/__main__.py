@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", metavar="SECTIONS",
                         help=f"comma-separated subset of: {','.join(cases.SECTIONS)}")
     parser.add_argument("--reps", type=int, help="at most this many timed rounds per implementation, as many as "
-                        "fit in ~2 s (1 s with --quick) (default 20 with --quick, else 200)")
+                        "fit in ~2 s (0.5 s with --quick) (default 20 with --quick, else 200)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     args = parser.parse_args(argv)
     sections = set(args.only.split(",")) if args.only else None

@@ -159,7 +159,7 @@ def ratio(ts: list[float], ref: list[float]) -> float:
 
 def run_case(case: Case, device: torch.device, reps: int, info: dict, quick: bool = False) -> list[dict]:
     """Time ``case``'s implementations side by side; one row (a dict) per implementation."""
-    times = measure(case.impls, device, reps, warmup=1 if quick else 2, budget_s=1.0 if quick else 2.0)
+    times = measure(case.impls, device, reps, warmup=1 if quick else 2, budget_s=0.5 if quick else 2.0)
     session = case.notes.pop("_session", None)
     if session is not None:
         session.close()

@@ -67,7 +67,7 @@ class Encoder(nn.Module):
 def build(kind: str, quick: bool = False):
     g = torch.Generator().manual_seed(0)
     if kind == "resnet18":
-        n, hw = (8, 32) if quick else (16, 32)
+        n, hw = (4, 16) if quick else (16, 32)
         return resnet18(), torch.randn(n, 3, hw, hw, generator=g), None, f"resnet18 {n}x3x{hw}x{hw}"
     if kind in ("bert", "gpt2"):
         import transformers

@@ -105,7 +105,7 @@ class MAS(Copyable):
             demo MLP: gradient error 3.5% in L2 at a drift of 1e-3, 0.3% at 1e-2).
 
     Memory, copies (``deepcopy``/``pickle``/``torch.save``), files and failures:
-    see the README's "The wrapper" section.
+    see docs/api.md.
     """
 
     def __init__(

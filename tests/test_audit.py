@@ -22,9 +22,10 @@ import sys
 import pytest
 import torch
 
-from mas_kernels import _backend, audit
+import mas_kernels as mk
+from mas_kernels import audit
 
-pytestmark = pytest.mark.skipif(not _backend.has_triton(), reason="Triton is not installed")
+pytestmark = pytest.mark.skipif(not mk.backend_info().triton["installed"], reason="Triton is not installed")
 
 
 # ------------------------------------------------------------ the CI subset

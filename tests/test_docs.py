@@ -92,3 +92,12 @@ def test_readme_stays_short_and_names_the_make_commands():
     assert {"demo", "test", "test-quick", "check"} <= named and named <= targets, (named, targets)
     with open(os.path.join(ROOT, ".ci", "run")) as f:
         assert "\nmake test\n" in f.read(), "CI must run the README's test command, make test"
+
+
+def test_a_missing_avalanche_says_how_to_install_it_safely():
+    # pip install 'mas_kernels[avalanche]' as it is pulls PyPI's CUDA torchvision beside a CPU torch.
+    from mas_kernels.integrations import require
+
+    with pytest.raises(ImportError, match=r"pip install 'mas_kernels\[avalanche\]' \(first install torchvision "
+                                          r"from where your torch came from.*docs/install.md\)"):
+        require("no_such_module_for_this_test", "avalanche", "MASPlugin")

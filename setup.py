@@ -4,10 +4,12 @@ Everything else about the package is in ``pyproject.toml``. The extension is
 compiled against the torch that is importable at build time, so install with
 ``pip install --no-build-isolation .`` after installing torch (``make`` does).
 
-The build never fails the install: without torch at build time, with
+The build never fails the install: without torch at build time (a default
+``pip install .``: pip's build isolation hides the installed torch), with
 ``MAS_KERNELS_NO_NATIVE=1``, or when the compiler fails, the package installs
-without ``_C`` and its CPU ops use the PyTorch path (``mas_kernels._native``
-says why, once, in a RuntimeWarning).
+without ``_C``. The C++ sources go into the wheel either way
+(``mas_kernels/csrc``), and ``mas_kernels._native`` builds them on the first
+import instead, cached per torch release (docs/install.md says why this way).
 
 Flags: ``-O3``, ``-fno-math-errno`` and OpenMP; no ``-march=native``, so a wheel or a shared
 environment built on one machine runs on any x86-64/arm64 one.
@@ -20,12 +22,22 @@ import os
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _say(msg: str) -> None:
     print(f"mas_kernels setup: {msg}", file=sys.stderr)
+
+
+class BuildPyWithSources(build_py):
+    """Also copies ``csrc/`` into the wheel as ``mas_kernels/csrc``, for the first-import build."""
+
+    def run(self):
+        super().run()
+        if not self.editable_mode:  # an editable install finds csrc/ beside the package
+            self.copy_tree(os.path.join(HERE, "csrc"), os.path.join(self.build_lib, "mas_kernels", "csrc"))
 
 
 def _native_build():
@@ -75,6 +87,7 @@ def _native_build():
                 "CPU ops will use the PyTorch path"
             )
 
+    # The same flags as the first-import build (mas_kernels/_native.py: CXX_FLAGS, LINK_FLAGS).
     openmp = [] if sys.platform == "darwin" else ["-fopenmp"]  # Apple clang has no -fopenmp
     sources = sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", "*.cpp")))
     ext = CppExtension(
@@ -89,4 +102,4 @@ def _native_build():
 
 
 ext_modules, cmdclass = _native_build()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=ext_modules, cmdclass={"build_py": BuildPyWithSources, **cmdclass})

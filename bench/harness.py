@@ -81,6 +81,14 @@ def native_error() -> str:
     return _native.load_error()
 
 
+def package_origin() -> dict:
+    """Which mas_kernels is measured: ``path``, ``where`` (``installed`` or ``source tree``) and ``shadows``
+    (the installed copy the source tree hides when the bench runs from the repository root)."""
+    package = _backend.info().package
+    installed = os.sep + "site-packages" + os.sep in package["path"] + os.sep
+    return {**package, "where": "installed" if installed else "source tree"}
+
+
 def ours_backend(device: torch.device) -> str:
     """What "ours" runs on ``device`` under the default backend: native, triton or torch."""
     return _backend.choose(device)
@@ -151,7 +159,7 @@ def ratio(ts: list[float], ref: list[float]) -> float:
 
 def run_case(case: Case, device: torch.device, reps: int, info: dict, quick: bool = False) -> list[dict]:
     """Time ``case``'s implementations side by side; one row (a dict) per implementation."""
-    times = measure(case.impls, device, reps, warmup=1 if quick else 2, budget_s=1.0 if quick else 2.0)
+    times = measure(case.impls, device, reps, warmup=1 if quick else 2, budget_s=0.5 if quick else 2.0)
     session = case.notes.pop("_session", None)
     if session is not None:
         session.close()

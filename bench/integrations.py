@@ -260,4 +260,11 @@ def plan(device: torch.device) -> list[tuple[str, Callable[[], Case]]]:
         cases.append(("integrations", lambda: transformers_epoch_case(device)))
     if available("lightning"):
         cases.append(("integrations", lambda: lightning_epoch_case(device)))
+    for name in FRAMEWORKS:
+        if not available(name):  # the CLI skips it with a line naming the extra
+            cases.append(("integrations", lambda m=FRAMEWORKS[name]: _missing(m)))
     return cases
+
+
+def _missing(module: str):
+    raise ModuleNotFoundError(f"No module named {module!r}", name=module)

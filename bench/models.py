@@ -67,8 +67,9 @@ class Encoder(nn.Module):
 def build(kind: str, quick: bool = False):
     g = torch.Generator().manual_seed(0)
     if kind == "resnet18":
-        n, hw = (8, 32) if quick else (16, 32)
-        return resnet18(), torch.randn(n, 3, hw, hw, generator=g), None, f"resnet18 {n}x3x{hw}x{hw}"
+        if quick:  # a quarter of the width: the same layers, 1/16 of the parameters
+            return resnet18(16), torch.randn(4, 3, 16, 16, generator=g), None, "resnet18 width 16, 4x3x16x16"
+        return resnet18(), torch.randn(16, 3, 32, 32, generator=g), None, "resnet18 16x3x32x32"
     if kind in ("bert", "gpt2"):
         import transformers
 

@@ -12,9 +12,17 @@ from .harness import device_label
 def header(info: dict, native_error: str = "") -> list[str]:
     """The two lines printed before the cases run: the machine, and how to read the numbers."""
     native = "yes" if info["native_kernels"] else f"no ({native_error})"
-    return [
+    package = info.get("package")
+    lines = [
         f"mas_kernels bench on {device_label(info)}; torch {info['torch']}; native CPU kernels: {native}; "
         f"load average {info['loadavg_start']}",
+    ]
+    if package:
+        lines.append(f"measuring mas_kernels from {package['path']} ({package['where']})")
+        if package["shadows"]:
+            lines.append(f"note: this source tree hides the installed mas_kernels at {package['shadows']}, which is "
+                         "not measured (pip install -e . makes them one)")
+    return lines + [
         f"'ours' = the mas_kernels op with the default backend, here {info['ours_backend']}; "
         "times are medians [20%, 80% quantiles]; x bound, x baseline: medians of the per-round ratios "
         "(each round runs every implementation back to back), or ratios of medians where one side had fewer "

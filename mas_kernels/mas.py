@@ -133,7 +133,7 @@ class MAS(Copyable):
             demo MLP: gradient error 3.5% in L2 at a drift of 1e-3, 0.3% at 1e-2).
 
     Memory, copies (``deepcopy``/``pickle``/``torch.save``), files and failures:
-    see the README's "The wrapper" section.
+    see docs/api.md.
     """
 
     def __init__(
@@ -272,7 +272,7 @@ class MAS(Copyable):
     @property
     def tracked(self) -> list[str]:
         """The names of the tracked parameters (importance, theta* and the penalty cover these)."""
-        self._state
+        self._state  # noqa: B018 - the property rebuilds the state first if parameters changed
         return list(self._params)
 
     @property
@@ -288,13 +288,13 @@ class MAS(Copyable):
     @property
     def covered(self) -> list[str]:
         """Parameters a layer's own rule covers (for ``"local"``: the Hebbian rule)."""
-        self._state
+        self._state  # noqa: B018 - the property rebuilds the state first if parameters changed
         return self._plan.covered
 
     @property
     def uncovered(self) -> list[str]:
         """Parameters no layer rule covers (for ``"local"``, handled as ``uncovered=`` says)."""
-        self._state
+        self._state  # noqa: B018 - the property rebuilds the state first if parameters changed
         return self._plan.uncovered
 
     @property

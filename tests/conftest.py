@@ -13,16 +13,13 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from mas_kernels import _backend  # noqa: E402
+import mas_kernels as mk  # noqa: E402
+from tests.helpers import using_backend  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-BACKENDS = (["torch"] + (["triton"] if _backend.has_triton() else [])
-            + (["native"] if _backend.native_available() else []))
-
-
-def backend_in_use(device="cpu") -> str:
-    """The implementation serving ``device`` now: ``torch``, ``triton`` or ``native``."""
-    return _backend.choose(torch.device(device))
+_INFO = mk.backend_info()
+BACKENDS = (["torch"] + (["triton"] if _INFO.triton["installed"] else [])
+            + (["native"] if _INFO.native["available"] else []))
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +30,7 @@ def _seed():
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     """Put one implementation on the dispatcher for the test (``mk.use_backend``)."""
-    with _backend.using(request.param):
+    with using_backend(request.param):
         yield request.param
 
 

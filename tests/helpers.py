@@ -8,6 +8,7 @@ accumulation and, for outputs stored in fp16/bf16, one rounding to that dtype.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 
@@ -16,7 +17,6 @@ import torch
 from hypothesis import HealthCheck
 
 import mas_kernels as mk
-from mas_kernels import _backend
 from tests import reference as ref
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
@@ -35,10 +35,21 @@ OUT_TOLS = [
 TOL = {dtype: (atol, rtol) for dtype, atol, rtol in OUT_TOLS}
 
 
+@contextlib.contextmanager
+def using_backend(choice: str):
+    """``mk.use_backend(choice)`` for the block, then the previous choice again."""
+    old = mk.use_backend(choice)
+    try:
+        yield
+    finally:
+        mk.use_backend(old)
+
+
 def out_tol(dtype):
     """``(atol, rtol)`` for an output stored in ``dtype`` by the implementation now selected."""
     atol, rtol = TOL[dtype]
-    if dtype == BF16 and _backend.choose(torch.device("cpu")) == "triton" and _backend.interpreting():
+    info = mk.backend_info()
+    if dtype == BF16 and info.ops["abs_outer_accumulate_"]["cpu"] == "triton" and info.triton["interpreter"]:
         # The Triton interpreter converts fp32 -> bf16 by truncation (round toward
         # zero) where a GPU rounds to nearest even: allow one whole bf16 ulp.
         rtol = 2.0**-7 + 1e-5

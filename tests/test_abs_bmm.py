@@ -26,17 +26,20 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mas_kernels as mk
-from mas_kernels import _backend, _native
+from mas_kernels import _native
 from mas_kernels.ops import abs_bmm as op
 from tests import reference as ref
-from tests.helpers import BF16, DTYPES, F16, F32, F64, HYPOTHESIS, assert_close, make
+from tests.helpers import BF16, DTYPES, F16, F32, F64, HYPOTHESIS, assert_close, make, using_backend
 
 C64 = torch.complex64  # float64 is supported (tests/test_ops_float64.py); complex is not
 OPS = torch.ops.mas_kernels
 META = torch.device("meta")
 LAYOUTS3 = ["contiguous", "transposed", "step2", "offset", "positions_first"]
 
-needs_native = pytest.mark.skipif(not _native.available(), reason=f"native CPU kernels not built: {_native.load_error()}")
+_INFO = mk.backend_info()
+needs_native = pytest.mark.skipif(not _INFO.native["available"],
+                                  reason=f"native CPU kernels unavailable: {_INFO.native.get('reason')}")
+needs_triton = pytest.mark.skipif(not _INFO.triton["installed"], reason="Triton is not installed")
 
 
 def make3(shape, dtype=F32, layout="contiguous"):
@@ -275,7 +278,7 @@ def test_triton_splits_fit_the_budget():
         assert math.ceil(S / math.ceil(S / n)) == n  # every split has samples
 
 
-@pytest.mark.skipif(not _backend.has_triton(), reason="Triton is not installed")
+@needs_triton
 def test_triton_kernel_sample_splits():
     # The kernel itself, called directly (on CPU tensors: under the interpreter), with its samples
     # split over programs (partial sums, then their sum) and with T = 1, which the op sends to abs_outer.
@@ -290,7 +293,7 @@ def test_triton_kernel_sample_splits():
         assert_close(omega, expected, scale, name=f"omega (S={S}, T={T})")
 
 
-@pytest.mark.skipif(not _backend.has_triton(), reason="Triton is not installed")
+@needs_triton
 def test_triton_configs_that_spill_are_pruned(monkeypatch):
     # What a GPU run would autotune over (the interpreter keeps one config, unpruned).
     from mas_kernels.ops.triton import abs_bmm as tk
@@ -326,8 +329,8 @@ def test_triton_configs_that_spill_are_pruned(monkeypatch):
 # ------------------------------------------------- the native kernel's strategies
 @pytest.fixture
 def native():
-    with _backend.using("native"):
-        yield _native.lib()
+    with using_backend("native"):
+        yield _native.lib()  # the module itself: abs_bmm_bmm_chunk says which strategy the kernel takes
 
 
 # (S, T, J, I, budget, strategy): which strategy abs_bmm_bmm_chunk says the kernel takes.

@@ -22,9 +22,12 @@ import sys
 import pytest
 import torch
 
-from mas_kernels import _backend, audit
+import mas_kernels as mk
+from mas_kernels import audit
 
-pytestmark = pytest.mark.skipif(not _backend.has_triton(), reason="Triton is not installed")
+# Slow: the CI subset's compiles (~50 s on 2 cores) are one module fixture that every test here uses.
+pytestmark = [pytest.mark.skipif(not mk.backend_info().triton["installed"], reason="Triton is not installed"),
+              pytest.mark.slow]
 
 
 # ------------------------------------------------------------ the CI subset

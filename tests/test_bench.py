@@ -62,7 +62,9 @@ def test_penalty_case_implementations_compute_the_same_value(model):
     want = values.pop("avalanche loop")
     assert want > 0
     for name, v in values.items():
-        assert v == pytest.approx(want, rel=1e-4), name
+        # The loop and foreach sum ~1e6 float32 terms in orders that depend on the thread count: with one thread
+        # foreach's norm differed from the loop's sum by 1.6e-4 relative (the transformer list).
+        assert v == pytest.approx(want, rel=1e-3), name
 
 
 def _row(op, impl, unit=None, ratio=1.2, baseline=False, n=1000.0):
@@ -123,3 +125,48 @@ def test_added_fraction():
             {"impl": "+ add_penalty_grad_() (separate pass)", "ratio_to_baseline": 1.8},
             {"impl": "mk.optim.AdamW (penalty in the step)", "ratio_to_baseline": 1.2}]
     assert cases.added_fraction(rows) == pytest.approx(0.25)
+
+
+def test_cli_skips_a_case_without_its_extra_survives_a_failing_one_and_keeps_the_rows(tmp_path, monkeypatch, capsys):
+    import json
+
+    from bench import __main__ as cli
+
+    def good():
+        return harness.Case("tiny_op", "float32", "n=1", 1.0, "bytes", 8.0, {"plain": lambda: None, "ours": lambda: None},
+                            baseline="plain")
+
+    def needs_transformers(kind="gpt2"):
+        raise ModuleNotFoundError("No module named 'transformers'", name="transformers")
+
+    def broken():
+        raise RuntimeError("a bug in this case")
+
+    monkeypatch.setattr(cli.cases, "plan", lambda quick, device, use_compile: [
+        ("penalty", good), ("importance", needs_transformers), ("conv", broken), ("e2e", good)])
+    path = tmp_path / "rows.json"
+    assert cli.main(["--quick", "--reps", "3", "--json", str(path)]) == 1  # a case failed: not a clean run
+    out = capsys.readouterr()
+    assert "skipped importance gpt2: needs transformers (pip install 'mas_kernels[transformers]')" in out.err
+    assert "FAILED conv: RuntimeError: a bug in this case" in out.err
+    assert "measuring mas_kernels from " in out.out  # the header names the package measured
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["plain", "ours"] * 2  # both good cases' rows were kept
+
+
+def test_cli_interrupted_midway_keeps_the_rows_measured(tmp_path, monkeypatch):
+    import json
+
+    from bench import __main__ as cli
+
+    def good():
+        return harness.Case("tiny_op", "float32", "n=1", 1.0, "bytes", 8.0, {"plain": lambda: None}, baseline="plain")
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.cases, "plan", lambda quick, device, use_compile: [("penalty", good), ("e2e", interrupted)])
+    path = tmp_path / "rows.json"
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["--quick", "--reps", "3", "--json", str(path)])
+    assert [r["impl"] for r in json.loads(path.read_text())["rows"]] == ["plain"]

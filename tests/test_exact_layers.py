@@ -331,6 +331,7 @@ def test_train_mode_with_batchnorm_is_refused_before_anything_changes():
     mk.MAS(model, importance="global_batch").estimate([torch.randn(4, 3, 8, 8)], train_mode=True)
 
 
+@pytest.mark.slow
 def test_accumulating_around_a_compiled_model():
     model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
     compiled = torch.compile(model, backend="aot_eager")
@@ -396,6 +397,7 @@ def test_local_rule_on_whole_models_covers_everything(name, make, data):
                          ids=["rnn", "lstm", "gru", "rnn-relu"])
 @pytest.mark.parametrize("kw", [dict(batch_first=True), dict(num_layers=3, bidirectional=True),
                                 dict(batch_first=True, bias=False, num_layers=2, bidirectional=True)])
+@pytest.mark.slow
 def test_local_rule_on_rnns(cell, kw):
     """The local rule's fused path (each layer through the fused kernel, h_{t-1} from its output
     shifted) against the oracle's written-out cell, every layer and direction."""

@@ -162,6 +162,7 @@ def test_penalty_value_and_gradient_equal_avalanche_loss_term():
     assert losses[0] - ce > 1e-3 * ce  # the penalty is a visible part of the loss
 
 
+@pytest.mark.slow
 def test_avalanches_own_test_mas_with_our_plugin(monkeypatch):
     """Avalanche's tests/training/test_strategies.py::StrategyTest::test_mas (v0.6.0), with the MAS
     strategy's plugin replaced by ours: SimpleMLP(input_size=6, hidden_size=10) with dropout, SGD

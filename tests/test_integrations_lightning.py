@@ -78,6 +78,7 @@ def accuracy(module, data, head) -> float:
     return acc
 
 
+@pytest.mark.slow
 def test_forgetting_is_lower_than_plain_finetuning():
     torch.manual_seed(0)
     module, cb = Net(), MASCallback(lam=0.1)

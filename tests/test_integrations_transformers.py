@@ -65,6 +65,7 @@ def loss_on(model, data) -> float:
     return loss
 
 
+@pytest.mark.slow
 def test_forgetting_is_lower_than_plain_finetuning(tmp_path):
     """Task A, then task B plain or with MAS (lam 1): A's loss after B rises far less with MAS, and B is
     still learned."""
@@ -106,6 +107,7 @@ class LossTermTrainer(transformers.Trainer):
 
 
 @pytest.mark.parametrize("clip_penalty", [True, False])
+@pytest.mark.slow
 def test_update_equals_a_loss_term_penalty_with_accumulation_and_clipping(tmp_path, clip_penalty):
     """After task A, 4 SGD steps on B with 2 micro-batches per step and max_grad_norm 0.05 (every step
     clipped): with clip_penalty (default) the weights equal the loss-term reference's; without it the
@@ -135,6 +137,7 @@ def test_update_equals_a_loss_term_penalty_with_accumulation_and_clipping(tmp_pa
     assert trainer.args.max_grad_norm == 0.05 and cb.last_penalty is not None
 
 
+@pytest.mark.slow
 def test_resume_from_a_checkpoint_gives_the_same_omega(tmp_path):
     """Task A, then task B saved at steps 3 and 6; a new process (new model, new callback) resuming B from
     checkpoint-3 ends with the Omega, theta* and weights of the run that was not interrupted."""

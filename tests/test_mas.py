@@ -582,6 +582,7 @@ def test_load_corrupt_or_truncated(tmp_path):
         other.load(tmp_path / "foreign.safetensors")
 
 
+@pytest.mark.slow
 def test_torch_compile_training_step_with_wrapper():
     model = mlp()
     mas = mk.MAS(model, lam=0.5, importance="local")

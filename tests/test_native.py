@@ -6,7 +6,9 @@ low-precision inputs, so the differences allowed are fp32 arithmetic and one
 rounding of an fp16/bf16 output. Also checked: non-contiguous views, tensors
 that cross the kernels' chunk and threading thresholds, lists with aliased
 tensors, determinism across thread counts, and the fallback when ``_C`` is
-missing or built for another torch (one warning, PyTorch path, same results).
+missing or built for another torch and the first-import build fails (one
+warning naming the reason and the fix, PyTorch path, same results). The
+first-import build itself is tested from a fresh venv in tests/test_install.py.
 """
 
 from __future__ import annotations
@@ -303,7 +305,7 @@ with warnings.catch_warnings(record=True) as caught:
     out = mk.penalty_grad_([torch.ones(3)], [torch.zeros(3)], [torch.ones(3)], 1.0, [torch.zeros(3)])
     assert out.item() == 3.0
 why = _native.load_error()
-assert "built against torch 0.0.1" in why, why
+assert "built against torch 0.0.1" in why and "building them on first import failed" in why, why
 ours = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning) and "native CPU kernels" in str(w.message)]
 assert len(ours) == 1 and "built against torch 0.0.1" in ours[0], ours
 try:
@@ -315,10 +317,10 @@ print("ok")
 """
 
 
-def test_module_built_for_other_torch_is_refused():
+def test_module_built_for_other_torch_is_refused(tmp_path):
     # In a fresh interpreter whose mas_kernels._C reports another torch release:
     # not loaded, the reason named (warning, load_error, forcing native), the PyTorch path serves CPU.
-    _run_fresh(_OTHER_TORCH)
+    _run_fresh(_OTHER_TORCH, tmp_path)
 
 
 _WITHOUT_C = r"""
@@ -344,7 +346,12 @@ with warnings.catch_warnings(record=True) as caught:
         check_abs_outer(torch.rand(3, 4), torch.randn(5, 3), torch.randn(5, 4), 0.5)
 ours = [w for w in caught if issubclass(w.category, RuntimeWarning) and "native CPU kernels" in str(w.message)]
 assert len(ours) == 1, [str(w.message) for w in caught]
-assert "mas_kernels._C" in str(ours[0].message) and "PyTorch path" in str(ours[0].message), str(ours[0].message)
+message = str(ours[0].message)
+assert "not built at install time" in message and "PyTorch path" in message, message
+assert "building them on first import failed" in message and "install a C++ compiler" in message, message
+info = mk.backend_info()
+assert info.ops["penalty_grad_"]["cpu"] == "torch" and not info.native["available"], info
+assert info.native["reason"] in info.reasons["cpu"] and info.native["fix"] in info.reasons["cpu"], info
 try:
     _native.lib()
     raise AssertionError("lib() without the module")
@@ -361,9 +368,13 @@ print("ok")
 """
 
 
-def _run_fresh(script: str) -> None:
-    """Run ``script`` in a new interpreter (no backend override in its environment); it prints "ok" at the end."""
-    env = {k: v for k, v in os.environ.items() if k != _backend.ENV_VAR}
+def _run_fresh(script: str, tmp_path) -> None:
+    """Run ``script`` in a new interpreter (no backend override in its environment); it prints "ok" at the end.
+
+    The first-import build there fails at once, as on a machine without a C++ compiler (``CXX=false``), into an
+    empty cache."""
+    env = {k: v for k, v in os.environ.items() if k not in (_backend.ENV_VAR, _native.NO_NATIVE_ENV)}
+    env.update(CXX="false", TORCH_EXTENSIONS_DIR=str(tmp_path))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     proc = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
@@ -371,10 +382,34 @@ def _run_fresh(script: str) -> None:
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
 
 
-def test_missing_extension_falls_back_with_one_warning():
+def test_missing_extension_falls_back_with_one_warning(tmp_path):
     # In a fresh interpreter where mas_kernels._C cannot be imported, as on a
     # machine without a compiler.
-    _run_fresh(_WITHOUT_C)
+    _run_fresh(_WITHOUT_C, tmp_path)
+
+
+_DISABLED = r"""
+import warnings
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import torch
+    import mas_kernels as mk
+    mk.abs_accumulate_([torch.zeros(3)], [torch.ones(3)], 1.0)
+info = mk.backend_info()
+assert info.native == {"available": False, "source": None, "jit_dir": None, "reason": "MAS_KERNELS_NO_NATIVE is set",
+                       "fix": "unset MAS_KERNELS_NO_NATIVE"}, info.native
+assert info.env["MAS_KERNELS_NO_NATIVE"] == "1" and info.ops["abs_accumulate_"]["cpu"] == "torch", info
+ours = [str(w.message) for w in caught if "native CPU kernels" in str(w.message)]
+assert len(ours) == 1 and "MAS_KERNELS_NO_NATIVE is set" in ours[0], ours
+print("ok")
+"""
+
+
+def test_no_native_setting_loads_and_builds_nothing(tmp_path):
+    # MAS_KERNELS_NO_NATIVE=1: no install-time module, no first-import build (nothing in the cache), one warning.
+    env_script = "import os; os.environ['MAS_KERNELS_NO_NATIVE'] = '1'\n" + _DISABLED
+    _run_fresh(env_script, tmp_path)
+    assert not any(tmp_path.iterdir())
 
 
 @needs_native
@@ -412,3 +447,28 @@ def test_an_invalid_backend_in_the_environment_fails_at_import():
     proc = subprocess.run([sys.executable, "-c", "import mas_kernels"], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode != 0 and "MAS_KERNELS_BACKEND='bogus'" in proc.stderr, proc.stderr
+
+# ------------------------------------------------------------ backend_info
+def test_backend_info_names_the_kernel_of_every_op_on_every_device():
+    from mas_kernels.ops._library import OPS
+
+    for choice in _backend.CHOICES[:2] + (("native",) if _native.available() else ()):
+        with _backend.using(choice):
+            info = mk.backend_info()
+            assert info.choice == choice and info.choice_from == "mk.use_backend"
+            assert set(info.ops) == set(OPS) and set(info.reasons) == {"cpu", "cuda", "other"}
+            for name, where in info.ops.items():
+                # what the dispatcher runs, as _backend.choose sees it
+                assert where == {"cpu": _backend.choose(torch.device("cpu")),
+                                 "cuda": _backend.choose(torch.device("cuda")), "other": "torch"}, name
+            text = str(info)
+            assert all(f"  {device}: " in text for device in info.reasons), text
+            if choice == "torch":
+                assert info.ops["penalty_grad_"]["cpu"] == "torch" and "as asked" in info.reasons["cpu"]
+            if choice == "native":
+                assert info.ops["penalty_grad_"]["cpu"] == "native"
+                assert os.path.isfile(info.native["source"]) and info.native["source"] in info.reasons["cpu"]
+    assert info.env.keys() == {"MAS_KERNELS_BACKEND", "MAS_KERNELS_NO_NATIVE", "TRITON_INTERPRET",
+                               "TORCH_EXTENSIONS_DIR"}
+    assert info.triton["installed"] == _backend.has_triton() and info.triton["interpreter"] == _backend.interpreting()
+    assert info.package["path"] == os.path.dirname(os.path.abspath(mk.__file__))

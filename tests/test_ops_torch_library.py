@@ -15,8 +15,7 @@ import torch._dynamo
 from torch._dynamo.backends.registry import lookup_backend
 
 import mas_kernels as mk
-from mas_kernels import _backend
-from tests.helpers import BF16, F16, F32
+from tests.helpers import BF16, F16, F32, using_backend
 
 OPS = torch.ops.mas_kernels
 
@@ -143,8 +142,9 @@ def _has_cxx() -> bool:
 
 
 @pytest.mark.skipif(not _has_cxx(), reason="inductor on CPU needs a C++ compiler")
+@pytest.mark.slow
 def test_compile_training_step_inductor():
-    with _backend.using("torch"):
+    with using_backend("torch"):
         _check_compiled_step("penalty", "inductor")
 
 

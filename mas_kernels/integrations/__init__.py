@@ -18,14 +18,20 @@ import inspect
 from types import ModuleType
 
 
+# Said with the extra where installing it as it is can go wrong.
+_BEFORE = {"avalanche": "first install torchvision from where your torch came from (a CPU torch: "
+                        "--index-url https://download.pytorch.org/whl/cpu), or pip pulls a CUDA one; docs/install.md"}
+
+
 def require(module: str, extra: str, who: str) -> ModuleType:
     """``import module``, or an ``ImportError`` that names the pip extra to install (and what was missing)."""
     try:
         return importlib.import_module(module)
     except ImportError as exc:
+        before = f" ({_BEFORE[extra]})" if extra in _BEFORE else ""
         raise ImportError(
             f"{who} needs the {module.split('.')[0]!r} package, which could not be imported ({exc}); "
-            f"install it with: pip install 'mas_kernels[{extra}]'"
+            f"install it with: pip install 'mas_kernels[{extra}]'{before}"
         ) from exc
 
 

@@ -2,6 +2,7 @@
 // (read t, read omega, write omega) shared by all threads over all tensors.
 #include "ops.h"
 
+#include "float64.h"
 #include "multi_tensor.h"
 
 #include <cmath>
@@ -51,14 +52,16 @@ void abs_accumulate_(const std::vector<at::Tensor>& omegas, const std::vector<at
   for (size_t i = 0; i < n; ++i) {
     TORCH_CHECK(omegas[i].device().is_cpu() && tensors[i].device().is_cpu(),
                 "mas_kernels abs_accumulate_: the native kernels take CPU tensors (index ", i, ")");
-    TORCH_CHECK(omegas[i].scalar_type() == at::kFloat, "mas_kernels abs_accumulate_: omegas must be float32");
+    TORCH_CHECK(omegas[i].scalar_type() == at::kFloat || omegas[i].scalar_type() == at::kDouble,
+                "mas_kernels abs_accumulate_: omegas must be float32/float64");
     const auto s = tensors[i].scalar_type();
-    TORCH_CHECK(s == at::kFloat || s == at::kBFloat16 || s == at::kHalf,
-                "mas_kernels abs_accumulate_: tensors must be float32/bfloat16/float16, got ", s);
+    TORCH_CHECK(s == at::kFloat || s == at::kBFloat16 || s == at::kHalf || s == at::kDouble,
+                "mas_kernels abs_accumulate_: tensors must be float32/bfloat16/float16/float64, got ", s);
     TORCH_CHECK(tensors[i].sizes() == omegas[i].sizes(), "mas_kernels abs_accumulate_: shapes differ at index ", i);
     check_writable(omegas[i], "abs_accumulate_", "omegas", static_cast<int64_t>(i));
   }
   check_scalar(alpha, 1.0, "abs_accumulate_", "alpha");
+  if (any_double({&omegas, &tensors})) return abs_accumulate_f64(omegas, tensors, alpha);
   const float a = static_cast<float>(alpha);
   if (!cross_tensor_hazard(omegas, {tensors})) {
     std::vector<Prepared> prepared;

@@ -8,6 +8,7 @@
 // the op within a few percent of a plain matmul of the same shape.
 #include "ops.h"
 
+#include "float64.h"
 #include "multi_tensor.h"
 
 #include <ATen/ops/empty.h>
@@ -86,7 +87,8 @@ at::Tensor abs_f32(const at::Tensor& x, const char* name) {
 void abs_outer_accumulate_(at::Tensor omega, const at::Tensor& a, const at::Tensor& b, double alpha) {
   TORCH_CHECK(omega.device().is_cpu() && a.device().is_cpu() && b.device().is_cpu(),
               "mas_kernels abs_outer_accumulate_: the native kernels take CPU tensors");
-  TORCH_CHECK(omega.scalar_type() == at::kFloat, "mas_kernels abs_outer_accumulate_: omega must be float32");
+  TORCH_CHECK(omega.scalar_type() == at::kFloat || omega.scalar_type() == at::kDouble,
+              "mas_kernels abs_outer_accumulate_: omega must be float32/float64");
   TORCH_CHECK(omega.dim() == 2 && a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(0) &&
                   omega.size(0) == a.size(1) && omega.size(1) == b.size(1),
               "mas_kernels abs_outer_accumulate_: expected omega (J, I), a (N, J), b (N, I), got omega ",
@@ -97,6 +99,10 @@ void abs_outer_accumulate_(at::Tensor omega, const at::Tensor& a, const at::Tens
                     "mas_kernels abs_outer_accumulate_: omega shares memory with a or b, which the op reads while ",
                     "it writes omega; pass a clone");
   if (omega.numel() == 0 || a.size(0) == 0) return;
+  if (omega.scalar_type() == at::kDouble || a.scalar_type() == at::kDouble || b.scalar_type() == at::kDouble) {
+    abs_outer_f64(omega, a, b, alpha);
+    return;
+  }
   const at::Tensor abs_a = abs_f32(a, "a");
   const at::Tensor abs_b = abs_f32(b, "b");
   // addmm_ copes with any strides of omega (BLAS directly, or via a copy).

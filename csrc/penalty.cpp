@@ -5,6 +5,7 @@
 // fp32), the minimum; eager PyTorch needs ~4 passes for the same result.
 #include "ops.h"
 
+#include "float64.h"
 #include "multi_tensor.h"
 
 #include <ATen/ops/scalar_tensor.h>
@@ -122,8 +123,8 @@ double run_all(const std::vector<Prepared>& prepared, float two_lam) {
 
 void check_dtype(const at::Tensor& t, const char* what) {
   const auto s = t.scalar_type();
-  TORCH_CHECK(s == at::kFloat || s == at::kBFloat16 || s == at::kHalf, "mas_kernels penalty_grad_: ", what,
-              " must be float32/bfloat16/float16, got ", s);
+  TORCH_CHECK(s == at::kFloat || s == at::kBFloat16 || s == at::kHalf || s == at::kDouble,
+              "mas_kernels penalty_grad_: ", what, " must be float32/bfloat16/float16/float64, got ", s);
 }
 
 }  // namespace
@@ -147,6 +148,7 @@ at::Tensor penalty_grad_(const std::vector<at::Tensor>& params, const std::vecto
     check_writable(grads[i], "penalty_grad_", "grads", static_cast<int64_t>(i));
   }
   check_scalar(lam, 2.0, "penalty_grad_", "lam");
+  if (any_double({&params, &anchors, &omegas, &grads})) return penalty_grad_f64(params, anchors, omegas, lam, grads);
   const float two_lam = static_cast<float>(2.0 * lam);
   double sum = 0.0;
   if (!cross_tensor_hazard(grads, {params, anchors, omegas})) {

@@ -71,11 +71,11 @@ class Options:
             if fn is not None and not callable(fn):
                 raise ValueError(f"MAS: {name} must be a callable, got {type(fn).__name__}")
         if self.omega_dtype not in STATE_DTYPES:
-            raise ValueError(f"MAS: omega_dtype={self.omega_dtype!r} must be torch.float32 or torch.bfloat16 "
-                             "(float16's range, up to 65504, would turn large importances into inf)")
+            raise ValueError(f"MAS: omega_dtype={self.omega_dtype!r} must be torch.float32, torch.bfloat16 or "
+                             "torch.float64 (float16's range, up to 65504, would turn large importances into inf)")
         if self.anchor_dtype is not None and self.anchor_dtype not in STATE_DTYPES:
             raise ValueError(f"MAS: anchor_dtype={self.anchor_dtype!r} must be None (each parameter's dtype), "
-                             "torch.float32 or torch.bfloat16")
+                             "torch.float32, torch.bfloat16 or torch.float64")
         self.lam = check_lam(self.lam)
         self.combine = check_combine(self.combine)
         self.include_frozen = bool(self.include_frozen)

@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 
 from .ops.penalty import _check as _check_penalty_args
+from .ops.penalty import value_dtype
 
 
 # map() over these costs a third less than the list comprehensions (this runs every training step).
@@ -120,8 +121,9 @@ class Regularizer:
         self._ptrs = ptrs
 
     def zero(self) -> torch.Tensor:
+        """A zero penalty, of the dtype and device the op's value would have (float64 for float64 state)."""
         device = self.omegas[0].device if self.omegas else torch.device("cpu")
-        return torch.zeros((), dtype=torch.float32, device=device)
+        return torch.zeros((), dtype=value_dtype(self.params, self.anchors, self.omegas), device=device)
 
     def penalty(self) -> torch.Tensor:
         """``lam * sum Omega (theta - theta*)^2``, differentiable w.r.t. the parameters."""

@@ -138,8 +138,14 @@ def leading(shape: tuple) -> tuple:
 
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 # What Omega and theta* may be stored in: float32's range (float16's ends at 65504, and would
-# turn large importances into inf and tiny ones into 0).
-STATE_DTYPES = (torch.float32, torch.bfloat16)
+# turn large importances into inf and tiny ones into 0), or float64 (float64 models: results to
+# float64 rounding).
+STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+
+
+def acc_dtype_for(omega_dtype: torch.dtype) -> torch.dtype:
+    """The accumulator's (and staging's) dtype: float64 with a float64 Omega, else float32."""
+    return torch.float64 if omega_dtype == torch.float64 else torch.float32
 
 
 def _layer(name: str) -> str:
@@ -152,7 +158,8 @@ class ImportanceState:
     * ``omega``: the importance Omega after the consolidated tasks (``omega_dtype``, float32 by default);
     * ``anchors``: theta*, the parameters at the last consolidation (``anchor_dtype``;
       default: each parameter's own dtype);
-    * ``acc``: the open task's importance numerators (sums over samples, float32);
+    * ``acc``: the open task's importance numerators (sums over samples, float32; float64
+      with a float64 Omega);
     * ``staging``: one batch's numerators, added to ``acc`` only when the batch is finite
       and the running sum stays finite;
     * ``num_samples`` and ``num_batches`` (open task), ``samples_consolidated``, ``num_tasks``.
@@ -185,7 +192,8 @@ class ImportanceState:
             start at zero importance (theta* = the parameter's values then).
             A parameter whose shape changed otherwise starts from zero, with a
             warning naming it.
-        omega_dtype: float32 (default) or bfloat16 storage for Omega.
+        omega_dtype: float32 (default), bfloat16 or float64 storage for Omega (float64 also
+            makes the accumulator float64).
         anchor_dtype: storage for theta*; None (default): each parameter's dtype when
             first tracked (kept across rebuilds: ``old``'s, or ``anchor_dtypes[name]``).
     """
@@ -200,6 +208,7 @@ class ImportanceState:
                  anchor_dtypes: dict[str, torch.dtype] | None = None):
         self.specs = [(n, p.shape, p.device, p.dtype) for n, p in params.items()]
         self.omega_dtype, self.anchor_dtype = omega_dtype, anchor_dtype
+        self.acc_dtype = acc_dtype_for(omega_dtype)
         self.omega = FlatBuffers(self.specs, dtype=omega_dtype)
         # theta* keeps the dtype it was made with (a parameter's dtype when first tracked): a later
         # model.half() does not round the anchors of a state rebuilt for another reason.
@@ -250,7 +259,7 @@ class ImportanceState:
     def acc(self) -> FlatBuffers:
         """The open task's numerators, allocated (zeros) on first use and released by :meth:`fold`."""
         if self._acc is None:
-            self._acc = FlatBuffers(self.specs, dtype=torch.float32)
+            self._acc = FlatBuffers(self.specs, dtype=self.acc_dtype)
             self._commits.reset(self._acc, zeros=True)
         return self._acc
 
@@ -258,7 +267,7 @@ class ImportanceState:
     def staging(self) -> FlatBuffers:
         """One batch's numerators, allocated on first use and released by :meth:`release`."""
         if self._staging is None:
-            self._staging = FlatBuffers(self.specs, dtype=torch.float32)
+            self._staging = FlatBuffers(self.specs, dtype=self.acc_dtype)
         return self._staging
 
     @property
@@ -330,7 +339,7 @@ class ImportanceState:
         ``n``: the task's sample count (summed over ranks by the caller when
         distributed); ``divisor``: what the accumulator is divided by (default
         ``n``; the number of batches for per-batch means). The combination is
-        computed in float32 and rounded once into Omega's dtype.
+        computed in the accumulator's dtype and rounded once into Omega's dtype.
         """
         divisor = n if divisor is None else divisor
         pairs = list(zip(self.omega.buffers.values(), self.acc.buffers.values()))
@@ -363,7 +372,7 @@ class ImportanceState:
         self.num_tasks += 1
 
     def _combine(self, new: torch.Tensor, omega: torch.Tensor, n: int, combine: str | float) -> None:
-        """``new <- combine(Omega, new)`` in place in ``new`` (float32)."""
+        """``new <- combine(Omega, new)`` in place in ``new`` (the accumulator's dtype)."""
         if self.num_tasks == 0:
             return
         if combine == "sum":
@@ -403,7 +412,7 @@ class ImportanceState:
         if self.has_acc():
             out["accumulator"] = {n: t.detach().clone() for n, t in self._acc.items()}
         else:
-            out["accumulator"] = {n: torch.zeros(shape, dtype=torch.float32, device=device)
+            out["accumulator"] = {n: torch.zeros(shape, dtype=self.acc_dtype, device=device)
                                   for n, shape, device, _ in self.specs}
         out.update({k: getattr(self, k) for k in self.COUNTS})
         return out

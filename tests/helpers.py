@@ -30,6 +30,7 @@ OUT_TOLS = [
     (F32, 1e-6, 1e-5),
     (F16, 1e-6, 2.0**-11 + 1e-5),
     (BF16, 1e-6, 2.0**-8 + 1e-5),
+    (F64, 0.0, 1e-12),  # float64 in, float64 math: float64 rounding only
 ]
 TOL = {dtype: (atol, rtol) for dtype, atol, rtol in OUT_TOLS}
 

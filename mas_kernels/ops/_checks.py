@@ -12,7 +12,18 @@ from typing import Sequence
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+#: What an accumulation's output (Omega, an accumulator) may be: the products are taken in its dtype.
+ACC_DTYPES = (torch.float32, torch.float64)
+
+
+def compute_dtype(*ts: torch.Tensor) -> torch.dtype:
+    """The dtype the ops compute in for tensors that meet in one formula: float64 when any of them
+    is float64 (exact to float64 rounding, for float64 models and tests), else float32."""
+    for t in ts:
+        if t.dtype is torch.float64:
+            return torch.float64
+    return torch.float32
 
 
 def _name(arg: str, index: int | None) -> str:

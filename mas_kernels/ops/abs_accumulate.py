@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import (check_like, check_list, check_not_requiring_grad, check_outputs, check_same_device, check_scalar,
+from ._checks import (ACC_DTYPES, check_like, check_list, check_not_requiring_grad, check_outputs, check_same_device, check_scalar,
                       check_tensor)
 from ._library import define
 
@@ -23,7 +23,7 @@ def _check(omegas, tensors, alpha) -> tuple[list, list, float]:
     omegas = check_list(OP, "omegas", omegas, None)
     tensors = check_list(OP, "tensors", tensors, len(omegas), "omegas")
     for i, (o, t) in enumerate(zip(omegas, tensors)):
-        check_tensor(OP, "omegas", o, i, dtypes=(torch.float32,))
+        check_tensor(OP, "omegas", o, i, dtypes=ACC_DTYPES)
         check_tensor(OP, "tensors", t, i)
         check_like(OP, "tensors", t, "omegas", o, i)
     if omegas:
@@ -41,9 +41,9 @@ def guard(omegas, tensors, alpha) -> None:
 
 
 def abs_accumulate_torch(omegas: list[torch.Tensor], tensors: list[torch.Tensor], alpha: float) -> None:
-    """The readable definition: one ``add_`` per tensor."""
+    """The readable definition: one ``add_`` per tensor, in the omega's dtype."""
     for o, t in zip(omegas, tensors):
-        o.add_(t.abs().float(), alpha=alpha)
+        o.add_(t.abs().to(o.dtype), alpha=alpha)
 
 
 def _fake(omegas, tensors, alpha) -> None:
@@ -60,8 +60,9 @@ def abs_accumulate_(omegas, tensors, alpha: float = 1.0) -> list[torch.Tensor]:
     r"""``omega_i += alpha * |t_i|`` in place for every pair; returns ``omegas``.
 
     Args:
-        omegas: list of float32 tensors, all on one device, updated in place.
-        tensors: list of float32/float16/bfloat16 tensors, ``tensors[i]`` with
+        omegas: list of float32 or float64 tensors, all on one device, updated in place
+            (``|t_i|`` is rounded to the omega's dtype, then added in it).
+        tensors: list of float32/float16/bfloat16/float64 tensors, ``tensors[i]`` with
             ``omegas[i]``'s shape and device.
         alpha: scale.
 

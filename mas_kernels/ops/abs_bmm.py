@@ -47,7 +47,7 @@ import math
 
 import torch
 
-from ._checks import check_not_requiring_grad, check_scalar, check_tensor
+from ._checks import ACC_DTYPES, check_not_requiring_grad, check_scalar, check_tensor
 from ._library import define
 
 OP = "abs_bmm_accumulate_"
@@ -57,7 +57,7 @@ DEFAULT_MEMORY_BUDGET = 64 << 20
 #: The smallest budget accepted: below it chunking would cost far more than it saves.
 MIN_MEMORY_BUDGET = 64 << 10
 
-_F32 = 4  # bytes per scratch element: all scratch is float32
+_F32 = 4  # bytes per scratch element: all scratch is float32 (float64 for a float64 omega)
 
 
 # ------------------------------------------------------------------ checks
@@ -97,7 +97,7 @@ def _check_budget(memory_budget) -> int:
 
 
 def _check(omega, a, b, alpha, memory_budget) -> tuple[float, int]:
-    check_tensor(OP, "omega", omega, dtypes=(torch.float32,))
+    check_tensor(OP, "omega", omega, dtypes=ACC_DTYPES)
     check_tensor(OP, "a", a)
     check_tensor(OP, "b", b)
     if omega.dim() != 2:
@@ -135,18 +135,20 @@ def _check(omega, a, b, alpha, memory_budget) -> tuple[float, int]:
 
 
 # ---------------------------------------------------------- the chunk plan
-def chunk_plan(S: int, T: int, J: int, I: int, memory_budget: int) -> tuple[int, int, int, int]:
+def chunk_plan(S: int, T: int, J: int, I: int, memory_budget: int,
+               itemsize: int = _F32) -> tuple[int, int, int, int]:
     """``(samples, positions, rows, cols)`` per chunk of the PyTorch path, such that its scratch fits.
 
-    The scratch of one chunk is float32 copies of the chunk's ``a`` and ``b``,
-    its per-sample products and their sum over samples:
-    ``4 * (s * t * (rows + cols) + (s + 1) * rows * cols)`` bytes (see
+    The scratch of one chunk is copies of the chunk's ``a`` and ``b`` in
+    omega's dtype (``itemsize`` bytes per element: 4, or 8 for float64), its
+    per-sample products and their sum over samples:
+    ``itemsize * (s * t * (rows + cols) + (s + 1) * rows * cols)`` bytes (see
     :func:`chunk_bytes`). Whole samples are preferred; when one does not fit,
     the output is tiled (square-ish tiles); when a tile with all positions
     does not fit either, positions are chunked too (products of position
     chunks are added before the abs, so the result does not change).
     """
-    budget = memory_budget // _F32  # in float32 elements
+    budget = memory_budget // itemsize  # in elements
     one = T * (J + I) + 2 * J * I
     if one <= budget:
         # (s + 1) * J * I for the sum: solve s*T*(J+I) + (s+1)*J*I <= budget for s.
@@ -166,27 +168,28 @@ def chunk_plan(S: int, T: int, J: int, I: int, memory_budget: int) -> tuple[int,
     return 1, min(T, (budget - 2 * rows * cols) // (rows + cols)), rows, cols
 
 
-def chunk_bytes(samples: int, positions: int, rows: int, cols: int) -> int:
+def chunk_bytes(samples: int, positions: int, rows: int, cols: int, itemsize: int = _F32) -> int:
     """Scratch bytes of one chunk of the PyTorch path (what :func:`chunk_plan` keeps within the budget)."""
-    return _F32 * (samples * positions * (rows + cols) + (samples + 1) * rows * cols)
+    return itemsize * (samples * positions * (rows + cols) + (samples + 1) * rows * cols)
 
 
 # ------------------------------------------------------------- PyTorch path
-def _abs_f32(x: torch.Tensor) -> torch.Tensor:
-    """``|x|`` as a new fp32 tensor, allocating only that (no 16-bit temporary)."""
-    return x.abs() if x.dtype == torch.float32 else x.float().abs_()
+def _abs_as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``|x|`` as a new ``dtype`` tensor, allocating only that (no 16-bit temporary)."""
+    return x.abs() if x.dtype == dtype else x.to(dtype).abs_()
 
 
 def _abs_outer_chunked(omega, a, b, alpha, memory_budget) -> None:
-    """T = 1: ``|a_s^T b_s| = |a_s|^T |b_s|``, one ``addmm_`` per chunk of samples on fp32 abs copies."""
+    """T = 1: ``|a_s^T b_s| = |a_s|^T |b_s|``, one ``addmm_`` per chunk of samples on abs copies."""
     S, J, I = a.shape[0], a.shape[1], b.shape[1]
-    step = max(1, memory_budget // (_F32 * (J + I)))
+    step = max(1, memory_budget // (omega.element_size() * (J + I)))
     for s0 in range(0, S, step):
-        omega.addmm_(_abs_f32(a[s0:s0 + step]).t(), _abs_f32(b[s0:s0 + step]), alpha=alpha)
+        omega.addmm_(_abs_as(a[s0:s0 + step], omega.dtype).t(), _abs_as(b[s0:s0 + step], omega.dtype), alpha=alpha)
 
 
 def abs_bmm_torch(omega: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float, memory_budget: int) -> None:
-    """The readable definition: per chunk, ``bmm`` of the samples' fp32 ``a_s^T`` and ``b_s``, abs, sum.
+    """The readable definition: per chunk, ``bmm`` of the samples' ``a_s^T`` and ``b_s`` in omega's dtype
+    (float32, or float64), abs, sum.
 
     Chunks come from :func:`chunk_plan`, so the scratch stays within
     ``memory_budget`` bytes.
@@ -198,16 +201,17 @@ def abs_bmm_torch(omega: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: 
     if T == 1:
         _abs_outer_chunked(omega, a[:, 0], b[:, 0], alpha, memory_budget)
         return
-    ns, nt, nj, ni = chunk_plan(S, T, J, I, memory_budget)
+    ns, nt, nj, ni = chunk_plan(S, T, J, I, memory_budget, omega.element_size())
+    dtype = omega.dtype
     for j0 in range(0, J, nj):
         for i0 in range(0, I, ni):
             out = omega[j0:j0 + nj, i0:i0 + ni]
             for s0 in range(0, S, ns):
                 prod = None
                 for t0 in range(0, T, nt):
-                    # (s, rows, t) @ (s, t, cols): the chunk's per-sample a_s^T b_s in fp32.
-                    x = a[s0:s0 + ns, t0:t0 + nt, j0:j0 + nj].float().transpose(1, 2)
-                    y = b[s0:s0 + ns, t0:t0 + nt, i0:i0 + ni].float()
+                    # (s, rows, t) @ (s, t, cols): the chunk's per-sample a_s^T b_s in omega's dtype.
+                    x = a[s0:s0 + ns, t0:t0 + nt, j0:j0 + nj].to(dtype).transpose(1, 2)
+                    y = b[s0:s0 + ns, t0:t0 + nt, i0:i0 + ni].to(dtype)
                     prod = torch.bmm(x, y) if prod is None else prod.baddbmm_(x, y)
                     del x, y
                 out.add_(prod.abs_().sum(0), alpha=alpha)
@@ -228,17 +232,17 @@ def abs_bmm_accumulate_(omega: torch.Tensor, a: torch.Tensor, b: torch.Tensor, a
     r"""``omega += alpha * sum_s |a_s^T @ b_s|`` in place; returns ``omega``.
 
     Args:
-        omega: (J, I) float32, updated in place (any strides whose elements are distinct).
-        a: (S, T, J) float32/float16/bfloat16, any strides; e.g. per-sample output
+        omega: (J, I) float32 or float64, updated in place (any strides whose elements are distinct).
+        a: (S, T, J) float32/float16/bfloat16/float64, any strides; e.g. per-sample output
             gradients of a layer, T positions per sample.
-        b: (S, T, I) float32/float16/bfloat16, any strides; e.g. the layer's inputs.
+        b: (S, T, I) float32/float16/bfloat16/float64, any strides; e.g. the layer's inputs.
         alpha: scale, e.g. ``1/N`` for a mean over samples.
         memory_budget: bytes of scratch memory the call may use (default
             :data:`DEFAULT_MEMORY_BUDGET`, 64 MiB; at least 64 KiB). The PyTorch path
             chunks samples, output tiles and positions to stay within it.
 
     Per sample, the product is summed over positions before the abs, in
-    float32 whatever the input dtype. Not differentiable (no autograd graph is
+    omega's dtype (float32 whatever the input dtype, or float64). Not differentiable (no autograd graph is
     recorded). Raises ``ValueError`` naming the argument on a shape, dtype or
     device mismatch, when ``omega`` requires grad with grad mode on, shares
     memory with ``a`` or ``b``, or has overlapping elements (stride 0), or on

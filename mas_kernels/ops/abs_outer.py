@@ -1,4 +1,4 @@
-r"""``abs_outer_accumulate_``: ``omega += alpha * |a|^T @ |b|`` in fp32, in place.
+r"""``abs_outer_accumulate_``: ``omega += alpha * |a|^T @ |b|`` in fp32 (or fp64), in place.
 
 With ``a`` of shape (N, J) and ``b`` of shape (N, I) this is
 
@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_not_requiring_grad, check_output, check_scalar, check_tensor, shares_memory
+from ._checks import ACC_DTYPES, check_not_requiring_grad, check_output, check_scalar, check_tensor, shares_memory
 from ._library import define
 
 OP = "abs_outer_accumulate_"
 
 
 def _check(omega, a, b, alpha) -> float:
-    check_tensor(OP, "omega", omega, dtypes=(torch.float32,))
+    check_tensor(OP, "omega", omega, dtypes=ACC_DTYPES)
     check_tensor(OP, "a", a)
     check_tensor(OP, "b", b)
     if omega.dim() != 2 or a.dim() != 2 or b.dim() != 2:
@@ -64,8 +64,8 @@ def guard(omega, a, b, alpha) -> None:
 
 
 def abs_outer_torch(omega: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
-    """The readable definition (and CPU fallback): one ``addmm_`` on fp32 abs copies."""
-    omega.addmm_(a.abs().t().float(), b.abs().float(), alpha=alpha)
+    """The readable definition (and CPU fallback): one ``addmm_`` on abs copies in omega's dtype."""
+    omega.addmm_(a.abs().t().to(omega.dtype), b.abs().to(omega.dtype), alpha=alpha)
 
 
 def _fake(omega, a, b, alpha) -> None:
@@ -81,12 +81,13 @@ def abs_outer_accumulate_(omega: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     r"""``omega += alpha * |a|^T @ |b|`` in place; returns ``omega``.
 
     Args:
-        omega: (J, I) float32, updated in place (any strides).
-        a: (N, J) float32/float16/bfloat16, any strides (e.g. a transposed view).
-        b: (N, I) float32/float16/bfloat16, any strides.
+        omega: (J, I) float32 or float64, updated in place (any strides).
+        a: (N, J) float32/float16/bfloat16/float64, any strides (e.g. a transposed view).
+        b: (N, I) float32/float16/bfloat16/float64, any strides.
         alpha: scale, e.g. ``1/N`` for a mean over samples.
 
-    The products are accumulated in float32 whatever the input dtype.
+    The products are accumulated in omega's dtype (float32 whatever the input
+    dtype, or float64).
     Not differentiable (no autograd graph is recorded). Raises ``ValueError``
     (naming the argument) before ``omega`` is touched, the same on every
     backend: on a shape, dtype or device mismatch; when ``omega`` requires

@@ -12,7 +12,11 @@ parameters, which also has a second derivative (the Hessian of ``L`` is
 ``2 lambda Omega``, diagonal). (FACIL's MAS halves this penalty; Avalanche and
 the paper's code do not.)
 
-Omega may be float32, bfloat16 or float16 (products are taken in float32).
+Omega may be float32, bfloat16 or float16 (products are taken in float32), or
+float64. Where one of an entry's four tensors (theta, theta*, Omega, grad) is
+float64 the entry is computed in float64, and the value is float64 when any
+tensor of the call is (float64 models, exactness tests); else everything is
+float32 arithmetic and the value is float32.
 """
 
 from __future__ import annotations
@@ -23,8 +27,7 @@ import functools
 import warnings
 
 from ._checks import (FLOAT_DTYPES, check_like, check_list, check_not_requiring_grad, check_output, check_outputs,
-                      check_same_device,
-                      check_scalar, check_tensor)
+                      check_same_device, check_scalar, check_tensor, compute_dtype)
 from ._library import LIB, define
 
 OP = "penalty_grad_"
@@ -70,13 +73,24 @@ def _check(op, params, anchors, omegas, lam, grads=None):
     return params, anchors, omegas, check_scalar(op, "lam", lam, scale=2.0), grads
 
 
+def value_dtype(*lists) -> torch.dtype:
+    """The dtype of the penalty's value: float64 when any tensor of the call is float64, else float32."""
+    for ts in lists:
+        for t in ts:
+            if t.dtype is torch.float64:
+                return torch.float64
+    return torch.float32
+
+
 def penalty_grad_torch(params, anchors, omegas, lam: float, grads) -> torch.Tensor:
-    """The readable definition: per tensor, d = p - anchor in fp32; sum Omega d^2; grad += 2 lam Omega d."""
+    """The readable definition: per tensor, d = p - anchor in fp32 (fp64 when one of the four tensors is
+    fp64); sum Omega d^2; grad += 2 lam Omega d."""
     device = params[0].device if params else torch.device("cpu")
-    total = torch.zeros((), dtype=torch.float32, device=device)
+    total = torch.zeros((), dtype=value_dtype(params, anchors, omegas, grads), device=device)
     for p, a, o, g in zip(params, anchors, omegas, grads):
-        d = p.float() - a.float()
-        od = o * d
+        ct = compute_dtype(p, a, o, g)
+        d = p.to(ct) - a.to(ct)
+        od = o.to(ct) * d
         total += (od * d).sum()
         g.add_(od, alpha=2.0 * lam)
     return total * lam
@@ -89,14 +103,18 @@ def _warn_triton_omega(dtype: torch.dtype) -> None:
 
 
 def penalty_grad_triton_or_torch(params, anchors, omegas, lam: float, grads) -> torch.Tensor:
-    """The Triton kernel for float32 Omega (what it reads); the PyTorch path for 16-bit Omega."""
+    """The Triton kernel for float32 Omega (what it reads); the PyTorch path for 16-bit Omega, and for a
+    call with a float64 tensor (float64 is for exactness, not speed: see ``ops/triton/__init__.py``)."""
     from .triton.multi_tensor import penalty_grad_triton
 
     f32 = torch.float32
     for o in omegas:
         if o.dtype is not f32:
-            _warn_triton_omega(o.dtype)
+            if o.dtype is not torch.float64:
+                _warn_triton_omega(o.dtype)
             return penalty_grad_torch(params, anchors, omegas, lam, grads)
+    if value_dtype(params, anchors, grads) is torch.float64:
+        return penalty_grad_torch(params, anchors, omegas, lam, grads)
     return penalty_grad_triton(params, anchors, omegas, lam, grads)
 
 
@@ -111,7 +129,7 @@ def _penalty_guard(params, anchors, omegas, lam) -> None:
 
 
 def _penalty_grad_fake(params, anchors, omegas, lam, grads):
-    return params[0].new_empty((), dtype=torch.float32)
+    return params[0].new_empty((), dtype=value_dtype(params, anchors, omegas, grads))
 
 
 def with_grads(penalty_grad_impl):
@@ -133,7 +151,8 @@ define("penalty_grad_(Tensor[] params, Tensor[] anchors, Tensor[] omegas, float 
 
 
 def _penalty_fake(params, anchors, omegas, lam):
-    return params[0].new_empty((), dtype=torch.float32), [torch.empty_like(p) for p in params]
+    return (params[0].new_empty((), dtype=value_dtype(params, anchors, omegas)),
+            [torch.empty_like(p) for p in params])
 
 
 def _penalty_setup_context(ctx, inputs, output):
@@ -158,8 +177,10 @@ def _penalty_backward(ctx, grad_value, grad_grads):
     # second backward gives the Hessian-vector product 2 lam Omega v (times grad_value).
     params, anchors, omegas = saved[n:2 * n], saved[2 * n:3 * n], saved[3 * n:]
     two_lam = 2.0 * ctx.lam
-    grads = [((grad_value * two_lam) * o.float() * (p.float() - a.float())).to(p.dtype)
-             for p, a, o in zip(params, anchors, omegas)]
+    grads = []
+    for p, a, o in zip(params, anchors, omegas):
+        ct = compute_dtype(p, a, o)
+        grads.append(((grad_value * two_lam).to(ct) * o.to(ct) * (p.to(ct) - a.to(ct))).to(p.dtype))
     return grads, none, list(none), None
 
 
@@ -178,7 +199,7 @@ def penalty_grad_(params, anchors, omegas, lam: float, grads=None) -> torch.Tens
     allocated as zeros where it is ``None``.
 
     Args:
-        params: list of float32/float16/bfloat16 tensors on one device.
+        params: list of float32/float16/bfloat16/float64 tensors on one device.
         anchors: theta*, one per param, same shape and device (any of those dtypes).
         omegas: importance, one per param, same shape and device (any of those dtypes;
             16-bit Omega is read into float32 element by element).
@@ -186,7 +207,8 @@ def penalty_grad_(params, anchors, omegas, lam: float, grads=None) -> torch.Tens
         grads: optional list of gradient buffers (same shapes), updated in place.
 
     Returns:
-        A 0-dim float32 tensor on the params' device (0 for empty lists).
+        A 0-dim tensor on the params' device (0 for empty lists): float64 when a
+        tensor of the call is float64 (such entries are computed in float64), else float32.
 
     The value is not differentiable (see :func:`penalty` for that). Raises
     ``ValueError`` naming the argument and index at fault, the same on every

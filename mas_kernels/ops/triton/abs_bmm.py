@@ -253,6 +253,11 @@ def launch(omega: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float, 
 def abs_bmm_triton(omega: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float, memory_budget: int) -> None:
     if omega.numel() == 0 or a.shape[0] == 0 or a.shape[1] == 0:
         return
+    if torch.float64 in (omega.dtype, a.dtype, b.dtype):  # the PyTorch path (see the package docstring)
+        from ..abs_bmm import abs_bmm_torch
+
+        abs_bmm_torch(omega, a, b, alpha, memory_budget)
+        return
     if a.shape[1] == 1:
         # |a_s^T b_s| = |a_s|^T |b_s| for one position: the abs-GEMM, which needs no per-sample tile.
         abs_outer_triton(omega, a[:, 0], b[:, 0], alpha)

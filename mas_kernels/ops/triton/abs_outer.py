@@ -142,6 +142,11 @@ def precision(a_dtype: torch.dtype, b_dtype: torch.dtype, allow_tf32: bool) -> s
 
 
 def abs_outer_triton(omega: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
+    if torch.float64 in (omega.dtype, a.dtype, b.dtype):  # the PyTorch path (see the package docstring)
+        from ..abs_outer import abs_outer_torch
+
+        abs_outer_torch(omega, a, b, alpha)
+        return
     rule = precision(a.dtype, b.dtype, torch.backends.cuda.matmul.allow_tf32)
     if a.stride(0) == 1 and a.shape[1] > 1 and not (b.stride(0) == 1 and b.shape[1] > 1):
         # a is contiguous along N (a transposed view): compute omega^T += |b|^T |a|,

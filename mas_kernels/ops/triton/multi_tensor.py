@@ -161,7 +161,16 @@ def _scratch(ts: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
     return out, back
 
 
+def _has_float64(*lists) -> bool:
+    return any(t.dtype is torch.float64 for ts in lists for t in ts)
+
+
 def abs_accumulate_triton(omegas: list[torch.Tensor], tensors: list[torch.Tensor], alpha: float) -> None:
+    if _has_float64(omegas, tensors):  # float64: the PyTorch path (see the package docstring)
+        from ..abs_accumulate import abs_accumulate_torch
+
+        abs_accumulate_torch(omegas, tensors, alpha)
+        return
     for (_, t_dtype), idx in launch_groups(omegas, tensors, out=0):
         outs, back = _scratch([omegas[i] for i in idx])
         ins = [dense(tensors[i]) for i in idx]

@@ -181,23 +181,4 @@ void parallel_chunks(const WorkList& work, F&& f) {
   parallel_chunks(work.n_chunks, std::forward<F>(f));
 }
 
-// True when processing all tensors at once could race or differ from doing
-// them one after another: some output's memory overlaps another output, or an
-// input of a different list position. `ins[k][i]` is input k of tensor i.
-// (An input that is exactly its own output, same pointer and strides, is
-// fine: each element is read before it is written, by the same thread.)
-bool cross_tensor_hazard(const std::vector<at::Tensor>& outs,
-                         const std::vector<std::vector<at::Tensor>>& ins);
-
-// The checks every kernel makes before its first write, the same as the
-// Python kernels' guards (mas_kernels/ops/_checks.py), raising ValueError:
-// `out` can be written in place element by element (no inference tensor
-// outside inference mode, no two elements sharing memory), and a scalar is
-// finite with `scale * x` within float32's range.
-void check_writable(const at::Tensor& out, const char* op, const char* arg, int64_t index = -1);
-void check_scalar(double x, double scale, const char* op, const char* arg);
-
-// Whether the memory ranges of x and y overlap (conservative: interleaved views count).
-bool shares_memory(const at::Tensor& x, const at::Tensor& y);
-
 }  // namespace mas_kernels

@@ -81,7 +81,8 @@ class Regularizer:
         self.params = list(params)
         self.anchors = list(anchors)
         self.omegas = list(omegas)
-        self.lam = float(lam)
+        self._lam_t = torch.zeros((), dtype=torch.float64)  # lam for compiled graphs (see lam)
+        self.lam = lam
         self.local = local
         self.names = list(names) if names is not None else [f"params[{i}]" for i in range(len(self.params))]
         self._subset: tuple | None = None  # (skipped indices, lists without them), for frozen parameters
@@ -91,6 +92,18 @@ class Regularizer:
         self._ptrs = self._layout()
         self._layout_version = 0  # moves when a parameter's storage changes (_check_layout)
         self._guarded: tuple | None = None  # the key of the last lists that passed the op's guard
+
+    @property
+    def lam(self) -> float:
+        """lambda. Eager calls pass it to the op as a number; a graph compiled by ``torch.compile`` reads it
+        from a 0-d tensor that this setter updates in place, so a new lam (a schedule) reuses the graph
+        (a number would be baked into it: one recompilation per value)."""
+        return self._lam
+
+    @lam.setter
+    def lam(self, value: float) -> None:
+        self._lam = float(value)
+        self._lam_t.fill_(self._lam)
 
     def _check_grads(self) -> None:
         # A .grad assigned later is checked by PyTorch; one left from before p.data changed shape is not.
@@ -147,6 +160,11 @@ class Regularizer:
             return self.zero()
         self.check_layout()
         params = self.params if self.local is None else [self.local(p) for p in self.params]
+        if torch.compiler.is_compiling():
+            # lam * (the penalty at lam = 1): lam a runtime value of the graph (see lam); the op's
+            # backward scales its gradient by the incoming lam * grad, so gradients are lam's too.
+            value = torch.ops.mas_kernels.penalty(params, self.anchors, self.omegas, 1.0)[0]
+            return value * self._lam_t.to(value.dtype)
         return self._call(torch.ops.mas_kernels.penalty, penalty_guard, params, None)[0]
 
     def add_grad_(self) -> torch.Tensor:
@@ -167,6 +185,14 @@ class Regularizer:
         # The op's Autograd key is a fallthrough: parameters that require grad need no detach.
         if self.local is not None:
             params, grads = [self.local(p.detach()) for p in params], [self.local(g) for g in grads]
+        if torch.compiler.is_compiling():
+            # lam a runtime value of the graph (see lam): the gradient at lam = 1 (fresh buffers, from the
+            # same fused op), scaled by the lam tensor and added; no recompilation per lam, at the price of
+            # two more passes over the gradients than the eager call's one.
+            value, unit = torch.ops.mas_kernels.penalty([p.detach() for p in params], anchors, omegas, 1.0)
+            lam = self._lam_t.to(value.dtype)
+            torch._foreach_add_(grads, torch._foreach_mul(unit, lam))
+            return value * lam
         return self._call(torch.ops.mas_kernels.penalty_grad_, penalty_grad_guard, params, grads, anchors, omegas)
 
     def _call(self, op, guard, params, grads, anchors=None, omegas=None):

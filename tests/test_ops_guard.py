@@ -388,3 +388,22 @@ def test_training_step_checks_lam_on_the_fast_path(backend):
 def test_triton_interpreter_is_what_the_triton_backend_runs(backend):
     # (The backend fixture really switches kernels: the guard tests above ran on each.)
     assert _backend.choose(torch.device("cpu")) == backend
+
+
+def test_compiled_front_door_leaves_no_skipped_guard_behind(backend):
+    # Under torch.compile the front door's call is a plain one: the compiled graph's kernel runs the
+    # guard, and no "skip the next guard" flag is left for a later eager call.
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    p = [torch.randn(3)]
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def step(a, o, g):
+        return mk.penalty_grad_(p, a, o, 0.5, g)
+
+    g = [torch.zeros(3)]
+    step([torch.zeros(3)], [torch.ones(3)], g)
+    assert not _library._TRUST.skip
+    with pytest.raises(ValueError, match="alpha"):
+        OPS.abs_accumulate_([torch.zeros(3)], [torch.ones(3)], math.nan)

@@ -3,6 +3,7 @@
 #include "ops.h"
 
 #include "float64.h"
+#include "guard.h"
 #include "multi_tensor.h"
 
 #include <cmath>
@@ -47,30 +48,18 @@ void run_all(const std::vector<Prepared>& prepared, float alpha) {
 }  // namespace
 
 void abs_accumulate_(const std::vector<at::Tensor>& omegas, const std::vector<at::Tensor>& tensors, double alpha) {
+  const bool repeated = guard_abs_accumulate(omegas, tensors, alpha);
   const size_t n = omegas.size();
-  TORCH_CHECK(tensors.size() == n, "mas_kernels abs_accumulate_: omegas and tensors must have the same length");
-  for (size_t i = 0; i < n; ++i) {
-    TORCH_CHECK(omegas[i].device().is_cpu() && tensors[i].device().is_cpu(),
-                "mas_kernels abs_accumulate_: the native kernels take CPU tensors (index ", i, ")");
-    TORCH_CHECK(omegas[i].scalar_type() == at::kFloat || omegas[i].scalar_type() == at::kDouble,
-                "mas_kernels abs_accumulate_: omegas must be float32/float64");
-    const auto s = tensors[i].scalar_type();
-    TORCH_CHECK(s == at::kFloat || s == at::kBFloat16 || s == at::kHalf || s == at::kDouble,
-                "mas_kernels abs_accumulate_: tensors must be float32/bfloat16/float16/float64, got ", s);
-    TORCH_CHECK(tensors[i].sizes() == omegas[i].sizes(), "mas_kernels abs_accumulate_: shapes differ at index ", i);
-    check_writable(omegas[i], "abs_accumulate_", "omegas", static_cast<int64_t>(i));
-  }
-  check_scalar(alpha, 1.0, "abs_accumulate_", "alpha");
   if (any_double({&omegas, &tensors})) return abs_accumulate_f64(omegas, tensors, alpha);
   const float a = static_cast<float>(alpha);
-  if (!cross_tensor_hazard(omegas, {tensors})) {
+  if (!repeated) {
     std::vector<Prepared> prepared;
     prepared.reserve(n);
     for (size_t i = 0; i < n; ++i) prepared.push_back(prepare(omegas[i], {tensors[i]}));
     run_all(prepared, a);
     finish(prepared);
   } else {
-    // Aliased lists: one pair after another, as the PyTorch path does.
+    // An omega listed twice: one pair after another, as the PyTorch path does.
     for (size_t i = 0; i < n; ++i) {
       std::vector<Prepared> one{prepare(omegas[i], {tensors[i]})};
       run_all(one, a);

@@ -32,6 +32,7 @@
 #include "ops.h"
 
 #include "float64.h"
+#include "guard.h"
 #include "multi_tensor.h"
 
 #include <ATen/ops/bmm.h>
@@ -221,14 +222,9 @@ int64_t abs_bmm_bmm_chunk(int64_t S, int64_t T, int64_t J, int64_t I, int64_t me
 
 void abs_bmm_accumulate_(at::Tensor omega, const at::Tensor& a, const at::Tensor& b, double alpha,
                          int64_t memory_budget) {
+  guard_abs_bmm(omega, a, b, alpha, memory_budget);
   TORCH_CHECK(omega.device().is_cpu() && a.device().is_cpu() && b.device().is_cpu(),
               "mas_kernels abs_bmm_accumulate_: the native kernels take CPU tensors");
-  TORCH_CHECK(omega.scalar_type() == at::kFloat || omega.scalar_type() == at::kDouble,
-              "mas_kernels abs_bmm_accumulate_: omega must be float32/float64");
-  TORCH_CHECK(omega.dim() == 2 && a.dim() == 3 && b.dim() == 3 && a.size(0) == b.size(0) && a.size(1) == b.size(1) &&
-                  omega.size(0) == a.size(2) && omega.size(1) == b.size(2),
-              "mas_kernels abs_bmm_accumulate_: expected omega (J, I), a (S, T, J), b (S, T, I), got omega ",
-              omega.sizes(), ", a ", a.sizes(), ", b ", b.sizes());
   const int64_t S = a.size(0), T = a.size(1), J = a.size(2), I = b.size(2);
   if (omega.numel() == 0 || S == 0 || T == 0) return;
   if (omega.scalar_type() == at::kDouble || a.scalar_type() == at::kDouble || b.scalar_type() == at::kDouble) {

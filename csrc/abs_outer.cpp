@@ -9,6 +9,7 @@
 #include "ops.h"
 
 #include "float64.h"
+#include "guard.h"
 #include "multi_tensor.h"
 
 #include <ATen/ops/empty.h>
@@ -85,19 +86,9 @@ at::Tensor abs_f32(const at::Tensor& x, const char* name) {
 }  // namespace
 
 void abs_outer_accumulate_(at::Tensor omega, const at::Tensor& a, const at::Tensor& b, double alpha) {
+  guard_abs_outer(omega, a, b, alpha);
   TORCH_CHECK(omega.device().is_cpu() && a.device().is_cpu() && b.device().is_cpu(),
               "mas_kernels abs_outer_accumulate_: the native kernels take CPU tensors");
-  TORCH_CHECK(omega.scalar_type() == at::kFloat || omega.scalar_type() == at::kDouble,
-              "mas_kernels abs_outer_accumulate_: omega must be float32/float64");
-  TORCH_CHECK(omega.dim() == 2 && a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(0) &&
-                  omega.size(0) == a.size(1) && omega.size(1) == b.size(1),
-              "mas_kernels abs_outer_accumulate_: expected omega (J, I), a (N, J), b (N, I), got omega ",
-              omega.sizes(), ", a ", a.sizes(), ", b ", b.sizes());
-  check_scalar(alpha, 1.0, "abs_outer_accumulate_", "alpha");
-  check_writable(omega, "abs_outer_accumulate_", "omega");
-  TORCH_CHECK_VALUE(!shares_memory(omega, a) && !shares_memory(omega, b),
-                    "mas_kernels abs_outer_accumulate_: omega shares memory with a or b, which the op reads while ",
-                    "it writes omega; pass a clone");
   if (omega.numel() == 0 || a.size(0) == 0) return;
   if (omega.scalar_type() == at::kDouble || a.scalar_type() == at::kDouble || b.scalar_type() == at::kDouble) {
     abs_outer_f64(omega, a, b, alpha);

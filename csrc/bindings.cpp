@@ -4,9 +4,12 @@
 #include <torch/csrc/utils/pybind.h>
 #include <torch/version.h>
 
+#include "guard.h"
 #include "ops.h"
 
+#include <optional>
 #include <string>
+#include <vector>
 
 namespace mas_kernels {
 // dispatch.cpp: the C++ kernels on (and off) the dispatcher's CPU key.
@@ -46,6 +49,27 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("unregister_cpu_kernels", &mas_kernels::unregister_cpu_kernels,
         "take the C++ kernels off the ops' CPU key again");
   m.def("torch_version", &torch_version, "the torch release this module was built against");
+  // The guards, for the Python kernels' guard (ops/*.py guard()): the checks the native kernels make.
+  m.def("guard_penalty", [](const std::string& op, const std::vector<at::Tensor>& params,
+                            const std::vector<at::Tensor>& anchors, const std::vector<at::Tensor>& omegas, double lam,
+                            const std::optional<std::vector<at::Tensor>>& grads) {
+    mas_kernels::guard_penalty(op.c_str(), params, anchors, omegas, lam, grads ? &*grads : nullptr);
+  }, py::arg("op"), py::arg("params"), py::arg("anchors"), py::arg("omegas"), py::arg("lam"), py::arg("grads"),
+        py::call_guard<py::gil_scoped_release>(), "the guard of penalty_grad_ (grads given) or penalty (None)");
+  m.def("guard_abs_accumulate", &mas_kernels::guard_abs_accumulate, py::arg("omegas"), py::arg("tensors"),
+        py::arg("alpha"), py::call_guard<py::gil_scoped_release>(), "the guard of abs_accumulate_");
+  m.def("guard_abs_outer", &mas_kernels::guard_abs_outer, py::arg("omega"), py::arg("a"), py::arg("b"),
+        py::arg("alpha"), py::call_guard<py::gil_scoped_release>(), "the guard of abs_outer_accumulate_");
+  m.def("guard_abs_bmm", &mas_kernels::guard_abs_bmm, py::arg("omega"), py::arg("a"), py::arg("b"), py::arg("alpha"),
+        py::arg("memory_budget"), py::call_guard<py::gil_scoped_release>(), "the guard of abs_bmm_accumulate_");
+  m.def("check_no_overlap", &mas_kernels::check_no_overlap_py, py::arg("op"), py::arg("out_arg"), py::arg("outs"),
+        py::arg("in_args"), py::arg("ins"), py::arg("elementwise"), py::arg("indexed"),
+        py::call_guard<py::gil_scoped_release>(),
+        "ValueError naming them unless no output shares memory with an input or another output (ops/_checks.py)");
+  m.def("overlaps_itself", &mas_kernels::overlaps_itself, py::arg("t"),
+        "whether two elements of t share memory (exact; ops/_checks.py)");
+  m.def("min_memory_budget", []() { return mas_kernels::kMinMemoryBudget; },
+        "the smallest memory_budget the guard of abs_bmm_accumulate_ accepts (bytes)");
   m.def("has_openmp", []() {
 #ifdef _OPENMP
     return true;

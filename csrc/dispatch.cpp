@@ -12,6 +12,7 @@
 // pass of the penalty on a 0.5M-parameter MLP.
 #include <torch/library.h>
 
+#include "guard.h"
 #include "ops.h"
 
 #include <ATen/core/grad_mode.h>
@@ -64,6 +65,7 @@ at::Tensor penalty_grad_cpu(at::TensorList params, at::TensorList anchors, at::T
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> penalty_cpu(at::TensorList params, at::TensorList anchors,
                                                             at::TensorList omegas, double lam) {
+  guard_penalty("penalty", params.vec(), anchors.vec(), omegas.vec(), lam, nullptr);
   at::NoGradGuard no_grad;
   std::vector<at::Tensor> grads;
   grads.reserve(params.size());

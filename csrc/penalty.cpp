@@ -6,6 +6,7 @@
 #include "ops.h"
 
 #include "float64.h"
+#include "guard.h"
 #include "multi_tensor.h"
 
 #include <ATen/ops/scalar_tensor.h>
@@ -71,7 +72,7 @@ MAS_KERNELS_INLINE double dispatch_grad(const Prepared& t, int64_t b, int64_t e,
     case at::kHalf:
       return penalty_range(p, a, o, t.work.data_ptr<at::Half>() + b, e - b, two_lam);
     default:
-      TORCH_CHECK(false, "mas_kernels penalty_grad_: unsupported grads dtype ", t.work.scalar_type());
+      TORCH_CHECK(false, "mas_kernels penalty_grad_: unsupported grads dtype ", t.work.scalar_type());  // guarded
   }
 }
 
@@ -121,45 +122,24 @@ double run_all(const std::vector<Prepared>& prepared, float two_lam) {
   return sum;
 }
 
-void check_dtype(const at::Tensor& t, const char* what) {
-  const auto s = t.scalar_type();
-  TORCH_CHECK(s == at::kFloat || s == at::kBFloat16 || s == at::kHalf || s == at::kDouble,
-              "mas_kernels penalty_grad_: ", what, " must be float32/bfloat16/float16/float64, got ", s);
-}
-
 }  // namespace
 
 at::Tensor penalty_grad_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& anchors,
                          const std::vector<at::Tensor>& omegas, double lam, const std::vector<at::Tensor>& grads) {
+  const bool repeated = guard_penalty("penalty_grad_", params, anchors, omegas, lam, &grads);
   const size_t n = params.size();
-  TORCH_CHECK(anchors.size() == n && omegas.size() == n && grads.size() == n,
-              "mas_kernels penalty_grad_: params, anchors, omegas and grads must have the same length");
-  for (size_t i = 0; i < n; ++i) {
-    TORCH_CHECK(params[i].device().is_cpu() && anchors[i].device().is_cpu() && omegas[i].device().is_cpu() &&
-                    grads[i].device().is_cpu(),
-                "mas_kernels penalty_grad_: the native kernels take CPU tensors (index ", i, ")");
-    TORCH_CHECK(anchors[i].sizes() == params[i].sizes() && omegas[i].sizes() == params[i].sizes() &&
-                    grads[i].sizes() == params[i].sizes(),
-                "mas_kernels penalty_grad_: shapes differ at index ", i);
-    check_dtype(omegas[i], "omegas");
-    check_dtype(params[i], "params");
-    check_dtype(anchors[i], "anchors");
-    check_dtype(grads[i], "grads");
-    check_writable(grads[i], "penalty_grad_", "grads", static_cast<int64_t>(i));
-  }
-  check_scalar(lam, 2.0, "penalty_grad_", "lam");
   if (any_double({&params, &anchors, &omegas, &grads})) return penalty_grad_f64(params, anchors, omegas, lam, grads);
   const float two_lam = static_cast<float>(2.0 * lam);
   double sum = 0.0;
-  if (!cross_tensor_hazard(grads, {params, anchors, omegas})) {
+  if (!repeated) {
     std::vector<Prepared> prepared;
     prepared.reserve(n);
     for (size_t i = 0; i < n; ++i) prepared.push_back(prepare(grads[i], {params[i], anchors[i], omegas[i]}));
     sum = run_all(prepared, two_lam);
     finish(prepared);
   } else {
-    // Aliased lists (a tensor passed twice, a param that is another's grad):
-    // one tensor after another, as the PyTorch path does.
+    // A grad listed twice (the guard refuses any other sharing across entries):
+    // one entry after another, as the PyTorch path does.
     for (size_t i = 0; i < n; ++i) {
       std::vector<Prepared> one{prepare(grads[i], {params[i], anchors[i], omegas[i]})};
       sum += run_all(one, two_lam);

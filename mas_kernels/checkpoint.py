@@ -3,7 +3,9 @@
 A file holds ``omega/<name>``, ``anchors/<name>`` and ``accumulator/<name>``
 tensors (``<name>`` the parameter's ``named_parameters()`` name) and JSON
 metadata: ``format`` = :data:`FORMAT`, the wrapper's settings and counts, and
-``checksums``, a CRC32 of each part's tensors (names, dtypes, shapes, bytes).
+``checksums``: a CRC32 of each part's tensors (names, dtypes, shapes, bytes)
+and, under ``"meta"``, one of each other metadata field as written (the
+counts, ``lam``, the settings), so a flipped byte anywhere is named.
 
 :func:`write` guarantees, for the path the user gave:
 
@@ -11,14 +13,21 @@ metadata: ``format`` = :data:`FORMAT`, the wrapper's settings and counts, and
   target's folder, which is fsynced and then renamed into place (the folder
   is fsynced after the rename, so the new name survives a crash); on any
   failure the temp file is removed and the target is untouched;
+* a temp file left by a save that was killed (its process gone) is removed by
+  the next save of the same target: temp files are named
+  ``.<target>.<host>.<pid>.<random>.mas-tmp`` (:func:`_temp_prefix`);
+* only a regular file (or a symlink to one) is replaced: a folder, a FIFO or
+  a device node (``/dev/null``) is refused before anything is written;
 * a file it replaces keeps its permission bits; a new file gets the umask's
   default (``0o666 & ~umask``), as ``open()`` would give it;
 * a symlink is written through: its target is replaced, the link stays;
-* errors name the user's path (a missing or read-only folder says which).
+* errors are ``OSError`` naming the call and the user's path (a missing or
+  read-only folder says which, a full disk says so).
 
-:func:`read` checks the container, the format and the checksums (files
-written before checksums existed still load) before handing the parts back;
-the caller checks names, shapes and values before it changes anything.
+:func:`read` checks the path (a regular file), the container, the format and
+the checksums (files written before checksums existed still load) before
+handing the parts back; the caller checks names, shapes and values before it
+changes anything.
 """
 
 from __future__ import annotations
@@ -28,6 +37,8 @@ import functools
 import json
 import numbers
 import os
+import re
+import socket
 import stat
 import tempfile
 import zlib
@@ -55,6 +66,10 @@ def check_path(path, who: str) -> str:
 def _bytes(t: torch.Tensor):
     """The raw bytes of a contiguous CPU tensor, without a copy."""
     return t.reshape(-1).view(torch.uint8).numpy()
+
+
+def _crc(text: str) -> str:
+    return f"{zlib.crc32(text.encode()):08x}"
 
 
 def checksum(named: dict[str, torch.Tensor]) -> str:
@@ -135,6 +150,85 @@ def _named_error(exc: OSError, who: str, what: str, path: str) -> OSError:
     return type(exc)(exc.errno, f"{who}: {what} ({exc.strerror})", path)
 
 
+_OS_ERROR = re.compile(r"os error (\d+)")
+
+
+def _io_error(exc: Exception) -> OSError | None:
+    """safetensors' own error for a failed read or write (``SafetensorError: ... (os error 28)``) as the
+    ``OSError`` it stands for (the subclass for its errno); None when it is not an I/O error."""
+    if isinstance(exc, OSError):
+        return exc
+    found = _OS_ERROR.search(str(exc))
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code))
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _check_regular(path: str, target: str, who: str, verb: str) -> os.stat_result | None:
+    """``os.stat(target)``, or None when it does not exist; an ``OSError`` naming ``who`` and ``path``
+    when it is anything but a regular file (a folder, a FIFO, ``/dev/null``...)."""
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISREG(st.st_mode):
+        return st
+    kind = _kind(st.st_mode)
+    code = errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.EINVAL
+    via = "" if target == os.path.abspath(path) else f" ({target!r}, where it leads)"
+    err = OSError(code, os.strerror(code))
+    raise type(err)(code, f"{who}: {path!r}{via} is {kind}, not a regular file; {who} {verb} regular files only, "
+                          "so nothing was done", path)
+
+
+def _temp_prefix(target: str) -> str:
+    """The start of the names of ``target``'s temp files: ``.<name>.<host>.`` (then ``<pid>.<random>.mas-tmp``)."""
+    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:32] or "host"
+    return f".{os.path.basename(target)[:120]}.{host}."
+
+
+def _remove_stale_temps(folder: str, prefix: str) -> None:
+    """Remove the temp files of earlier saves of the target whose process is gone (killed mid-save).
+
+    Only this host's (the pid is checked here, and another host's save may be
+    running on a shared folder) and only of dead processes (a running save in
+    another process keeps its file).
+    """
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(".mas-tmp")):
+            continue
+        pid = name[len(prefix):].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        try:
+            os.unlink(os.path.join(folder, name))
+        except OSError:
+            pass  # gone already, or not ours to remove
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
 def write(path: str | os.PathLike, parts: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any],
           who: str = "MAS.save") -> None:
     """Write ``parts`` (``{part: {name: tensor}}``) and ``meta`` (JSON-able values) to ``path`` atomically."""
@@ -145,23 +239,31 @@ def write(path: str | os.PathLike, parts: dict[str, dict[str, torch.Tensor]], me
     folder = os.path.dirname(target)
     if not os.path.isdir(folder):
         raise FileNotFoundError(errno.ENOENT, f"{who}: the folder {folder!r} does not exist; create it first", path)
+    existing = _check_regular(path, target, who, "writes")
     tensors = {}
     for part, named in parts.items():
         for name, t in named.items():
             tensors[f"{part}/{name}"] = t.detach().contiguous().cpu()
+    header = {k: json.dumps(v) for k, v in {"format": FORMAT, **meta}.items()}
     sums = {part: checksum(named) for part, named in parts.items()}
-    header = {k: json.dumps(v) for k, v in {"format": FORMAT, **meta, "checksums": sums}.items()}
+    sums["meta"] = {k: _crc(v) for k, v in header.items()}
+    header["checksums"] = json.dumps(sums)
+    mode = 0o666 & ~_umask() if existing is None else stat.S_IMODE(existing.st_mode)
+    prefix = _temp_prefix(target)
+    _remove_stale_temps(folder, prefix)
     try:
-        mode = stat.S_IMODE(os.stat(target).st_mode)
-    except FileNotFoundError:
-        mode = 0o666 & ~_umask()
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".mas-", suffix=".tmp", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}.", suffix=".mas-tmp", dir=folder)
     except OSError as exc:
         raise _named_error(exc, who, f"cannot create a file in the folder {folder!r}", path) from exc
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=header)  # streams into the one temp file (no copy in memory)
+        try:
+            save_file(tensors, tmp, metadata=header)  # streams into the one temp file (no copy in memory)
+        except Exception as exc:  # noqa: BLE001 - safetensors reports I/O errors (a full disk) as its own type
+            io = _io_error(exc)
+            if io is None:
+                raise
+            raise io from exc  # named below
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fchmod(fd, mode)
@@ -214,7 +316,10 @@ class StreamWriter:
         parts = list(dict.fromkeys(part for part, *_ in entries))
         # Fixed-width placeholders, patched with the CRC32s once every tensor is written.
         self.marks = {part: f"@@@@@@@{i}" for i, part in enumerate(parts)}
-        header_meta = {k: json.dumps(v) for k, v in {"format": FORMAT, **meta, "checksums": self.marks}.items()}
+        base = {k: json.dumps(v) for k, v in {"format": FORMAT, **meta}.items()}
+        sums: dict[str, Any] = dict(self.marks)
+        sums["meta"] = {k: _crc(v) for k, v in base.items()}
+        header_meta = {**base, "checksums": json.dumps(sums)}
         header: dict[str, Any] = {"__metadata__": header_meta}
         offset = 0
         for part, name, dtype, shape in entries:
@@ -231,12 +336,12 @@ class StreamWriter:
         self.header = bytearray(len(raw).to_bytes(8, "little") + raw)
         self.crcs = {part: 0 for part in parts}
         self.next = 0
+        existing = _check_regular(self.path, self.target, who, "writes")
+        self.mode = 0o666 & ~_umask() if existing is None else stat.S_IMODE(existing.st_mode)
+        prefix = _temp_prefix(self.target)
+        _remove_stale_temps(self.folder, prefix)
         try:
-            self.mode = stat.S_IMODE(os.stat(self.target).st_mode)
-        except FileNotFoundError:
-            self.mode = 0o666 & ~_umask()
-        try:
-            fd, self.tmp = tempfile.mkstemp(prefix=".mas-", suffix=".tmp", dir=self.folder)
+            fd, self.tmp = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}.", suffix=".mas-tmp", dir=self.folder)
         except OSError as exc:
             raise _named_error(exc, who, f"cannot create a file in the folder {self.folder!r}", self.path) from exc
         self.file = os.fdopen(fd, "wb")
@@ -313,6 +418,7 @@ def read(path: str | os.PathLike, who: str = "MAS.load",
     path = check_path(path, who)
     if not os.path.exists(path):
         raise FileNotFoundError(errno.ENOENT, f"{who}: no such file", path)
+    _check_regular(path, os.path.realpath(path), who, "reads")
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             raw = f.metadata() or {}
@@ -326,9 +432,12 @@ def read(path: str | os.PathLike, who: str = "MAS.load",
                     raise ValueError(f"{who}: {path} has an unexpected entry {key!r}")
                 if part in out:
                     out[part][name] = f.get_tensor(key)
-    except (OSError, ValueError):
+    except ValueError:
         raise
-    except Exception as exc:  # safetensors raises its own error types on bad headers / sizes
+    except Exception as exc:  # safetensors raises its own error types on bad headers / sizes, and I/O
+        io = _io_error(exc)
+        if io is not None:
+            raise _named_error(io, who, f"reading {path!r} failed", path) from exc
         raise ValueError(f"{who}: {path} is not a readable safetensors file ({exc})") from exc
     try:
         meta = {k: json.loads(v) for k, v in raw.items()}
@@ -338,6 +447,7 @@ def read(path: str | os.PathLike, who: str = "MAS.load",
     if sums is not None:
         if not isinstance(sums, dict):
             raise ValueError(f"{who}: {path} has corrupt metadata (checksums={sums!r})")
+        _check_meta_sums(raw, sums.get("meta"), who, path)
         for part, named in out.items():
             if part in sums and sums[part] != checksum(named):
                 raise ValueError(f"{who}: {path} is corrupt: the checksum of its {part} tensors does not match "
@@ -345,7 +455,25 @@ def read(path: str | os.PathLike, who: str = "MAS.load",
     return out, meta
 
 
-def validate(state, specs: list, parts: tuple, counts: tuple, optional: dict, who: str) -> None:
+def _check_meta_sums(raw: dict[str, str], sums, who: str, path: str) -> None:
+    """Each metadata field as written has the CRC32 stored for it (files written before these sums
+    existed have none, and load)."""
+    if sums is None:
+        return
+    if not isinstance(sums, dict):
+        raise ValueError(f"{who}: {path} has corrupt metadata (checksums of the metadata: {sums!r})")
+    for key in sorted(set(raw) - {"checksums"} | set(sums)):
+        if key not in raw:
+            raise ValueError(f"{who}: {path} is corrupt: its metadata field {key!r} is missing")
+        if key not in sums:
+            raise ValueError(f"{who}: {path} is corrupt: its metadata field {key!r} is not one it was written with")
+        if sums[key] != _crc(raw[key]):
+            raise ValueError(f"{who}: {path} is corrupt: its metadata field {key!r} (= {raw[key]}) does not match "
+                             "the checksum written with it (the file changed after it was saved)")
+
+
+def validate(state, specs: list, parts: tuple, counts: tuple, optional: dict, who: str,
+             dtypes: dict[str, dict[str, torch.dtype]] | None = None) -> None:
     """Raise ``ValueError`` naming the entry at fault unless ``state`` (a ``MAS.state_dict()``, or a file's
     parts and metadata) fits the parameters ``specs`` (``(name, shape)``) exactly.
 
@@ -353,8 +481,9 @@ def validate(state, specs: list, parts: tuple, counts: tuple, optional: dict, wh
     parameter name (no other names) of the parameter's shape, a float
     dtype and real data (not ``meta``); Omega, theta* and the accumulator
     are finite, Omega and the accumulator >= 0 (a negated or NaN Omega
-    would turn the penalty into a reward for drift); the counts are
-    integers >= 0.
+    would turn the penalty into a reward for drift), and within the range of
+    the dtype they load into (``dtypes[part][name]``: a float64 value beyond
+    float32's would load as inf); the counts are integers >= 0.
     """
     if not isinstance(state, dict):
         raise ValueError(f"{who}: expected a dict from MAS.state_dict(), got {type(state).__name__}")
@@ -376,14 +505,16 @@ def validate(state, specs: list, parts: tuple, counts: tuple, optional: dict, wh
         for name, shape in specs:
             if name not in given:
                 raise ValueError(f"{who}: {part} has no entry for parameter {name!r}")
-            check_tensor(who, part, name, given[name], tuple(shape))
+            target = None if dtypes is None else dtypes.get(part, {}).get(name)
+            check_tensor(who, part, name, given[name], tuple(shape), target)
         for name in given:
             if name not in names:
                 raise ValueError(f"{who}: {part} has parameter {name!r}, which the model lacks")
 
 
-def check_tensor(who: str, part: str, name: str, t, shape: tuple) -> None:
-    """One part's tensor for one parameter: a float tensor of its shape with real, finite data (>= 0 but for theta*)."""
+def check_tensor(who: str, part: str, name: str, t, shape: tuple, target: torch.dtype | None = None) -> None:
+    """One part's tensor for one parameter: a float tensor of its shape with real, finite data (>= 0 but for theta*),
+    finite in ``target``, the dtype it will be stored in, when given."""
     where = f"{part}[{name!r}]"
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{who}: {where} must be a tensor, got {type(t).__name__}")
@@ -399,3 +530,8 @@ def check_tensor(who: str, part: str, name: str, t, shape: tuple) -> None:
     if part != "anchors" and t.numel() and bool((t < 0).any()):
         raise ValueError(f"{who}: {where} has negative values (min {float(t.min()):.3g}); importance is >= 0, "
                          "and a negative one would turn the penalty into a reward for drift")
+    if (target is not None and t.numel() and target.is_floating_point
+            and torch.finfo(target).max < torch.finfo(t.dtype).max and not bool(torch.isfinite(t.to(target)).all())):
+        raise ValueError(f"{who}: {where} has values beyond the range of {target}, the dtype it loads into (largest "
+                         f"magnitude {float(t.abs().max()):.4g}, {target}'s largest finite value "
+                         f"{torch.finfo(target).max:.4g}), which would load as inf; nothing was loaded")

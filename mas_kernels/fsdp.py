@@ -42,9 +42,7 @@ other than ``Shard(0)`` are refused by name.
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
-import warnings
 from typing import Callable, Iterable, Iterator
 
 import torch

@@ -71,7 +71,8 @@ class MAS(Copyable):
         chunk_size: at most this many samples per chunk of per-sample scratch
             (``None``: as many as ``memory_budget`` allows).
         memory_budget: bytes of per-sample scratch the exact rule may hold at
-            once (default 256 MiB): per-sample gradients, unfolded conv patches.
+            once (default ``mas_kernels.ops.abs_bmm.DEFAULT_MEMORY_BUDGET``, 256 MiB;
+            at least 64 KiB): per-sample gradients, unfolded conv patches.
         forward: ``forward(model, batch) -> output`` runs the model on one of
             ``estimate()``'s batches (e.g. ``lambda m, b: m(b[0], b[2])`` for a
             task label); default: a tensor ``model(batch)``, a tuple or list

@@ -9,6 +9,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from .ops.abs_bmm import check_memory_budget
 from .state import STATE_DTYPES, check_combine
 
 IMPORTANCE = ("local", "global", "global_batch")
@@ -81,11 +82,8 @@ class Options:
             raise ValueError(f"MAS: normalization={self.normalization!r} is not one of {NORMALIZATION}")
         _positive_int(self.chunk_size, "chunk_size", "a positive number of samples per chunk, or None (as many "
                       "as memory_budget allows)")
-        _positive_int(self.memory_budget, "memory_budget", "a positive number of bytes, or None for the default "
-                      "(256 MiB)")
-        if self.memory_budget is not None and self.memory_budget < 1 << 16:
-            raise ValueError(f"MAS: memory_budget={self.memory_budget} is below the 64 KiB the per-sample kernels "
-                             "need at least; pass a larger budget (bytes)")
+        # One definition of a budget (default, minimum, check): the op's, which gets the value in the end.
+        self.memory_budget = check_memory_budget(self.memory_budget, "MAS")
         for name in ("output_fn", "forward"):
             fn = getattr(self, name)
             if fn is not None and not callable(fn):

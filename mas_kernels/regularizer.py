@@ -10,6 +10,15 @@ step), it serves both ways of applying the penalty:
 * :meth:`Regularizer.add_grad_`: after ``backward()``, ``2 lam Omega (theta -
   theta*)`` added into each ``.grad`` in one pass over memory; returns the value.
 
+Every call goes through ``torch.ops.mas_kernels.*``, whose kernels run the
+op's guard (``ops/_library.py``). The lists here are fixed, so a call whose
+lists were guarded before, unchanged since (the same storages: one
+``data_ptr()`` per parameter and per ``.grad``, the same grad and inference
+modes), is made through ``prevalidated``: the Python kernels (PyTorch path,
+Triton) skip the guard then, and only ``lam`` is checked again. The native
+kernels check in C++ on every call, which costs less than that bookkeeping,
+so their calls are plain ones.
+
 The op reads the parameters themselves, so whatever storage a parameter has
 now (``model.half()``, ``p.data = t``, ``vector_to_parameters``, channels-last)
 is what the penalty sees. What the lists fix is each parameter's shape and
@@ -30,8 +39,12 @@ from typing import Callable
 
 import torch
 
+from . import _backend
+from .ops._checks import check_scalar
+from .ops._library import prevalidated
 from .ops.penalty import _check as _check_penalty_args
-from .ops.penalty import value_dtype
+from .ops.penalty import guard as penalty_grad_guard
+from .ops.penalty import penalty_guard, value_dtype
 
 
 # map() over these costs a third less than the list comprehensions (this runs every training step).
@@ -72,7 +85,8 @@ class Regularizer:
         self.params = list(params)
         self.anchors = list(anchors)
         self.omegas = list(omegas)
-        self.lam = float(lam)
+        self._lam_t = torch.zeros((), dtype=torch.float64)  # lam for compiled graphs (see lam)
+        self.lam = lam
         self.local = local
         self.local_data = local_data or (None if local is None else (lambda t: local(t.detach())))
         self.names = list(names) if names is not None else [f"params[{i}]" for i in range(len(self.params))]
@@ -82,6 +96,20 @@ class Regularizer:
             _check_penalty_args(who, self._views(), self.anchors, self.omegas, self.lam)
         self._check_grads()
         self._ptrs = self._layout()
+        self._layout_version = 0  # moves when a parameter's storage changes (_check_layout)
+        self._guarded: tuple | None = None  # the key of the last lists that passed the op's guard
+
+    @property
+    def lam(self) -> float:
+        """lambda. Eager calls pass it to the op as a number; a graph compiled by ``torch.compile`` reads it
+        from a 0-d tensor that this setter updates in place, so a new lam (a schedule) reuses the graph
+        (a number would be baked into it: one recompilation per value)."""
+        return self._lam
+
+    @lam.setter
+    def lam(self, value: float) -> None:
+        self._lam = float(value)
+        self._lam_t.fill_(self._lam)
 
     def _check_grads(self) -> None:
         # A .grad assigned later is checked by PyTorch; one left from before p.data changed shape is not.
@@ -125,6 +153,7 @@ class Regularizer:
                     f"and theta* are {tuple(o.shape)} on {o.device}")
         self._check_grads()
         self._ptrs = ptrs
+        self._layout_version += 1
 
     def positions(self) -> dict:
         """``{parameter: i}`` over the lists, built once (the lists are fixed): how ``mk.optim``'s fused
@@ -144,7 +173,12 @@ class Regularizer:
             return self.zero()
         self.check_layout()
         params = self.params if self.local is None else [self.local(p) for p in self.params]
-        return torch.ops.mas_kernels.penalty(params, self.anchors, self.omegas, self.lam)[0]
+        if torch.compiler.is_compiling():
+            # lam * (the penalty at lam = 1): lam a runtime value of the graph (see lam); the op's
+            # backward scales its gradient by the incoming lam * grad, so gradients are lam's too.
+            value = torch.ops.mas_kernels.penalty(params, self.anchors, self.omegas, 1.0)[0]
+            return value * self._lam_t.to(value.dtype)
+        return self._call(torch.ops.mas_kernels.penalty, penalty_guard, params, None)[0]
 
     def add_grad_(self) -> torch.Tensor:
         """Add ``2 lam Omega (theta - theta*)`` into each ``.grad`` (a zero one where it is None);
@@ -164,11 +198,36 @@ class Regularizer:
             if not params:
                 return self.zero()
         # The op's Autograd key is a fallthrough: parameters that require grad need no detach.
-        if self.local is None:
-            return torch.ops.mas_kernels.penalty_grad_(params, anchors, omegas, self.lam, grads)
-        local = self.local_data
-        return torch.ops.mas_kernels.penalty_grad_([local(p) for p in params], anchors, omegas, self.lam,
-                                                   [local(g) for g in grads])
+        if self.local is not None:  # the training step: local shards without autograd (FSDP2)
+            local = self.local_data
+            params, grads = [local(p) for p in params], [local(g) for g in grads]
+        if torch.compiler.is_compiling():
+            # lam a runtime value of the graph (see lam): the gradient at lam = 1 (fresh buffers, from the
+            # same fused op), scaled by the lam tensor and added; no recompilation per lam, at the price of
+            # two more passes over the gradients than the eager call's one.
+            value, unit = torch.ops.mas_kernels.penalty([p.detach() for p in params], anchors, omegas, 1.0)
+            lam = self._lam_t.to(value.dtype)
+            torch._foreach_add_(grads, torch._foreach_mul(unit, lam))
+            return value * lam
+        return self._call(torch.ops.mas_kernels.penalty_grad_, penalty_grad_guard, params, grads, anchors, omegas)
+
+    def _call(self, op, guard, params, grads, anchors=None, omegas=None):
+        """``op(params, anchors, omegas, lam[, grads])``; through ``prevalidated`` when these lists passed
+        the guard before (see the module docstring), else after the guard (then remembered)."""
+        anchors = self.anchors if anchors is None else anchors
+        omegas = self.omegas if omegas is None else omegas
+        args = (params, anchors, omegas, self.lam) + (() if grads is None else (grads,))
+        if torch.compiler.is_compiling() or _backend.choose(omegas[0].device) == "native":
+            return op(*args)
+        subset = () if anchors is self.anchors else self._subset[0]  # frozen parameters left out (_fill)
+        key = (op, self._layout_version, subset, torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+               None if grads is None else tuple(map(_data_ptr, grads)))
+        if key == self._guarded:
+            check_scalar(self.who, "lam", self.lam, scale=2.0)
+        else:
+            guard(*args)
+            self._guarded = key
+        return prevalidated(op, *args)
 
     def _fill(self, grads: list) -> tuple[list, list, list, list]:
         """Zeros for the missing ``.grad`` of parameters that require grad; frozen ones are left out. A

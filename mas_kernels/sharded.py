@@ -7,7 +7,6 @@ file and applies the fused penalty to them. See ``docs/distributed.md``.
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 from torch import nn

@@ -446,8 +446,11 @@ class ImportanceState:
     def check(self, state, who: str) -> None:
         """Raise ``ValueError`` naming the entry at fault unless ``state`` fits these parameters exactly
         (see :func:`checkpoint.validate`)."""
+        dtypes = {"omega": {n: t.dtype for n, t in self.omega.items()},
+                  "anchors": {n: t.dtype for n, t in self.anchors.items()},
+                  "accumulator": {n: Wide(self.acc_dtype)(dt) for n, _, _, dt in self.specs}}
         checkpoint.validate(state, [(n, tuple(shape)) for n, shape, _, _ in self.specs], self.PARTS, self.COUNTS,
-                            self.OPTIONAL, who)
+                            self.OPTIONAL, who, dtypes)
 
     def load_state_dict(self, state: dict, who: str = "MAS.load_state_dict") -> None:
         """Load what :meth:`state_dict` gave; everything is checked before anything changes."""

@@ -11,7 +11,6 @@ same number of batches on every rank, of any size).
 
 from __future__ import annotations
 
-import copy
 import time
 import traceback
 import warnings
@@ -332,7 +331,7 @@ def _w_files(rank: int, tmp: Path, mesh) -> None:
         raw = bytearray((tmp / "plain.safetensors").read_bytes())
         from safetensors import safe_open
 
-        with safe_open(tmp / "plain.safetensors", framework="pt") as f:
+        with safe_open(tmp / "plain.safetensors", framework="pt"):
             header = 8 + int.from_bytes(raw[:8], "little")
             import json
 

@@ -201,3 +201,51 @@ def test_arguments_are_checked_before_training():
         MASPlugin(combine="sum")
     with pytest.raises(TypeError, match="unknown MAS option"):
         MASPlugin(chunksize=4)
+
+
+def test_plugin_pickles_and_the_unpickled_one_goes_on_where_it_was():
+    """Avalanche checkpoints a strategy, plugins included, by pickling it (its own plugin pickles; ours
+    could not: a local closure). Pickled with its model after an experience, the copy trains the next
+    experience exactly as the original does."""
+    import pickle
+
+    pickle.loads(pickle.dumps(MASPlugin(lambda_reg=5.0, importance="global")))  # before any experience
+    torch.manual_seed(0)
+    model = SimpleMLP(num_classes=10, input_size=6, hidden_size=12, drop_rate=0.0)
+    bench = benchmark(task_labels=False)
+    plugin = MASPlugin(lambda_reg=5.0)
+    s = strategy(model, plugin, Record())
+    torch.manual_seed(1)
+    s.train(bench.train_stream[0], num_workers=0)
+    model2, plugin2 = pickle.loads(pickle.dumps((s.model, plugin)))
+    assert plugin2.mas.wrapper is model2 and plugin2.mas.num_tasks == 1
+    assert_rel(plugin2.importance, plugin.importance, "unpickled importance")
+    s2 = strategy(model2, plugin2, Record())
+    s2.clock.train_exp_counter = s.clock.train_exp_counter  # as a resumed strategy's clock
+    for st in (s, s2):
+        torch.manual_seed(2)
+        st.train(bench.train_stream[1], num_workers=0)
+    assert plugin2.mas.num_tasks == 2
+    assert_rel(plugin2.importance, plugin.importance, "importance after the next experience")
+    assert_rel(dict(s2.model.named_parameters()), dict(s.model.named_parameters()), "weights")
+
+
+@pytest.mark.parametrize("drop_rate", [0.0, 0.5])
+def test_same_seed_same_random_stream_as_avalanches_plugin(drop_rate):
+    """Avalanche's plugin iterates a DataLoader once (which draws a seed from the global RNG) and, with
+    dropout, draws its masks; ours must draw the same, so that a user switching plugins gets the same
+    next experience (the same shuffled batches) from the same seed."""
+    torch.manual_seed(0)
+    model = SimpleMLP(num_classes=10, input_size=6, hidden_size=12, drop_rate=drop_rate)
+    bench = benchmark(task_labels=False)
+    rng, firsts = [], []
+    for plugin in (AvalancheMASPlugin(lambda_reg=1.0), MASPlugin(lambda_reg=1.0)):
+        s = strategy(copy.deepcopy(model), plugin, Record())
+        torch.manual_seed(7)
+        s.train(bench.train_stream[0], num_workers=0)
+        rng.append(torch.random.get_rng_state())
+        # The next experience's first training batch, as Naive shuffles it.
+        loader = torch.utils.data.DataLoader(bench.train_stream[1].dataset, batch_size=8, shuffle=True)
+        firsts.append(next(iter(loader))[0])
+    assert torch.equal(rng[0], rng[1])
+    assert torch.equal(firsts[0], firsts[1])

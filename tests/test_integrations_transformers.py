@@ -198,3 +198,16 @@ def test_the_penalty_is_added_to_unscaled_gradients():
         expected = scaled[n] / 1024.0 + 2 * 2.0 * cb.mas.omega[n] * (p.detach() - cb.mas.anchors[n])
         torch.testing.assert_close(p.grad, expected, msg=n)
     scaler.step(inner)  # the scaler knows they are unscaled: no second division
+
+
+def test_mas_penalty_reaches_the_log_history(tmp_path):
+    """The Trainer stores a copy of each step's logs in state.log_history before the callbacks' on_log;
+    the penalty must be in that copy (it was only printed)."""
+    model, cb = gpt2(), MASCallback(lam=1.0)
+    train(model, A, tmp_path / "a", [cb], num_train_epochs=1)
+    trainer = train(model, B, tmp_path / "b", [cb], num_train_epochs=2, logging_strategy="steps", logging_steps=1)
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logged and all("mas_penalty" in entry for entry in logged), trainer.state.log_history
+    assert all(entry["mas_penalty"] >= 0 for entry in logged) and logged[-1]["mas_penalty"] > 0
+    # The last logged step's penalty is the one the callback computed for that step.
+    assert logged[-1]["mas_penalty"] == pytest.approx(float(cb.last_penalty))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import mas_kernels as mk
-from tests.helpers import BF16, F16, F32, F64, assert_names, assert_unchanged, snapshot
+from tests.helpers import BF16, F16, F32, assert_names, assert_unchanged, snapshot
 
 META = torch.device("meta")
 C64 = torch.complex64  # float64 is supported (tests/test_ops_float64.py); complex is not

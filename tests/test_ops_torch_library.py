@@ -222,3 +222,56 @@ def test_ops_work_on_inference_tensors(backend):
     assert torch.equal(omega, torch.full((3, 4), 2.0))
     assert value.item() == 3.0 and pen.item() == 3.0 and grads[0].tolist() == [2.0] * 3
     assert omegas[0].tolist() == [2.0] * 3
+
+
+# ------------------------------------------------- a lam schedule under torch.compile (issue 21, item 12)
+@pytest.mark.parametrize("how", ["penalty", "add_penalty_grad_"])
+def test_lam_schedule_compiles_once(how):
+    # Six lam values, one graph: lam is a runtime value of the graph (a 0-d tensor updated in
+    # place by the setter), not a constant baked into it. Each step equals the eager step with the
+    # same lam, and the graph holds the custom op (no silent fall-back to eager). (The mechanism is
+    # the Regularizer's, the same whichever kernel serves the op: the default backend only.)
+    def setup():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        mas = mk.MAS(model, importance="global_batch")
+        mas.estimate([torch.randn(8, 6)]).consolidate()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        return model, mas
+
+    def make_step(model, mas):
+        def step(x, y):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            if how == "penalty":
+                loss = loss + mas.penalty()
+                loss.backward()
+                value = loss.detach()
+            else:
+                loss.backward()
+                value = loss.detach() + mas.add_penalty_grad_()
+            _sgd(model)
+            return value
+        return step
+
+    eager_model, eager_mas = setup()
+    model, mas = setup()
+    eager_step, step = make_step(eager_model, eager_mas), make_step(model, mas)
+    graphs = []
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(step, backend=_recording("aot_eager", graphs), fullgraph=True)
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        for lam in (0.1, 0.25, 1.0, 3.0, 7.5, 0.0):
+            mas.lam = eager_mas.lam = lam
+            torch.testing.assert_close(compiled(x, y), eager_step(x, y), atol=1e-6, rtol=1e-5)
+            for p, q in zip(model.parameters(), eager_model.parameters()):
+                torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+    graphs = [g for g in graphs if any(n.op == "call_function" for n in g.graph.nodes)]
+    assert len(graphs) == 1, f"{len(graphs)} graphs for 6 lam values"
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert not torch._dynamo.utils.counters["graph_break"]
+    targets = {str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"}
+    assert any("mas_kernels.penalty" in t for t in targets), targets

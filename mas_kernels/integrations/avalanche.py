@@ -13,7 +13,8 @@ Avalanche 0.6.0's ``avalanche/training/plugins/mas.py``):
 * importance at the end of each experience (``after_training_exp``), in
   train mode, over ``DataLoader(experience.dataset,
   batch_size=strategy.train_mb_size)`` (no shuffle; the last batch may be
-  short), each batch ``[x, y, t]`` run as ``avalanche_forward(model, x,
+  short), iterated once: the same draws from the global RNG (the loader's
+  seed, dropout masks), so the run goes on with the same random stream, each batch ``[x, y, t]`` run as ``avalanche_forward(model, x,
   t)`` (``t = batch[-1]``); per batch ``loss = ||out||^2`` summed over dim 1,
   averaged over the batch and over any dims past 1, and
 
@@ -32,6 +33,10 @@ gradient ``2 lambda_reg Omega (theta - theta*)`` into ``.grad`` after
 backward (``after_backward``), in one fused pass (``MAS.add_penalty_grad_``),
 and adds the penalty's value to ``strategy.loss`` then, so the logged loss is
 Avalanche's. The parameters' update is the same.
+
+The plugin pickles (Avalanche checkpoints a strategy by pickling it), its
+wrapper and state included; unpickled with its strategy's model, it goes on
+where it was.
 
 ``importance="global"`` gives the paper's exact rule instead,
 ``Omega_new = (1/N) sum_k |d ||F(x_k)||^2 / d theta|`` over the N samples
@@ -67,16 +72,46 @@ def _forward(model: torch.nn.Module, batch) -> Any:
     return avalanche_forward(model, batch[0], batch[-1])
 
 
-def _per_position(output_fn: Callable) -> Callable:
+def _identity(out):
+    return out
+
+
+class _PerPosition:
     """``output_fn`` scaled so that ``||out||^2`` is also averaged over the dims past 1 (Avalanche's
-    ``norm(out, dim=1).pow(2).mean()`` averages over dim 0 and those dims)."""
-    def scaled(out):
-        out = output_fn(out)
+    ``norm(out, dim=1).pow(2).mean()`` averages over dim 0 and those dims). A class, not a closure:
+    Avalanche checkpoints a strategy, plugins included, by pickling it."""
+
+    def __init__(self, output_fn: Callable):
+        self.output_fn = output_fn
+
+    def __call__(self, out):
+        out = self.output_fn(out)
         if isinstance(out, torch.Tensor) and out.dim() > 2:
             out = out / math.sqrt(math.prod(out.shape[2:]))
         return out
 
-    return scaled
+
+class _OneIterator:
+    """``loader`` iterated once, with its length: ``iter()`` gives the same iterator every time.
+
+    Avalanche's plugin iterates its DataLoader once, and making a DataLoader
+    iterator draws a seed from the global RNG; a consumer that calls
+    ``iter()`` twice (tqdm.auto does: once to test the iterable, once to
+    iterate it) would draw twice, and the run would continue on another random
+    stream than with Avalanche's plugin (a different next experience).
+    """
+
+    def __init__(self, loader):
+        self._loader = loader
+        self._it = None
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def __iter__(self):
+        if self._it is None:
+            self._it = iter(self._loader)
+        return self._it
 
 
 class MASPlugin(_plugins.SupervisedPlugin):
@@ -120,9 +155,9 @@ class MASPlugin(_plugins.SupervisedPlugin):
         check_mas_options({"importance": importance, "normalization": normalization}, (), "MASPlugin")
         self.rule, self.normalization = importance, normalization
         self.train_mode = importance == "global_batch" if train_mode is None else bool(train_mode)
-        output_fn = mas_options.pop("output_fn", None) or (lambda out: out)
+        output_fn = mas_options.pop("output_fn", None) or _identity
         if normalization == "avalanche":
-            output_fn = _per_position(output_fn)
+            output_fn = _PerPosition(output_fn)
         self._mas_options = {**mas_options, "output_fn": output_fn}
         self.mas: MAS | None = None
         self._known: set[str] = set()  # the names Omega had at the end of the last experience
@@ -173,7 +208,7 @@ class MASPlugin(_plugins.SupervisedPlugin):
                             collate_fn=getattr(dataset, "collate_fn", None))
         if self.verbose:
             print("Computing importance")
-        mas.estimate(loader, progress=self.verbose, train_mode=self.train_mode)
+        mas.estimate(_OneIterator(loader), progress=self.verbose, train_mode=self.train_mode)
         # Avalanche's importance holds the names seen at the end of an experience: a head added since
         # (tracked here at zero importance from when it appeared) is new to it.
         old = {name: omega.clone() for name, omega in mas.omega.items() if name in self._known}

@@ -56,7 +56,8 @@ with a new ``train_dataset``). What runs where (read from transformers 5.24's
   ``consolidate()``, and the state is saved to ``<output_dir>/mas.safetensors``.
 * **on_save**: the state goes beside the Trainer's checkpoint, in
   ``<output_dir>/checkpoint-<step>/mas.safetensors``.
-* **on_log**: the last step's penalty is logged as ``mas_penalty``.
+* **on_log**: the last step's penalty is logged as ``mas_penalty``, also in
+  ``trainer.state.log_history`` (which the Trainer fills before ``on_log``).
 """
 
 from __future__ import annotations
@@ -244,8 +245,15 @@ class MASCallback(_transformers.TrainerCallback):
         self._restore(args)  # before the Trainer saves its arguments with a checkpoint
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is not None and self.last_penalty is not None and "loss" in logs:
-            logs["mas_penalty"] = float(self.last_penalty)
+        if logs is None or self.last_penalty is None or "loss" not in logs:
+            return
+        value = float(self.last_penalty)
+        logs["mas_penalty"] = value  # for the callbacks after this one
+        # The Trainer stored a copy of these logs in state.log_history before calling on_log: that
+        # entry (this step's, with the same loss) gets the value too.
+        last = state.log_history[-1] if state.log_history else None
+        if last is not None and last.get("step") == state.global_step and last.get("loss") == logs["loss"]:
+            last["mas_penalty"] = value
 
     def on_save(self, args, state, control, **kwargs):
         if self.mas is not None:

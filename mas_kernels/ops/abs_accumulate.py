@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import (ACC_DTYPES, check_like, check_list, check_not_requiring_grad, check_outputs, check_same_device, check_scalar,
-                      check_tensor)
-from ._library import define
+from ._checks import (ACC_DTYPES, check_like, check_list, check_no_overlap, check_not_requiring_grad, check_outputs,
+                      check_same_device, check_scalar, check_tensor, native_checks)
+from ._library import define, prevalidated
 
 OP = "abs_accumulate_"
 
@@ -29,15 +29,20 @@ def _check(omegas, tensors, alpha) -> tuple[list, list, float]:
     if omegas:
         check_same_device(OP, "omegas", omegas, omegas[0].device)
     check_not_requiring_grad(OP, "omegas", omegas)
-    alpha = check_scalar(OP, "alpha", alpha)
+    alpha = check_scalar(OP, "alpha", alpha, nonnegative=True)
     check_outputs(OP, "omegas", omegas)
+    check_no_overlap(OP, "omegas", omegas, [("tensors", tensors)], elementwise=True)
     return omegas, tensors, alpha
 
 
 def guard(omegas, tensors, alpha) -> None:
-    """What every kernel of the op checks (the registered ones too): cheap, before any write."""
-    check_scalar(OP, "alpha", alpha)
-    check_outputs(OP, "omegas", omegas)
+    """Everything ``abs_accumulate_`` checks, in front of every kernel (see ``_library``), before any write
+    (in C++ where the native extension is built: the same checks, see ``_checks``)."""
+    native = native_checks()
+    if native is not None:
+        native.guard_abs_accumulate(omegas, tensors, alpha)
+        return
+    _check(omegas, tensors, alpha)
 
 
 def abs_accumulate_torch(omegas: list[torch.Tensor], tensors: list[torch.Tensor], alpha: float) -> None:
@@ -53,7 +58,7 @@ def _fake(omegas, tensors, alpha) -> None:
 define("abs_accumulate_(Tensor(a!)[] omegas, Tensor[] tensors, float alpha) -> ()", _fake,
        {"torch": f"{__name__}:abs_accumulate_torch",
         "triton": "mas_kernels.ops.triton.multi_tensor:abs_accumulate_triton"},
-       mutated=(0,), guard=guard)
+       guard=guard, mutated=(0,))
 
 
 def abs_accumulate_(omegas, tensors, alpha: float = 1.0) -> list[torch.Tensor]:
@@ -64,18 +69,20 @@ def abs_accumulate_(omegas, tensors, alpha: float = 1.0) -> list[torch.Tensor]:
             (``|t_i|`` is rounded to the omega's dtype, then added in it).
         tensors: list of float32/float16/bfloat16/float64 tensors, ``tensors[i]`` with
             ``omegas[i]``'s shape and device.
-        alpha: scale.
+        alpha: scale, >= 0.
 
     Not differentiable. Raises ``ValueError`` naming the list and index at
-    fault before any ``omega`` is touched, the same on every backend (also
-    when an ``omega`` requires grad with grad mode on, has elements sharing
-    memory, e.g. an expanded view, or is an inference tensor outside
-    ``torch.inference_mode()``, and when ``alpha`` is not finite or
+    fault before any ``omega`` is touched, the same on every backend and
+    through ``torch.ops.mas_kernels.abs_accumulate_`` (also when an ``omega``
+    requires grad with grad mode on, has elements sharing memory, e.g. an
+    expanded view, shares memory with another omega or with a tensor other
+    than its own entry's, or is an inference tensor outside
+    ``torch.inference_mode()``, and when ``alpha`` is negative, not finite or
     overflows float32). Empty lists and empty tensors are fine. An ``omega``
     listed twice is added to twice, as one call per pair in order would.
     """
     omegas, tensors, alpha = _check(omegas, tensors, alpha)
     if not omegas:
         return omegas
-    torch.ops.mas_kernels.abs_accumulate_(omegas, tensors, alpha)
+    prevalidated(torch.ops.mas_kernels.abs_accumulate_, omegas, tensors, alpha)
     return omegas

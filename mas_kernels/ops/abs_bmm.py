@@ -1,4 +1,4 @@
-r"""``abs_bmm_accumulate_``: ``omega += alpha * sum_s |a_s^T @ b_s|`` in fp32, in place.
+r"""``abs_bmm_accumulate_``: ``omega += alpha * sum_s |a_s^T @ b_s|`` in fp32 (or fp64), in place.
 
 With ``a`` of shape (S, T, J) and ``b`` of shape (S, T, I) this is
 
@@ -23,9 +23,12 @@ T = 1 is ``abs_outer_accumulate_`` (``|a_s^T b_s| = |a_s|^T |b_s|`` for a
 rank-one product), and every backend runs it as that op.
 
 Scratch memory, ``memory_budget`` bytes at most (default
-:data:`DEFAULT_MEMORY_BUDGET`, 64 MiB; per call with ``memory_budget=``, for
+:data:`DEFAULT_MEMORY_BUDGET`, 256 MiB; per call with ``memory_budget=``, for
 the process by assigning ``mas_kernels.ops.abs_bmm.DEFAULT_MEMORY_BUDGET``;
-at least :data:`MIN_MEMORY_BUDGET`, 64 KiB):
+at least :data:`MIN_MEMORY_BUDGET`, 64 KiB). This is the package's one
+definition of a memory budget: ``MAS(memory_budget=)`` (the exact rule's
+per-sample scratch, passed on to this op) has the same default and is checked
+by the same :func:`check_memory_budget`.
 
 * the PyTorch path computes the per-sample products of a chunk of samples at
   once, and chunks samples, then output tiles, then positions so that its
@@ -44,56 +47,39 @@ at least :data:`MIN_MEMORY_BUDGET`, 64 KiB):
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
-from ._checks import ACC_DTYPES, check_not_requiring_grad, check_scalar, check_tensor
-from ._library import define
+from ._checks import ACC_DTYPES, check_not_requiring_grad, check_scalar, check_tensor, native_checks
+from ._library import define, prevalidated
+from .abs_outer import check_written
 
 OP = "abs_bmm_accumulate_"
 
-#: Bytes of scratch memory one call may use when ``memory_budget`` is not given.
-DEFAULT_MEMORY_BUDGET = 64 << 20
+#: Bytes of scratch memory one call may use when ``memory_budget`` is not given (also ``MAS``'s default).
+DEFAULT_MEMORY_BUDGET = 256 << 20
 #: The smallest budget accepted: below it chunking would cost far more than it saves.
 MIN_MEMORY_BUDGET = 64 << 10
+#: The largest one kept (the schema's int is 64-bit; no machine has more).
+_MAX_MEMORY_BUDGET = 1 << 62
 
 _F32 = 4  # bytes per scratch element: all scratch is float32 (float64 for a float64 omega)
 
 
 # ------------------------------------------------------------------ checks
-def _span(t: torch.Tensor) -> tuple[int, int]:
-    """The byte range ``[lo, hi)`` of ``t``'s storage its elements can touch."""
-    lo = hi = t.data_ptr()
-    for size, stride in zip(t.shape, t.stride()):
-        reach = (size - 1) * stride * t.element_size()
-        lo, hi = (lo + reach, hi) if reach < 0 else (lo, hi + reach)
-    return lo, hi + t.element_size()
-
-
-def _may_overlap_itself(t: torch.Tensor) -> bool:
-    """True unless each stride (dims by increasing stride) clears the extent of the ones below it.
-
-    That sufficient condition for distinct elements to have distinct addresses
-    covers every layout made by views, slices, transposes and steps; an
-    expanded (stride-0) dim of size > 1 fails it, as do exotic interleavings.
-    """
-    extent = 1
-    for stride, size in sorted((abs(st), sz) for sz, st in zip(t.shape, t.stride()) if sz > 1):
-        if stride < extent:
-            return True
-        extent = stride * (size - 1) + extent
-    return False
-
-
-def _check_budget(memory_budget) -> int:
+def check_memory_budget(memory_budget, who: str = OP) -> int:
+    """``memory_budget`` in bytes: ``None`` is :data:`DEFAULT_MEMORY_BUDGET` (read at the call); else an int
+    of at least :data:`MIN_MEMORY_BUDGET` (``ValueError`` naming ``who`` and ``memory_budget`` otherwise)."""
     if memory_budget is None:
-        memory_budget = DEFAULT_MEMORY_BUDGET
-    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int):
-        raise ValueError(f"{OP}: memory_budget must be an int (bytes) or None, got {type(memory_budget).__name__}")
+        return DEFAULT_MEMORY_BUDGET
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, numbers.Integral):
+        raise ValueError(f"{who}: memory_budget must be an int (bytes) or None for the default "
+                         f"({DEFAULT_MEMORY_BUDGET >> 20} MiB), got {type(memory_budget).__name__} {memory_budget!r}")
     if memory_budget < MIN_MEMORY_BUDGET:
-        raise ValueError(f"{OP}: memory_budget={memory_budget} bytes is below the minimum {MIN_MEMORY_BUDGET} "
-                         f"({MIN_MEMORY_BUDGET >> 10} KiB)")
-    return min(memory_budget, 1 << 62)  # the schema's int is 64-bit; no machine has more
+        raise ValueError(f"{who}: memory_budget={memory_budget} bytes is below the minimum {MIN_MEMORY_BUDGET} "
+                         f"({MIN_MEMORY_BUDGET >> 10} KiB) the per-sample kernels need; pass a larger budget")
+    return min(int(memory_budget), _MAX_MEMORY_BUDGET)
 
 
 def _check(omega, a, b, alpha, memory_budget) -> tuple[float, int]:
@@ -117,21 +103,20 @@ def _check(omega, a, b, alpha, memory_budget) -> tuple[float, int]:
         if t.device != omega.device:
             raise ValueError(f"{OP}: {name} is on {t.device} but omega is on {omega.device}")
     check_not_requiring_grad(OP, "omega", omega)
-    if torch.compiler.is_compiling():
-        # Traced (fake) tensors have no addresses; the eager call checks them.
-        return check_scalar(OP, "alpha", alpha), _check_budget(memory_budget)
-    if omega.numel() > 1 and _may_overlap_itself(omega):
-        raise ValueError(f"{OP}: omega has strides {omega.stride()} under which its elements may share memory "
-                         f"(e.g. an expanded tensor); pass a tensor with distinct elements, e.g. omega.clone()")
-    if omega.numel() and omega.device.type != "meta":
-        o_lo, o_hi = _span(omega)
-        for name, t in (("a", a), ("b", b)):
-            if t.numel() and t.untyped_storage().data_ptr() == omega.untyped_storage().data_ptr():
-                lo, hi = _span(t)
-                if lo < o_hi and o_lo < hi:
-                    raise ValueError(f"{OP}: omega shares memory with {name}; the op reads {name} while it "
-                                     f"writes omega: pass {name}.clone()")
-    return check_scalar(OP, "alpha", alpha), _check_budget(memory_budget)
+    alpha = check_scalar(OP, "alpha", alpha, nonnegative=True)
+    memory_budget = check_memory_budget(memory_budget)
+    check_written(OP, omega, a, b)
+    return alpha, memory_budget
+
+
+def guard(omega, a, b, alpha, memory_budget) -> None:
+    """Everything ``abs_bmm_accumulate_`` checks, in front of every kernel (see ``_library``), before any
+    write (in C++ where the native extension is built: the same checks, see ``_checks``)."""
+    native = native_checks()
+    if native is not None:
+        native.guard_abs_bmm(omega, a, b, alpha, memory_budget)
+        return
+    _check(omega, a, b, alpha, memory_budget)
 
 
 # ---------------------------------------------------------- the chunk plan
@@ -224,7 +209,7 @@ def _fake(omega, a, b, alpha, memory_budget) -> None:
 
 define("abs_bmm_accumulate_(Tensor(a!) omega, Tensor a, Tensor b, float alpha, int memory_budget) -> ()", _fake,
        {"torch": f"{__name__}:abs_bmm_torch", "triton": "mas_kernels.ops.triton.abs_bmm:abs_bmm_triton"},
-       mutated=(0,))
+       guard=guard, mutated=(0,))
 
 
 def abs_bmm_accumulate_(omega: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0, *,
@@ -236,20 +221,23 @@ def abs_bmm_accumulate_(omega: torch.Tensor, a: torch.Tensor, b: torch.Tensor, a
         a: (S, T, J) float32/float16/bfloat16/float64, any strides; e.g. per-sample output
             gradients of a layer, T positions per sample.
         b: (S, T, I) float32/float16/bfloat16/float64, any strides; e.g. the layer's inputs.
-        alpha: scale, e.g. ``1/N`` for a mean over samples.
+        alpha: scale (>= 0), e.g. ``1/N`` for a mean over samples.
         memory_budget: bytes of scratch memory the call may use (default
-            :data:`DEFAULT_MEMORY_BUDGET`, 64 MiB; at least 64 KiB). The PyTorch path
+            :data:`DEFAULT_MEMORY_BUDGET`, 256 MiB; at least 64 KiB). The PyTorch path
             chunks samples, output tiles and positions to stay within it.
 
     Per sample, the product is summed over positions before the abs, in
     omega's dtype (float32 whatever the input dtype, or float64). Not differentiable (no autograd graph is
     recorded). Raises ``ValueError`` naming the argument on a shape, dtype or
     device mismatch, when ``omega`` requires grad with grad mode on, shares
-    memory with ``a`` or ``b``, or has overlapping elements (stride 0), or on
-    a bad ``memory_budget``, before ``omega`` is touched.
+    memory with ``a`` or ``b``, has overlapping elements (stride 0, or an
+    overlapping ``as_strided`` view) or is an inference tensor outside
+    ``torch.inference_mode()``, when ``alpha`` is negative or not finite in
+    float32, or on a bad ``memory_budget``, before ``omega`` is touched; the
+    same on every backend and through ``torch.ops.mas_kernels.abs_bmm_accumulate_``.
     """
     alpha, memory_budget = _check(omega, a, b, alpha, memory_budget)
     if omega.numel() == 0 or a.shape[0] == 0 or a.shape[1] == 0:
         return omega
-    torch.ops.mas_kernels.abs_bmm_accumulate_(omega, a, b, alpha, memory_budget)
+    prevalidated(torch.ops.mas_kernels.abs_bmm_accumulate_, omega, a, b, alpha, memory_budget)
     return omega

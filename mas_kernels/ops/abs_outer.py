@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import ACC_DTYPES, check_not_requiring_grad, check_output, check_scalar, check_tensor, shares_memory
-from ._library import define
+from ._checks import (ACC_DTYPES, check_no_overlap, check_not_requiring_grad, check_output, check_scalar, check_tensor,
+                      native_checks)
+from ._library import define, prevalidated
 
 OP = "abs_outer_accumulate_"
 
@@ -42,25 +43,27 @@ def _check(omega, a, b, alpha) -> float:
         if t.device != omega.device:
             raise ValueError(f"{OP}: {name} is on {t.device} but omega is on {omega.device}")
     check_not_requiring_grad(OP, "omega", omega)
-    alpha = check_scalar(OP, "alpha", alpha)
-    check_written(omega, a, b)
+    alpha = check_scalar(OP, "alpha", alpha, nonnegative=True)
+    check_written(OP, omega, a, b)
     return alpha
 
 
-def check_written(omega: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``omega`` can be written while ``a`` and ``b`` are read: see :func:`check_output`, and no
-    memory shared with an input (a tiled kernel would read elements it already overwrote)."""
-    check_output(OP, "omega", omega)
-    for name, t in (("a", a), ("b", b)):
-        if shares_memory(omega, t):
-            raise ValueError(f"{OP}: omega shares memory with {name}, which the op reads while it writes omega; "
-                             f"pass {name}.clone()")
+def check_written(op: str, omega: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``omega`` can be written while ``a`` and ``b`` are read (``abs_outer`` and ``abs_bmm``): see
+    :func:`check_output`, and no memory shared with an input (a tiled kernel would read elements it
+    already overwrote), not even as the same view."""
+    check_output(op, "omega", omega)
+    check_no_overlap(op, "omega", [omega], [("a", [a]), ("b", [b])], elementwise=False, index=False)
 
 
 def guard(omega, a, b, alpha) -> None:
-    """What every kernel of the op checks (the registered ones too): cheap, before any write."""
-    check_scalar(OP, "alpha", alpha)
-    check_written(omega, a, b)
+    """Everything ``abs_outer_accumulate_`` checks, in front of every kernel (see ``_library``), before any
+    write (in C++ where the native extension is built: the same checks, see ``_checks``)."""
+    native = native_checks()
+    if native is not None:
+        native.guard_abs_outer(omega, a, b, alpha)
+        return
+    _check(omega, a, b, alpha)
 
 
 def abs_outer_torch(omega: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
@@ -74,7 +77,7 @@ def _fake(omega, a, b, alpha) -> None:
 
 define("abs_outer_accumulate_(Tensor(a!) omega, Tensor a, Tensor b, float alpha) -> ()", _fake,
        {"torch": f"{__name__}:abs_outer_torch", "triton": "mas_kernels.ops.triton.abs_outer:abs_outer_triton"},
-       mutated=(0,), guard=guard)
+       guard=guard, mutated=(0,))
 
 
 def abs_outer_accumulate_(omega: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
@@ -84,20 +87,20 @@ def abs_outer_accumulate_(omega: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
         omega: (J, I) float32 or float64, updated in place (any strides).
         a: (N, J) float32/float16/bfloat16/float64, any strides (e.g. a transposed view).
         b: (N, I) float32/float16/bfloat16/float64, any strides.
-        alpha: scale, e.g. ``1/N`` for a mean over samples.
+        alpha: scale (>= 0), e.g. ``1/N`` for a mean over samples.
 
     The products are accumulated in omega's dtype (float32 whatever the input
     dtype, or float64).
     Not differentiable (no autograd graph is recorded). Raises ``ValueError``
     (naming the argument) before ``omega`` is touched, the same on every
-    backend: on a shape, dtype or device mismatch; when ``omega`` requires
+    backend and through ``torch.ops.mas_kernels.abs_outer_accumulate_``: on a shape, dtype or device mismatch; when ``omega`` requires
     grad with grad mode on; when ``omega`` shares memory with ``a`` or ``b``
-    or with itself (an expanded view); when ``omega`` is an inference tensor
-    outside ``torch.inference_mode()``; when ``alpha`` is not finite or
-    overflows float32.
+    or with itself (an expanded or overlapping view); when ``omega`` is an
+    inference tensor outside ``torch.inference_mode()``; when ``alpha`` is
+    negative, not finite or overflows float32.
     """
     alpha = _check(omega, a, b, alpha)
     if omega.numel() == 0 or a.shape[0] == 0:
         return omega
-    torch.ops.mas_kernels.abs_outer_accumulate_(omega, a, b, alpha)
+    prevalidated(torch.ops.mas_kernels.abs_outer_accumulate_, omega, a, b, alpha)
     return omega

@@ -26,15 +26,15 @@ import torch
 import functools
 import warnings
 
-from ._checks import (FLOAT_DTYPES, check_like, check_list, check_not_requiring_grad, check_output, check_outputs,
-                      check_same_device, check_scalar, check_tensor, compute_dtype)
-from ._library import LIB, define
+from ._checks import (FLOAT_DTYPES, check_like, check_list, check_no_overlap, check_not_requiring_grad,
+                      check_outputs, check_same_device, check_scalar, check_tensor, compute_dtype, native_checks)
+from ._library import LIB, define, prevalidated
 
 OP = "penalty_grad_"
 
 
 def _all_valid(params, anchors, omegas, grads) -> bool:
-    """One cheap pass for the common case (this runs on every training step)."""
+    """One cheap pass for the common case."""
     if not params:
         return True
     fl, Tensor = FLOAT_DTYPES, torch.Tensor
@@ -50,12 +50,17 @@ def _all_valid(params, anchors, omegas, grads) -> bool:
     return True
 
 
-def _check(op, params, anchors, omegas, lam, grads=None):
+def _check(op, params, anchors, omegas, lam, grads=None, grads_arg="grads"):
+    """The lists (lengths checked), each entry's dtypes, shapes and device, and ``lam``.
+
+    ``grads`` may hold ``None`` entries (the front door's missing ``.grad``:
+    fresh zeros later); ``grads_arg`` names them (``"params[{}].grad"``).
+    """
     params = check_list(op, "params", params, None)
     anchors = check_list(op, "anchors", anchors, len(params), "params")
     omegas = check_list(op, "omegas", omegas, len(params), "params")
     if grads is not None:
-        grads = check_list(op, "grads", grads, len(params), "params")
+        grads = check_list(op, grads_arg if "{}" not in grads_arg else "grads", grads, len(params), "params")
     if _all_valid(params, anchors, omegas, grads):
         return params, anchors, omegas, check_scalar(op, "lam", lam, scale=2.0), grads
     # Something is off: the per-argument checks below say what, and where.
@@ -65,12 +70,42 @@ def _check(op, params, anchors, omegas, lam, grads=None):
         check_like(op, "anchors", anchors[i], "params", p, i)
         check_tensor(op, "omegas", omegas[i], i)
         check_like(op, "omegas", omegas[i], "params", p, i)
-        if grads is not None:
-            check_tensor(op, "grads", grads[i], i)
-            check_like(op, "grads", grads[i], "params", p, i)
+        if grads is not None and (grads[i] is not None or "{}" not in grads_arg):
+            check_tensor(op, grads_arg, grads[i], i)
+            check_like(op, grads_arg, grads[i], "params", p, i)
     if params:
         check_same_device(op, "params", params, params[0].device)
     return params, anchors, omegas, check_scalar(op, "lam", lam, scale=2.0), grads
+
+
+def _check_written(op, params, anchors, omegas, grads, grads_arg="grads") -> None:
+    """The grads can be updated in place: not requiring grad (with grad mode on), writable element by
+    element, sharing no memory with an input or another grad (but for the same tensor twice, or a
+    grad that is its own entry's param, anchor or omega)."""
+    check_not_requiring_grad(op, grads_arg, grads)
+    check_outputs(op, grads_arg, grads)
+    check_no_overlap(op, grads_arg, grads, [("params", params), ("anchors", anchors), ("omegas", omegas)],
+                     elementwise=True)
+
+
+def guard(params, anchors, omegas, lam, grads) -> None:
+    """Everything ``penalty_grad_`` checks, in front of every kernel (see ``_library``), before any write
+    (in C++ where the native extension is built: the same checks, see ``_checks``)."""
+    native = native_checks()
+    if native is not None:
+        native.guard_penalty(OP, params, anchors, omegas, lam, grads)
+        return
+    params, anchors, omegas, lam, grads = _check(OP, params, anchors, omegas, lam, grads)
+    _check_written(OP, params, anchors, omegas, grads)
+
+
+def penalty_guard(params, anchors, omegas, lam) -> None:
+    """Everything ``penalty`` checks (it writes nothing the caller passed)."""
+    native = native_checks()
+    if native is not None:
+        native.guard_penalty("penalty", params, anchors, omegas, lam, None)
+        return
+    _check("penalty", params, anchors, omegas, lam)
 
 
 def value_dtype(*lists) -> torch.dtype:
@@ -86,11 +121,14 @@ def penalty_grad_torch(params, anchors, omegas, lam: float, grads) -> torch.Tens
     """The readable definition: per tensor, d = p - anchor in fp32 (fp64 when one of the four tensors is
     fp64); sum Omega d^2; grad += 2 lam Omega d."""
     device = params[0].device if params else torch.device("cpu")
-    total = torch.zeros((), dtype=value_dtype(params, anchors, omegas, grads), device=device)
+    f64 = value_dtype(params, anchors, omegas, grads) is torch.float64
+    total = torch.zeros((), dtype=torch.float64 if f64 else torch.float32, device=device)
     for p, a, o, g in zip(params, anchors, omegas, grads):
-        ct = compute_dtype(p, a, o, g)
-        d = p.to(ct) - a.to(ct)
-        od = o.to(ct) * d
+        if f64 and compute_dtype(p, a, o, g) is torch.float64:
+            d = p.double() - a.double()
+        else:
+            d = p.float() - a.float()
+        od = o * d  # promotes 16-bit Omega to d's dtype
         total += (od * d).sum()
         g.add_(od, alpha=2.0 * lam)
     return total * lam
@@ -118,16 +156,6 @@ def penalty_grad_triton_or_torch(params, anchors, omegas, lam: float, grads) -> 
     return penalty_grad_triton(params, anchors, omegas, lam, grads)
 
 
-def guard(params, anchors, omegas, lam, grads) -> None:
-    """What every kernel of ``penalty_grad_`` checks (the registered ones too): cheap, before any write."""
-    check_scalar(OP, "lam", lam, scale=2.0)
-    check_outputs(OP, "grads", grads)
-
-
-def _penalty_guard(params, anchors, omegas, lam) -> None:
-    check_scalar("penalty", "lam", lam, scale=2.0)
-
-
 def _penalty_grad_fake(params, anchors, omegas, lam, grads):
     return params[0].new_empty((), dtype=value_dtype(params, anchors, omegas, grads))
 
@@ -147,7 +175,7 @@ penalty_triton_or_torch = with_grads(penalty_grad_triton_or_torch)
 define("penalty_grad_(Tensor[] params, Tensor[] anchors, Tensor[] omegas, float lam, Tensor(a!)[] grads) -> Tensor",
        _penalty_grad_fake,
        {"torch": f"{__name__}:penalty_grad_torch", "triton": f"{__name__}:penalty_grad_triton_or_torch"},
-       mutated=(4,), guard=guard)
+       guard=guard, mutated=(4,))
 
 
 def _penalty_fake(params, anchors, omegas, lam):
@@ -187,7 +215,7 @@ def _penalty_backward(ctx, grad_value, grad_grads):
 _PENALTY = define("penalty(Tensor[] params, Tensor[] anchors, Tensor[] omegas, float lam) -> (Tensor, Tensor[])",
                   _penalty_fake,
                   {"torch": f"{__name__}:penalty_torch", "triton": f"{__name__}:penalty_triton_or_torch"},
-                  differentiable=True, guard=_penalty_guard)
+                  guard=penalty_guard, differentiable=True)
 torch.library.register_autograd(_PENALTY, _penalty_backward, setup_context=_penalty_setup_context, lib=LIB)
 
 
@@ -212,30 +240,27 @@ def penalty_grad_(params, anchors, omegas, lam: float, grads=None) -> torch.Tens
 
     The value is not differentiable (see :func:`penalty` for that). Raises
     ``ValueError`` naming the argument and index at fault, the same on every
-    backend, before anything is written: also when a gradient buffer requires
-    grad with grad mode on, has elements sharing memory (an expanded view) or
-    is an inference tensor outside ``torch.inference_mode()``, and when
-    ``2 * lam`` is not finite in float32. A parameter listed twice gets both
-    contributions (one ``.grad`` is allocated for it when it has none).
+    backend and through ``torch.ops.mas_kernels.penalty_grad_``, before anything
+    is written: also when a gradient buffer requires grad with grad mode on, has
+    elements sharing memory (an expanded or overlapping view), shares memory
+    with another gradient buffer or with an input, or is an inference tensor
+    outside ``torch.inference_mode()``, and when ``2 * lam`` is not finite in
+    float32. A parameter listed twice gets both contributions (one ``.grad`` is
+    allocated for it when it has none); a gradient buffer listed twice gets both
+    updates, in order.
     """
-    params, anchors, omegas, lam, grads = _check(OP, params, anchors, omegas, lam, grads)
     into_dot_grad = grads is None
+    grads_arg = "params[{}].grad" if into_dot_grad else "grads"
     if into_dot_grad:
-        grads = [p.grad for p in params]
-        for i, (p, g) in enumerate(zip(params, grads)):
-            if g is not None:
-                check_tensor(OP, f"params[{i}].grad", g)
-                check_like(OP, f"params[{i}].grad", g, f"params[{i}]", p)
-                check_not_requiring_grad(OP, f"params[{i}].grad", g)
-                check_output(OP, f"params[{i}].grad", g)
-    else:
-        check_not_requiring_grad(OP, "grads", grads)
-        check_outputs(OP, "grads", grads)
+        params = check_list(OP, "params", params, None)
+        grads = [p.grad if isinstance(p, torch.Tensor) else None for p in params]
+    params, anchors, omegas, lam, grads = _check(OP, params, anchors, omegas, lam, grads, grads_arg)
+    _check_written(OP, params, anchors, omegas, grads, grads_arg)
     if not params:
         return torch.zeros((), dtype=torch.float32)
     fill_missing_grads(params, grads, into_dot_grad)
     # Not differentiable (the op's Autograd key is a fallthrough): no detach needed.
-    return torch.ops.mas_kernels.penalty_grad_(params, anchors, omegas, lam, grads)
+    return prevalidated(torch.ops.mas_kernels.penalty_grad_, params, anchors, omegas, lam, grads)
 
 
 def fill_missing_grads(params, grads: list, into_dot_grad: bool = True) -> None:
@@ -267,4 +292,4 @@ def penalty(params, anchors, omegas, lam: float) -> torch.Tensor:
     params, anchors, omegas, lam, _ = _check("penalty", params, anchors, omegas, lam)
     if not params:
         return torch.zeros((), dtype=torch.float32)
-    return torch.ops.mas_kernels.penalty(params, [a.detach() for a in anchors], omegas, lam)[0]
+    return prevalidated(torch.ops.mas_kernels.penalty, params, [a.detach() for a in anchors], omegas, lam)[0]

@@ -11,7 +11,7 @@ import sys
 
 from torch import nn
 
-from . import attention, conv, embedding, generic, hf, linear, norm, rnn
+from . import attention, conv, embedding, hf, linear, norm, rnn
 from .base import Context, Rule, _RULES, register_rule, rule_for
 
 __all__ = ["Context", "Rule", "refresh_optional", "register_rule", "rule_for"]

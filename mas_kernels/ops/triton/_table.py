@@ -38,6 +38,12 @@ class Table:
                  "partial", "uploads")
 
     def __init__(self, numels: tuple[int, ...], n_lists: int, block: int, device: torch.device):
+        # Normal tensors even when the first call runs under torch.inference_mode(): an inference
+        # tensor could not be updated by the next call of the layout outside it.
+        with torch.inference_mode(False):
+            self._build(numels, n_lists, block, device)
+
+    def _build(self, numels: tuple[int, ...], n_lists: int, block: int, device: torch.device) -> None:
         n_tensors = len(numels)
         sizes = torch.tensor(numels, dtype=torch.int64)
         blocks = (sizes + block - 1) // block
@@ -69,7 +75,8 @@ class Table:
     def scratch(self, dtype=torch.float32) -> torch.Tensor:
         """A buffer of one element per block, kept with the table (stream-ordered reuse)."""
         if self.partial is None:
-            self.partial = torch.empty(self.n_blocks, dtype=dtype, device=self.data.device)
+            with torch.inference_mode(False):  # see __init__
+                self.partial = torch.empty(self.n_blocks, dtype=dtype, device=self.data.device)
         return self.partial
 
 

@@ -43,8 +43,20 @@ def import_torchvision() -> None:
     everything else (transformers imports torchvision when it finds one): it is added here.
     """
     aside = os.path.join(sys.prefix, "avalanche-torchvision")
-    if importlib.util.find_spec("torchvision") is None and os.path.isdir(aside):
+    added = importlib.util.find_spec("torchvision") is None and os.path.isdir(aside)
+    if added:
         sys.path.append(aside)
+    try:
+        _import_torchvision()
+    finally:
+        # Off sys.path again once imported (the package finds its submodules through its own __path__): a
+        # process started from this one (multiprocessing's spawn copies sys.path) imports transformers,
+        # which would import this torchvision when it finds one.
+        if added and aside in sys.path:
+            sys.path.remove(aside)
+
+
+def _import_torchvision() -> None:
     try:
         import torchvision  # noqa: F401
         return

@@ -250,29 +250,6 @@ def all_reduce_importance(acc: FlatBuffers, counts: int | tuple[int, ...], group
     return totals[0] if single else totals
 
 
-def consolidate(state, params: dict, combine, per_batch_mean: bool, session_open: bool, group=None, *,
-                names=None, fingerprint: str = "", timeout: float | None = None) -> None:
-    """``MAS.consolidate()``: the numerators and counts summed over the ranks, folded into Omega
-    (divided by N, or by the number of batches for per-batch means), theta* snapshot; the accumulator
-    and staging released unless a session is open (its hooks still write into staging).
-
-    ``names``: the entries to sum over the ranks (default: all; an FSDP2 state's sharded entries are
-    sums over the ranks already); ``params``: the tensors theta* is taken from (local shards)."""
-    n, n_batches = all_reduce_importance(state.acc, (state.num_samples, state.num_batches), group, names=names,
-                                         fingerprint=fingerprint, timeout=timeout)
-    if n == 0:
-        if not state.num_samples:
-            state.release(staging=not session_open)
-        raise RuntimeError(
-            "MAS.consolidate(): no samples seen since the last consolidate; call estimate() "
-            "or run forward passes inside accumulating() first"
-        )
-    state.fold(n, combine, divisor=n_batches if per_batch_mean else n)
-    state.snapshot(params)
-    if not session_open:
-        state.release()
-
-
 def raise_rejected(state, group=None) -> None:
     """Raise the deferred error of a rejected batch (``state.check_finite()``); under torch.distributed
     warn instead: the collectives that follow need every rank, so one rank raising would leave the

@@ -411,10 +411,12 @@ class MAS(Copyable):
         state = self._checked_state()
         distributed.raise_rejected(state, self._group)
         params = {n: fsdp.local_view(p.detach()) for n, p in self._params.items()} if self._sharded else self._params
-        distributed.consolidate(state, params, self.combine, self.normalization == "avalanche",
-                                session_open=bool(self._handles), group=self._group,
-                                names=state.sharding.replicated if self._sharded else None,
-                                fingerprint=self._fingerprint(state), timeout=timeout)
+        n, n_batches = distributed.all_reduce_importance(
+            state.acc, (state.num_samples, state.num_batches), self._group,
+            names=state.sharding.replicated if self._sharded else None, fingerprint=self._fingerprint(state),
+            timeout=timeout)
+        state.consolidate(n, n_batches, self.combine, self.normalization == "avalanche", params,
+                          session_open=bool(self._handles))
         return self
 
     def _fingerprint(self, state: ImportanceState) -> str:

@@ -226,7 +226,9 @@ class Session:
             total = len(batches)  # type: ignore[arg-type]
         except TypeError:
             total = None
-        for batch in tqdm(batches, total=total, disable=not progress, desc=desc, unit="batch"):
+        # One iterator (tqdm would call iter() on the iterable twice: a DataLoader drawing two seeds, and
+        # starting its workers twice).
+        for batch in tqdm(iter(batches), total=total, disable=not progress, desc=desc, unit="batch"):
             self.run(call_for(batch), eval_mode=eval_mode)
 
     def run(self, call: Callable[[nn.Module], Any], eval_mode: bool = True) -> None:

@@ -397,6 +397,25 @@ class ImportanceState:
         self.num_samples = self.num_batches = 0
         self.num_tasks += 1
 
+    def consolidate(self, n: int, n_batches: int, combine: str | float, per_batch_mean: bool, params: dict,
+                    session_open: bool) -> None:
+        """``MAS.consolidate()`` once the numerators and counts are summed over the ranks (``n``,
+        ``n_batches``: the task's samples and batches in all): Omega folded (divided by N, or by the number
+        of batches for per-batch means), theta* snapshot from ``params`` (the tensors, local shards on
+        FSDP2); the accumulator and staging released unless a session is open (its hooks still write
+        into staging)."""
+        if n == 0:
+            if not self.num_samples:
+                self.release(staging=not session_open)
+            raise RuntimeError(
+                "MAS.consolidate(): no samples seen since the last consolidate; call estimate() "
+                "or run forward passes inside accumulating() first"
+            )
+        self.fold(n, combine, divisor=n_batches if per_batch_mean else n)
+        self.snapshot(params)
+        if not session_open:
+            self.release()
+
     def _combine(self, new: torch.Tensor, omega: torch.Tensor, n: int, combine: str | float) -> None:
         """``new <- combine(Omega, new)`` in place in ``new`` (the accumulator's dtype)."""
         if self.num_tasks == 0:

@@ -411,3 +411,20 @@ def rms_x_hat(x, eps):
     """x / sqrt(mean(x^2) + eps) over the last dim, in float64 (the RMS norms of transformers' models)."""
     x = x.double()
     return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def per_sample_sum(model, xs, r, output_fn=lambda o: o):
+    """sum_k r(d ||F(x_k)||^2 / d theta) / N with ``r`` elementwise (``abs``: MAS; ``square``: EWC's Fisher
+    diagonal with the squared output norm as the loss), one sample at a time."""
+    params = _named(model)
+    out = {n: torch.zeros_like(p, dtype=F64) for n, p in params.items()}
+    n = 0
+    for x in xs:
+        for k in range(x.shape[0]):
+            y = output_fn(model(x[k:k + 1]))
+            grads = torch.autograd.grad(y.double().pow(2).sum(), list(params.values()), allow_unused=True)
+            for (name, _), g in zip(params.items(), grads):
+                if g is not None:
+                    out[name] += r(g.double())
+            n += 1
+    return {k: v / n for k, v in out.items()}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 import pathlib
 
+import pytest
+
 import mas_kernels
 
 ROOT = pathlib.Path(mas_kernels.__file__).parent
@@ -15,15 +17,17 @@ def _module_name(path: pathlib.Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _top_level_imports(path: pathlib.Path, name: str) -> set[str]:
-    """Package modules imported at module level (function-level imports are deliberate late binding)."""
+def _top_level_imports(path: pathlib.Path, name: str, everywhere: bool = False) -> set[str]:
+    """Package modules imported at module level (function-level imports are deliberate late binding;
+    ``everywhere``: those too, and ``TYPE_CHECKING`` blocks)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out = set()
     tree = ast.parse(path.read_text())
     for node in tree.body:
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test) and not everywhere:
             continue  # annotations only: never imported at run time
-        nodes = [node] + (list(ast.walk(node)) if isinstance(node, (ast.If, ast.Try)) else [])
+        walk = everywhere or isinstance(node, (ast.If, ast.Try))
+        nodes = [node] + (list(ast.walk(node)) if walk else [])
         for n in nodes:
             if isinstance(n, ast.Import):
                 out |= {a.name for a in n.names if a.name.startswith("mas_kernels")}
@@ -40,9 +44,14 @@ def _top_level_imports(path: pathlib.Path, name: str) -> set[str]:
     return out
 
 
-def test_no_import_cycle_among_the_packages_modules():
+@pytest.mark.parametrize("everywhere", [False, True], ids=["module-level", "every-import"])
+def test_no_import_cycle_among_the_packages_modules(everywhere):
+    """No cycle among module-level imports; and none through function-level or TYPE_CHECKING imports either
+    (``estimators/rules/base.py -> plan.py`` for an annotation, ``ops/penalty.py <-> ops/triton/multi_tensor.py``
+    through a dead line were such circles)."""
     modules = {_module_name(p): p for p in ROOT.rglob("*.py")}
-    graph = {m: {d for d in _top_level_imports(p, m) if d in modules and d != m} for m, p in modules.items()}
+    graph = {m: {d for d in _top_level_imports(p, m, everywhere) if d in modules and d != m}
+             for m, p in modules.items()}
     # a module importing a submodule of its own package's __init__ is fine; a cycle is not
     state: dict[str, int] = {}
     stack: list[str] = []

@@ -32,14 +32,13 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..ops.abs_bmm import DEFAULT_MEMORY_BUDGET
 from .batch import Batch
 from .capture import backward, capture, grad
 from .layout import UNKNOWN, rows
 from .plan import Plan
 from .reduction import ABS, Reduction
 from .rules.base import Context, cat_uses
-
-DEFAULT_BUDGET = 256 << 20  # bytes of per-sample scratch at once
 
 
 def squared_norm(out: torch.Tensor) -> torch.Tensor:
@@ -69,7 +68,7 @@ class ExactEstimator:
         self.params = params
         self.plan = plan
         self.output_fn = output_fn
-        self.budget = int(memory_budget or DEFAULT_BUDGET)
+        self.budget = int(memory_budget or DEFAULT_MEMORY_BUDGET)
         self.max_chunk = max_chunk
         self.reduction = reduction
         self.forced = fallback

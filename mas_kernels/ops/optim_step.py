@@ -55,6 +55,7 @@ import torch
 
 from ._checks import check_outputs, check_scalar
 from ._library import define
+from ._steps import by_step
 
 ADAM = "adam_penalty_step_"
 SGD = "sgd_penalty_step_"
@@ -159,15 +160,6 @@ def _penalty_grads(params_op, grads, anchors, omegas, lam: float, device) -> tup
     return g, value
 
 
-def _by_step(state_steps: list[torch.Tensor]) -> dict[float, list[int]]:
-    """The tensors' indices grouped by their step count (after the increment): usually one group."""
-    torch._foreach_add_(state_steps, 1)
-    groups: dict[float, list[int]] = {}
-    for i, s in enumerate(torch.stack(state_steps).tolist()):
-        groups.setdefault(s, []).append(i)
-    return groups
-
-
 def adam_penalty_step_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, anchors, omegas,
                             lam: float, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                             decoupled_weight_decay: bool, maximize: bool) -> torch.Tensor:
@@ -177,7 +169,7 @@ def adam_penalty_step_torch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sq
         return torch.zeros((), dtype=torch.float32, device=device)
     total = torch.zeros((), dtype=torch.float32, device=device)
     amsgrad = bool(max_exp_avg_sqs)
-    for step, idx in _by_step(state_steps).items():
+    for step, idx in by_step(state_steps).items():
         pick = (lambda xs: [xs[i] for i in idx]) if len(idx) != len(params) else (lambda xs: list(xs))
         p_out, m_out, v_out = pick(params), pick(exp_avgs), pick(exp_avg_sqs)
         p, m, v = _opmath(p_out), _opmath(m_out), _opmath(v_out)

@@ -26,7 +26,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..penalty import with_grads
 from ._table import dense, launch_groups, split_aligned, table
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -212,4 +211,3 @@ def penalty_grad_triton(params, anchors, omegas, lam: float, grads) -> torch.Ten
     return (torch.stack(partial_sums).sum() if len(partial_sums) > 1 else partial_sums[0]) * lam
 
 
-penalty_triton = with_grads(penalty_grad_triton)

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..optim_step import _by_step
+from .._steps import by_step
 from ._table import dense, launch_groups, split_aligned, table
 from .multi_tensor import _TL_DTYPE, _chunk_ptr, _chunk_start, _scratch
 
@@ -249,7 +249,7 @@ def adam_penalty_step_triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_s
     decay = 1.0 - lr * weight_decay if decoupled_weight_decay else 1.0
     wd_coupled = 0.0 if decoupled_weight_decay else weight_decay
     partials = []
-    for step, idx in _by_step(state_steps).items():
+    for step, idx in by_step(state_steps).items():
         neg_step_size = -(lr / (1.0 - beta1 ** step))
         bc2_sqrt = (1.0 - beta2 ** step) ** 0.5
 

@@ -3,26 +3,25 @@ r"""Convolutions ``nn.Conv1d/2d/3d`` (any stride, dilation, groups, padding mode
 Per sample k, with output positions l and the input patch ``p_kl`` that
 position l sees (``C/groups * prod(kernel)`` values per group):
 ``g_W[group] = sum_l delta_kl p_kl^T``, ``g_b = sum_l delta_kl``. Exact:
-the patches come from the padded input (the layer's own padding mode), so
-``sum_k |g_W|`` is one ``abs_bmm`` over (N, L, O) x (N, L, C*K) per group
-(samples in chunks so the patches stay within the memory budget); with
-several groups the per-sample gradients of each chunk are formed at once
-(they are small: depthwise kernels). Local: the weight-gradient of a
+the patches come from the padded input (the layer's own padding mode), and
+``sum_k |g_W|`` is formed by one of three strategies chosen per call by shape
+(``conv_exact.py``: unfolded patches + ``abs_bmm``, a weight-gradient
+convolution with the samples as groups, or the native implicit GEMM per
+sample), within the memory budget. Local: the weight-gradient of a
 convolution with input ``|x|`` and output-gradient ``|y|`` (``|pad(x)| =
 pad(|x|)`` for every padding mode).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...ops import abs_bmm_accumulate_
 from .base import Rule
+from .conv_exact import conv_weight_abs_sum_
 
 _CONV_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
 
@@ -82,22 +81,7 @@ class ConvRule(Rule):
             accs["bias"].add_(delta.float().flatten(2).sum(2).abs().sum(0))
         if "weight" not in accs:
             return
-        w = module.weight
-        g, o = module.groups, w.shape[0]
-        ck = w[0].numel()  # C/groups * K
-        positions = delta[0, 0].numel()
-        # Half the budget for a chunk's patches, half for the per-sample products abs_bmm forms from them.
-        half = dataclasses.replace(ctx, budget=max(1 << 16, ctx.budget // 2))
-        step = self.chunk(module, half, 4 * positions * (ck * g + o) + (4 * w.numel() if g > 1 else 0))
-        omega = accs["weight"].view(g, o // g, ck)
-        for lo in range(0, n, step):
-            cols = patches(module, x[lo:lo + step].float())  # (n, L, C*K)
-            d = delta[lo:lo + step].float().flatten(2).transpose(1, 2)  # (n, L, O)
-            if g == 1:
-                abs_bmm_accumulate_(omega[0], d, cols, memory_budget=half.budget)
-            else:
-                per = torch.einsum("nlgo,nlgc->ngoc", d.unflatten(2, (g, o // g)), cols.unflatten(2, (g, ck)))
-                omega.add_(per.abs_().sum(0))
+        conv_weight_abs_sum_(accs["weight"], x, delta, module, ctx.budget)
 
     def per_sample(self, layer, calls, ctx, attrs, lo, hi):
         module = layer.module

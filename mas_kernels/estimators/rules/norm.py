@@ -20,6 +20,7 @@ import abc
 
 import torch
 
+from ... import _backend, _native
 from .base import Rule, batched, sample_dim
 
 
@@ -147,6 +148,30 @@ class BatchNormRule(_ChannelNorm):
                 "estimate in eval mode (estimate(..., train_mode=False), the default; running statistics) or "
                 "use importance='global_batch'"
             )
+
+    def _per_sample(self, layer, calls, ctx, attrs):
+        """Running statistics on CPU with the native kernels: per sample and channel ``sum_l d (x - mean)`` and
+        ``sum_l d`` in one pass over x and d (``csrc/norm_sums.cpp``), then ``g_w = invstd * sum_l d (x - mean)``;
+        the PyTorch path (x_hat, its product with d, two sums) elsewhere."""
+        module = layer.module
+        fast = [c for c in calls if c.deltas[0] is not None]
+        if (self.uses_batch_stats(module) or not fast or any(
+                c.x.device.type != "cpu" or _backend.choose(c.x.device) != "native" or c.x.dtype == torch.float64
+                or c.x.shape[0] != ctx.n or c.x.dim() < 2 or c.delta.dtype != c.x.dtype for c in fast)):
+            return super()._per_sample(layer, calls, ctx, attrs)
+        mean = module.running_mean.float().contiguous()
+        invstd = torch.rsqrt(module.running_var.float() + module.eps)
+        out = {a: torch.zeros((ctx.n, *getattr(module, a).shape), device=getattr(module, a).device)
+               for a in attrs}
+        for call in fast:
+            x, d = call.x.detach(), call.delta
+            sums = _native.lib().channel_sums(x.reshape(ctx.n, x.shape[1], -1).contiguous(),
+                                              d.reshape(ctx.n, x.shape[1], -1).contiguous(), mean)
+            if "weight" in out:
+                out["weight"] += sums[..., 0] * invstd
+            if "bias" in out:
+                out["bias"] += sums[..., 1]
+        return out
 
     def x_hat(self, module, x):
         shape = [1, -1] + [1] * (x.dim() - 2)

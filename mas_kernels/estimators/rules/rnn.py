@@ -25,6 +25,7 @@ from torch import _VF
 
 from ...ops import abs_bmm_accumulate_, abs_outer_accumulate_
 from ..capture import Call
+from . import rnn_native
 from .base import Rule, cat_uses
 
 _GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "LSTM": 4, "GRU": 3}
@@ -286,7 +287,10 @@ class RNNRule(Rule):
         inputs' own graph, so the one backward gives every step's gate gradients. ``(outputs, replay)``."""
         call = Call(args, kwargs, None, [], [])
         self._check_input(layer, call)
-        rep = Replay(layer.module, call, inline=True)
+        if rnn_native.serves(layer.module, call.x):  # the native step loop (rnn_native.py)
+            rep = rnn_native.NativeReplay(layer.module, *_batched(layer.module, call))
+        else:
+            rep = Replay(layer.module, call, inline=True)
         return rep.outputs(), rep
 
     def check(self, layer):

@@ -1,0 +1,81 @@
+// channel_sums: per sample and channel of a BatchNorm's input x (N, C, L) and output gradient d (N, C, L),
+// sum_l d * (x - mean_c) and sum_l d, in one pass (double accumulation), as (N, C, 2) float32.
+//
+// The exact rule's BatchNorm (running statistics) needs per sample k
+// g_w = invstd * sum_l d_kl (x_kl - mean) and g_b = sum_l d_kl; the PyTorch
+// path forms x_hat, d * x_hat and two sums (five passes over (N, C, L) and
+// three temporaries of its size), this reads x and d once.
+#include "ops.h"
+
+#include "multi_tensor.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+
+namespace mas_kernels {
+
+namespace {
+
+template <typename T>
+MAS_KERNELS_INLINE void row_sums(const T* __restrict x, const T* __restrict d, int64_t n, float mean, float* out) {
+  double sx = 0.0, sd = 0.0;
+#pragma omp simd reduction(+ : sx, sd)
+  for (int64_t i = 0; i < n; ++i) {
+    const float dv = load_f32(d[i]);
+    sx += static_cast<double>(dv * (load_f32(x[i]) - mean));
+    sd += static_cast<double>(dv);
+  }
+  out[0] = static_cast<float>(sx);
+  out[1] = static_cast<float>(sd);
+}
+
+MAS_KERNELS_CLONES void row_sums_of(const float* x, const float* d, int64_t n, float mean, float* out) {
+  row_sums(x, d, n, mean, out);
+}
+MAS_KERNELS_CLONES void row_sums_of(const at::BFloat16* x, const at::BFloat16* d, int64_t n, float mean, float* out) {
+  row_sums(x, d, n, mean, out);
+}
+MAS_KERNELS_CLONES void row_sums_of(const at::Half* x, const at::Half* d, int64_t n, float mean, float* out) {
+  row_sums(x, d, n, mean, out);
+}
+
+}  // namespace
+
+at::Tensor channel_sums(const at::Tensor& x, const at::Tensor& d, const at::Tensor& mean) {
+  const char* op = "mas_kernels channel_sums";
+  TORCH_CHECK(x.device().is_cpu() && d.device().is_cpu() && mean.device().is_cpu(), op, ": CPU tensors only");
+  TORCH_CHECK(x.dim() == 3 && d.sizes() == x.sizes() && x.is_contiguous() && d.is_contiguous() &&
+                  x.scalar_type() == d.scalar_type(),
+              op, ": expected contiguous x and d of one shape (N, C, L) and dtype, got ", x.sizes(), " and ", d.sizes());
+  TORCH_CHECK(mean.dim() == 1 && mean.size(0) == x.size(1) && mean.scalar_type() == at::kFloat && mean.is_contiguous(),
+              op, ": mean must be a contiguous float32 (C,) tensor");
+  const int64_t N = x.size(0), C = x.size(1), L = x.size(2);
+  at::Tensor out = at::empty({N, C, 2}, x.options().dtype(at::kFloat));
+  float* const po = out.data_ptr<float>();
+  const float* const pm = mean.const_data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, kChunk / std::max<int64_t>(L, 1));
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    const T* const px = x.const_data_ptr<T>();
+    const T* const pd = d.const_data_ptr<T>();
+    at::parallel_for(0, N * C, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) row_sums_of(px + r * L, pd + r * L, L, pm[r % C], po + 2 * r);
+    });
+  };
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      run(float{});
+      break;
+    case at::kBFloat16:
+      run(at::BFloat16{});
+      break;
+    case at::kHalf:
+      run(at::Half{});
+      break;
+    default:
+      TORCH_CHECK(false, op, ": x must be float32/bfloat16/float16, got ", x.scalar_type());
+  }
+  return out;
+}
+
+}  // namespace mas_kernels

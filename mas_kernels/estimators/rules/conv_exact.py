@@ -1,0 +1,190 @@
+r"""The exact rule's convolution weights: ``omega += sum_k |g_k|``, three ways, chosen per layer call by shape.
+
+For sample k of a convolution with groups, output channel o of group g and
+patch element j (input channel c of the group, kernel offset q, C-major as in
+the weight), over the output positions l:
+
+.. math:: g_k[g, o, j] = \sum_l \delta_{k, gO_g + o, l}\, x^{pad}_{k, gC_g + c, \mathrm{pos}(l, q)}
+
+the abs taken after the sum over positions. The strategies (all exact to
+float32 rounding; each keeps its scratch within ``budget`` bytes):
+
+* ``"unfold"``: the batch's patches (N, L, C*K) unfolded, then one
+  ``abs_bmm_accumulate_`` per group (its register tiles never store the
+  per-sample products; samples chunked so the patches fit the budget). Best
+  where positions are few and per-sample products large (deep, narrow layers).
+* ``"grouped"``: one weight-gradient convolution with the samples as groups
+  (``aten.convolution_backward`` with ``groups = N * groups`` on the input
+  seen as one sample of ``N*C`` channels): every per-sample gradient at once
+  (N x the weight, chunked by the budget), then abs and the sum over samples.
+  Best at very few channels per group (depthwise).
+* ``"native"`` (CPU, the native extension): an implicit GEMM per sample
+  (``csrc/conv_exact.cpp``): each sample's patches gathered into a buffer
+  that stays in cache, one BLAS call per chunk of samples, abs while the
+  products are in cache. No unfolded batch: it reads the input about once.
+
+:func:`choose` picks one from :data:`CROSSOVER`, a table measured on the
+machine named there (``python -m bench.conv_strategies`` measures it again
+and prints the table to paste). On CUDA the choice is ``"unfold"`` (the
+Triton ``abs_bmm``): the table was not measured on a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ... import _backend, _native
+from ...ops import abs_bmm_accumulate_
+
+STRATEGIES = ("unfold", "grouped", "native")
+
+#: Which strategy the exact rule runs for a CPU convolution, by shape: the
+#: first row whose bounds hold wins (``None``: no bound). Keys: ``k`` the kernel
+#: elements, ``cg`` input channels per group, ``l`` output positions per sample.
+#: Measured by ``python -m bench.conv_strategies`` (see its docstring for the
+#: shapes), 2-core Xeon (AVX-512), torch 2.13, 1 and 2 threads; each strategy's
+#: time over the batch weight gradient of the same layer is in the module
+#: docstring of ``bench/conv_strategies.py`` with the run that made this table.
+CROSSOVER: tuple[dict, ...] = (
+    dict(strategy="grouped", cg_max=1),  # depthwise: per-sample products are tiny, one conv does them all
+    dict(strategy="unfold", l_max=16),  # 4x4 outputs and fewer: long products, few positions
+    dict(strategy="native"),
+)
+
+
+def _bounds_hold(row: dict, k: int, cg: int, l: int) -> bool:
+    for key, value in (("k", k), ("cg", cg), ("l", l)):
+        lo, hi = row.get(f"{key}_min"), row.get(f"{key}_max")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            return False
+    return True
+
+
+def _native_runs(device: torch.device) -> bool:
+    """Whether the native kernels serve ``device`` (CPU, built, and the backend in use is ``native``)."""
+    return device.type == "cpu" and _backend.choose(device) == "native"
+
+
+def choose(module: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> str:
+    """The strategy :data:`CROSSOVER` gives this call (``"unfold"`` off CPU; ``"unfold"`` where the table says
+    ``"native"`` but the native kernels do not serve the CPU: not built, or another backend chosen)."""
+    if x.device.type != "cpu":
+        return "unfold"
+    k = math.prod(module.kernel_size)
+    cg = module.in_channels // module.groups
+    l = delta[0, 0].numel()
+    for row in CROSSOVER:
+        if _bounds_hold(row, k, cg, l):
+            if row["strategy"] == "native" and not _native_runs(x.device):
+                return "unfold"
+            return row["strategy"]
+    return "unfold"
+
+
+def padded(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` padded as the layer pads it (its padding mode); ``x`` itself without padding."""
+    pads = module._reversed_padding_repeated_twice
+    if not any(pads):
+        return x
+    if module.padding_mode == "zeros":
+        return F.pad(x, pads)
+    return F.pad(x, pads, mode=module.padding_mode)
+
+
+def unfolded(module: nn.Module, xp: torch.Tensor) -> torch.Tensor:
+    """(N, L, C*K): the patches of the padded input ``xp``, C-major as in the weight (a transposed view of
+    ``F.unfold``'s im2col for 2-D convolutions, a strided gather otherwise)."""
+    n, c = xp.shape[:2]
+    if len(module.kernel_size) == 2:
+        return F.unfold(xp, module.kernel_size, dilation=module.dilation, stride=module.stride).transpose(1, 2)
+    nd = len(module.kernel_size)
+    for i, (k, s, d) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
+        xp = xp.unfold(2 + i, (k - 1) * d + 1, s)
+        if d > 1:
+            xp = xp[..., ::d]
+    perm = [0] + list(range(2, 2 + nd)) + [1] + list(range(2 + nd, 2 + 2 * nd))
+    return xp.permute(perm).reshape(n, -1, c * math.prod(module.kernel_size))
+
+
+def _by_unfold(omega: torch.Tensor, xp: torch.Tensor, delta: torch.Tensor, module: nn.Module, budget: int) -> None:
+    n, g = xp.shape[0], module.groups
+    o = omega.shape[0]
+    og, ck = o // g, omega[0].numel()
+    positions = delta[0, 0].numel()
+    half = max(1 << 16, budget // 2)  # half for a chunk's patches, half for abs_bmm's scratch
+    step = max(1, min(n, half // (4 * positions * (ck * g + o))))
+    om = omega.view(g, og, ck)
+    for lo in range(0, n, step):
+        cols = unfolded(module, xp[lo:lo + step].float())  # (n, L, C*K)
+        d = delta[lo:lo + step].float().flatten(2).transpose(1, 2)  # (n, L, O)
+        for gi in range(g):
+            abs_bmm_accumulate_(om[gi], d[..., gi * og:(gi + 1) * og], cols[..., gi * ck:(gi + 1) * ck],
+                                memory_budget=half)
+
+
+def _by_grouped(omega: torch.Tensor, xp: torch.Tensor, delta: torch.Tensor, module: nn.Module, budget: int) -> None:
+    n, c = xp.shape[:2]
+    o, g = delta.shape[1], module.groups
+    w = omega.numel()
+    nd = len(module.kernel_size)
+    # Per sample: its gradient (the weight's size) and fp32 copies of its input and output gradient.
+    per_sample = 4 * (w + xp[0].numel() + delta[0].numel())
+    step = max(1, min(n, budget // per_sample))
+    for lo in range(0, n, step):
+        m = min(step, n - lo)
+        x1 = xp[lo:lo + m].float().reshape(1, m * c, *xp.shape[2:])
+        d1 = delta[lo:lo + m].float().reshape(1, m * o, *delta.shape[2:])
+        shape = (m * o, c // g, *module.kernel_size)
+        grads = torch.ops.aten.convolution_backward(
+            d1, x1, d1.new_empty(1).expand(shape), None, module.stride, [0] * nd, module.dilation, False,
+            [0] * nd, m * g, (False, True, False))[1]
+        omega.add_(grads.view(m, w).abs_().sum(0).view_as(omega))
+
+
+def _by_native(omega: torch.Tensor, x: torch.Tensor, delta: torch.Tensor, module: nn.Module, budget: int) -> None:
+    nd = len(module.kernel_size)
+    lead = (1,) * (3 - nd)
+    pads = module._reversed_padding_repeated_twice  # (last dim's before, after, ...): the kernel pads zeros
+    if module.padding_mode == "zeros":
+        front = tuple(pads[2 * (nd - 1 - i)] for i in range(nd))
+    else:
+        x, front = padded(module, x), (0,) * nd
+    x5 = x.float().contiguous().reshape(*x.shape[:2], *lead, *x.shape[2:])
+    d5 = delta.float().contiguous().reshape(*delta.shape[:2], *lead, *delta.shape[2:])
+    out = omega if omega.is_contiguous() else torch.zeros_like(omega, memory_format=torch.contiguous_format)
+    _native.lib().conv_weight_abs_sum_(out, x5, d5, lead + tuple(module.kernel_size), lead + tuple(module.stride),
+                                       lead + tuple(module.dilation), (0,) * len(lead) + front,
+                                       module.groups, 1.0, budget)
+    if out is not omega:
+        omega.add_(out)
+
+
+_RUN = {"unfold": _by_unfold, "grouped": _by_grouped, "native": _by_native}
+
+
+def conv_weight_abs_sum_(omega: torch.Tensor, x: torch.Tensor, delta: torch.Tensor, module: nn.Module,
+                         budget: int, strategy: str | None = None) -> torch.Tensor:
+    r"""``omega += sum_k |g_k|``: the exact rule's numerator of a convolution's weight, in place.
+
+    Args:
+        omega: float32, the weight's shape (O, C/groups, *kernel).
+        x: the layer's input (N, C, *spatial), any float dtype.
+        delta: the gradient w.r.t. its output (N, O, *out_spatial).
+        module: the ``nn.Conv1d/2d/3d`` (its stride, padding and padding mode, dilation, groups).
+        budget: bytes of scratch the call may hold at once.
+        strategy: ``"unfold"``, ``"grouped"`` or ``"native"``; None: :func:`choose`.
+    """
+    if strategy is None:
+        strategy = choose(module, x, delta)
+    if strategy not in _RUN:
+        raise ValueError(f"conv_weight_abs_sum_: strategy must be one of {STRATEGIES} or None, got {strategy!r}")
+    if strategy == "native" and (x.device.type != "cpu" or not _native.built()):
+        raise ValueError("conv_weight_abs_sum_: strategy='native' needs CPU tensors and the native extension "
+                         f"({_native.load_error() or 'tensors on ' + str(x.device)})")
+    if x.shape[0] and delta[0].numel():
+        _RUN[strategy](omega, x if strategy == "native" else padded(module, x), delta, module, int(budget))
+    return omega

@@ -24,8 +24,8 @@ float32 rounding; each keeps its scratch within ``budget`` bytes):
   products are in cache. No unfolded batch: it reads the input about once.
 
 :func:`choose` picks one from :data:`CROSSOVER`, a table measured on the
-machine named there (``python -m bench.conv_strategies`` measures it again
-and prints the table to paste). On CUDA the choice is ``"unfold"`` (the
+machine named there (``python -m bench --only conv_exact`` measures it
+again). On CUDA the choice is ``"unfold"`` (the
 Triton ``abs_bmm``): the table was not measured on a GPU.
 """
 
@@ -42,22 +42,36 @@ from ...ops import abs_bmm_accumulate_
 
 STRATEGIES = ("unfold", "grouped", "native")
 
-#: Which strategy the exact rule runs for a CPU convolution, by shape: the
-#: first row whose bounds hold wins (``None``: no bound). Keys: ``k`` the kernel
-#: elements, ``cg`` input channels per group, ``l`` output positions per sample.
-#: Measured by ``python -m bench.conv_strategies`` (see its docstring for the
-#: shapes), 2-core Xeon (AVX-512), torch 2.13, 1 and 2 threads; each strategy's
-#: time over the batch weight gradient of the same layer is in the module
-#: docstring of ``bench/conv_strategies.py`` with the run that made this table.
+#: Which strategy the exact rule runs for a CPU convolution, by shape: the first row whose bounds hold wins
+#: (a bound left out: none). Keys: ``groups``, ``cg`` input channels per group, ``k`` kernel elements, ``l``
+#: output positions per sample. Made by ``python -m bench --only conv_exact`` (``OMP_NUM_THREADS=1``, 2-core
+#: Xeon with AVX-512, torch 2.13, the machine shared: load average 7-8), time over the batch weight gradient
+#: of the same layer, unfold / grouped / native:
+#:
+#: ====================================  =====  =====  =====
+#: N=32 20->20 32x32 k3                  2.53   1.61   0.73
+#: N=32 80->80 8x8 k3                    2.83   2.45   1.97
+#: N=32 160->160 4x4 k3                  2.41   17.6   3.03
+#: N=16 16->16 32x32 k3                  11.9   1.91   1.44
+#: N=16 64->64 32x32 k3                  4.36   1.25   1.27
+#: N=16 256->256 8x8 k3                  2.10   6.23   2.02
+#: N=32 64->64 16x16 k3 depthwise        20.9   1.86   6.48
+#: N=32 64->64 16x16 k3 groups 4         12.6   3.18   4.63
+#: ====================================  =====  =====  =====
+#:
+#: (the native kernel is the fastest of the three on 18 of the 20 ungrouped shapes measured; with 2 threads
+#: on the loaded machine on all 23, at 0.2-0.9x the weight gradient, the others' thread teams waiting on
+#: descheduled threads). Grouped convolutions: a tiny GEMM per sample and group loses to the one grouped
+#: convolution.
 CROSSOVER: tuple[dict, ...] = (
-    dict(strategy="grouped", cg_max=1),  # depthwise: per-sample products are tiny, one conv does them all
-    dict(strategy="unfold", l_max=16),  # 4x4 outputs and fewer: long products, few positions
+    dict(strategy="grouped", groups_min=2),
+    dict(strategy="unfold", l_max=16),  # 4x4 outputs and fewer: abs_bmm's register tiles on long products
     dict(strategy="native"),
 )
 
 
-def _bounds_hold(row: dict, k: int, cg: int, l: int) -> bool:
-    for key, value in (("k", k), ("cg", cg), ("l", l)):
+def _bounds_hold(row: dict, groups: int, k: int, cg: int, l: int) -> bool:
+    for key, value in (("groups", groups), ("k", k), ("cg", cg), ("l", l)):
         lo, hi = row.get(f"{key}_min"), row.get(f"{key}_max")
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             return False
@@ -69,17 +83,26 @@ def _native_runs(device: torch.device) -> bool:
     return device.type == "cpu" and _backend.choose(device) == "native"
 
 
-def choose(module: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> str:
+def _native_fits(module: nn.Module, budget: int) -> bool:
+    """Whether the native kernel's least scratch (an accumulator and a product of the weight's size, and one
+    position's patch column; its bound is half the budget per thread) fits ``budget``."""
+    w = module.weight
+    return 4 * (2 * w.numel() + module.in_channels * math.prod(module.kernel_size)) <= budget // 2
+
+
+def choose(module: nn.Module, x: torch.Tensor, delta: torch.Tensor, budget: int | None = None) -> str:
     """The strategy :data:`CROSSOVER` gives this call (``"unfold"`` off CPU; ``"unfold"`` where the table says
-    ``"native"`` but the native kernels do not serve the CPU: not built, or another backend chosen)."""
+    ``"native"`` but the native kernels do not serve the CPU, not built or another backend chosen, or its least
+    scratch exceeds ``budget``)."""
     if x.device.type != "cpu":
         return "unfold"
     k = math.prod(module.kernel_size)
     cg = module.in_channels // module.groups
     l = delta[0, 0].numel()
     for row in CROSSOVER:
-        if _bounds_hold(row, k, cg, l):
-            if row["strategy"] == "native" and not _native_runs(x.device):
+        if _bounds_hold(row, module.groups, k, cg, l):
+            if row["strategy"] == "native" and not (
+                    _native_runs(x.device) and (budget is None or _native_fits(module, budget))):
                 return "unfold"
             return row["strategy"]
     return "unfold"
@@ -175,11 +198,13 @@ def conv_weight_abs_sum_(omega: torch.Tensor, x: torch.Tensor, delta: torch.Tens
         x: the layer's input (N, C, *spatial), any float dtype.
         delta: the gradient w.r.t. its output (N, O, *out_spatial).
         module: the ``nn.Conv1d/2d/3d`` (its stride, padding and padding mode, dilation, groups).
-        budget: bytes of scratch the call may hold at once.
+        budget: bytes of scratch the call may hold at once (beyond fp32 copies of ``x`` and ``delta`` where they
+            are not fp32 and contiguous; ``"grouped"`` holds at least one sample's gradient, ``"native"``
+            raises a ``RuntimeError`` naming ``memory_budget`` when one sample's product does not fit).
         strategy: ``"unfold"``, ``"grouped"`` or ``"native"``; None: :func:`choose`.
     """
     if strategy is None:
-        strategy = choose(module, x, delta)
+        strategy = choose(module, x, delta, budget)
     if strategy not in _RUN:
         raise ValueError(f"conv_weight_abs_sum_: strategy must be one of {STRATEGIES} or None, got {strategy!r}")
     if strategy == "native" and (x.device.type != "cpu" or not _native.built()):

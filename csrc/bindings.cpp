@@ -55,6 +55,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("c_seq"), py::arg("h0"), py::arg("c0"), py::arg("w_hh"), py::arg("dh_seq"), py::arg("dh_n"),
         py::arg("dc_n"), py::arg("reverse"), py::call_guard<py::gil_scoped_release>(),
         "backward through time of rnn_steps_forward: (dzi, dh0, dc0)");
+  m.def("layer_norm_sums", &mas_kernels::layer_norm_sums, py::arg("x"), py::arg("d"), py::arg("eps"), py::arg("rms"),
+        py::call_guard<py::gil_scoped_release>(),
+        "(N, 2, D): per sample, sum_t d * x_hat and sum_t d of a LayerNorm's (RMSNorm's) (N, T, D) input and gradient");
   m.def("register_cpu_kernels", &mas_kernels::register_cpu_kernels,
         "make the C++ kernels the CPU kernels of the mas_kernels:: ops (mas_kernels._backend calls it)");
   m.def("unregister_cpu_kernels", &mas_kernels::unregister_cpu_kernels,

@@ -41,6 +41,10 @@ void conv_weight_abs_sum_(at::Tensor omega, const at::Tensor& x, const at::Tenso
 // contiguous float32/bfloat16/float16, mean (C,) float32 (see norm_sums.cpp).
 at::Tensor channel_sums(const at::Tensor& x, const at::Tensor& d, const at::Tensor& mean);
 
+// (N, 2, D) float32: per sample, sum_t d * x_hat and sum_t d over its rows of a LayerNorm's (rms: RMSNorm's)
+// input x and output gradient d, (N, T, D) contiguous float32/bfloat16/float16 (see norm_sums.cpp).
+at::Tensor layer_norm_sums(const at::Tensor& x, const at::Tensor& d, double eps, bool rms);
+
 // One layer and direction of an RNN/LSTM/GRU step by step (see rnn_steps.cpp): the forward from the input
 // projection zi and W_hh, and the backward through time to dzi and the initial state's gradients.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_steps_forward(const std::string& mode, const at::Tensor& zi,

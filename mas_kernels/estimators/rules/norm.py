@@ -82,10 +82,40 @@ class LayerNormRule(_Norm):
     def feature_dims(self, layer, x):
         return len(layer.module.normalized_shape)
 
+    rms = False
+
     def x_hat(self, module, x):
         dims = tuple(range(-len(module.normalized_shape), 0))
         var, mean = torch.var_mean(x, dim=dims, unbiased=False, keepdim=True)
         return (x - mean) * torch.rsqrt(var + module.eps)
+
+    def _eps(self, module) -> float:
+        return module.eps
+
+    def _per_sample(self, layer, calls, ctx, attrs):
+        """On CPU with the native kernels: per sample ``sum_t d * x_hat`` and ``sum_t d`` in one pass over x and d
+        (``csrc/norm_sums.cpp``, the row statistics recomputed there); the PyTorch path elsewhere."""
+        module = layer.module
+        fast = [c for c in calls if c.deltas[0] is not None]
+        if not fast or any(c.x.device.type != "cpu" or _backend.choose(c.x.device) != "native"
+                           or c.x.dtype == torch.float64 or c.delta.dtype != c.x.dtype for c in fast):
+            return super()._per_sample(layer, calls, ctx, attrs)
+        k = len(module.normalized_shape)
+        out = {a: torch.zeros((ctx.n, *getattr(module, a).shape), device=getattr(module, a).device)
+               for a in attrs}
+        for call in fast:
+            x = call.x.detach()
+            dim = sample_dim(x, ctx, k, layer)
+            xb = batched(x, ctx.n, k, dim)
+            db = batched(call.delta, ctx.n, k, dim)
+            n, t = xb.shape[:2]
+            sums = _native.lib().layer_norm_sums(xb.reshape(n, t, -1).contiguous(), db.reshape(n, t, -1).contiguous(),
+                                                 self._eps(module), self.rms)
+            if "weight" in out:
+                out["weight"] += sums[:, 0].view(n, *module.normalized_shape)
+            if "bias" in out:
+                out["bias"] += sums[:, 1].view(n, *module.normalized_shape)
+        return out
 
     def per_sample_sum(self, layer, ctx, x, t):
         k = len(layer.module.normalized_shape)
@@ -99,6 +129,10 @@ class RMSNormRule(LayerNormRule):
     """``nn.RMSNorm``: a weight of ``normalized_shape`` (no bias)."""
 
     attrs = ("weight",)
+    rms = True
+
+    def _eps(self, module) -> float:
+        return module.eps if module.eps is not None else torch.finfo(torch.float32).eps  # as x_hat on x.float()
 
     def x_hat(self, module, x):
         dims = tuple(range(-len(module.normalized_shape), 0))

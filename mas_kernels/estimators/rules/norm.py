@@ -195,16 +195,17 @@ class BatchNormRule(_ChannelNorm):
             return super()._per_sample(layer, calls, ctx, attrs)
         mean = module.running_mean.float().contiguous()
         invstd = torch.rsqrt(module.running_var.float() + module.eps)
-        out = {a: torch.zeros((ctx.n, *getattr(module, a).shape), device=getattr(module, a).device)
-               for a in attrs}
+        sums = None
         for call in fast:
             x, d = call.x.detach(), call.delta
-            sums = _native.lib().channel_sums(x.reshape(ctx.n, x.shape[1], -1).contiguous(),
-                                              d.reshape(ctx.n, x.shape[1], -1).contiguous(), mean)
-            if "weight" in out:
-                out["weight"] += sums[..., 0] * invstd
-            if "bias" in out:
-                out["bias"] += sums[..., 1]
+            s = _native.lib().channel_sums(x.reshape(ctx.n, x.shape[1], -1).contiguous(),
+                                           d.reshape(ctx.n, x.shape[1], -1).contiguous(), mean)
+            sums = s if sums is None else sums.add_(s)
+        out = {}
+        if "weight" in attrs:
+            out["weight"] = sums[..., 0].mul_(invstd)
+        if "bias" in attrs:
+            out["bias"] = sums[..., 1]
         return out
 
     def x_hat(self, module, x):

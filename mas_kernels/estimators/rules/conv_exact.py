@@ -25,8 +25,9 @@ float32 rounding; each keeps its scratch within ``budget`` bytes):
 
 :func:`choose` picks one from :data:`CROSSOVER`, a table measured on the
 machine named there (``python -m bench --only conv_exact`` measures it
-again). On CUDA the choice is ``"unfold"`` (the
-Triton ``abs_bmm``): the table was not measured on a GPU.
+again). Off the CPU the table was not measured: grouped convolutions take
+``"grouped"`` (one cuDNN call, where ``"unfold"`` would run one ``abs_bmm``
+per group), the others ``"unfold"`` (the Triton ``abs_bmm``), as before.
 """
 
 from __future__ import annotations
@@ -93,9 +94,9 @@ def _native_fits(module: nn.Module, budget: int) -> bool:
 def choose(module: nn.Module, x: torch.Tensor, delta: torch.Tensor, budget: int | None = None) -> str:
     """The strategy :data:`CROSSOVER` gives this call (``"unfold"`` off CPU; ``"unfold"`` where the table says
     ``"native"`` but the native kernels do not serve the CPU, not built or another backend chosen, or its least
-    scratch exceeds ``budget``)."""
+    scratch exceeds ``budget``; off the CPU, ``"grouped"`` for grouped convolutions, else ``"unfold"``)."""
     if x.device.type != "cpu":
-        return "unfold"
+        return "grouped" if module.groups > 1 else "unfold"
     k = math.prod(module.kernel_size)
     cg = module.in_channels // module.groups
     l = delta[0, 0].numel()

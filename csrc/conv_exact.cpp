@@ -51,9 +51,14 @@ struct Geometry {
   int64_t in[3], out[3], k[3], s[3], d[3], p[3];  // p: zeros padded before each dim (none after is needed)
 };
 
+// A short contiguous run (an output row's worth): a loop the compiler vectorises, cheaper than memcpy's call.
+MAS_KERNELS_INLINE void copy_run(float* __restrict dst, const float* __restrict src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
+}
+
 // Patches of positions [l0, l0 + nl) of one sample, (C*K, nl) row-major, from xs (C, in0, in1, in2) with
 // zeros around it (the padding): input index = output index * stride + offset * dilation - padding.
-void gather(const Geometry& g, const float* xs, int64_t l0, int64_t nl, float* dst) {
+MAS_KERNELS_CLONES void gather(const Geometry& g, const float* xs, int64_t l0, int64_t nl, float* dst) {
   const int64_t in_plane = g.in[0] * g.in[1] * g.in[2];
   for (int64_t c = 0; c < g.C; ++c) {
     const float* xc = xs + c * in_plane;
@@ -65,29 +70,33 @@ void gather(const Geometry& g, const float* xs, int64_t l0, int64_t nl, float* d
           const int64_t off2 = q2 * g.d[2] - g.p[2], st = g.s[2];
           const int64_t lo2 = off2 >= 0 ? 0 : (-off2 + st - 1) / st;
           const int64_t hi2 = std::max<int64_t>(lo2, g.in[2] - off2 <= 0 ? 0 : (g.in[2] - off2 + st - 1) / st);
-          int64_t l = l0;
           const int64_t end = l0 + nl;
-          while (l < end) {
+          // The output coordinates of l0, then advanced run by run (no division per run).
+          int64_t y2 = l0 % g.out[2], y1 = (l0 / g.out[2]) % g.out[1], y0 = l0 / (g.out[2] * g.out[1]);
+          for (int64_t l = l0; l < end;) {
             // One run along the last output dim.
-            const int64_t y2 = l % g.out[2], rest = l / g.out[2];
-            const int64_t y1 = rest % g.out[1], y0 = rest / g.out[1];
             const int64_t run = std::min(end - l, g.out[2] - y2);
             float* out = row + (l - l0);
             const int64_t i0 = y0 * g.s[0] + q0 * g.d[0] - g.p[0], i1 = y1 * g.s[1] + q1 * g.d[1] - g.p[1];
             if (i0 < 0 || i0 >= g.in[0] || i1 < 0 || i1 >= g.in[1]) {
               std::fill(out, out + run, 0.0f);
             } else {
-              const float* src = xc + (i0 * g.in[1] + i1) * g.in[2];
+              const float* src = xc + (i0 * g.in[1] + i1) * g.in[2];  // the input row: src[off2 + y * st]
               const int64_t a = std::clamp(lo2, y2, y2 + run), b = std::clamp(hi2, a, y2 + run);
               std::fill(out, out + (a - y2), 0.0f);
               if (st == 1) {
-                if (b > a) std::memcpy(out + (a - y2), src + off2 + a, sizeof(float) * (b - a));
+                if (b > a) copy_run(out + (a - y2), src + off2 + a, b - a);
               } else {
                 for (int64_t y = a; y < b; ++y) out[y - y2] = src[off2 + y * st];
               }
               std::fill(out + (b - y2), out + run, 0.0f);
             }
             l += run;
+            y2 = 0;
+            if (++y1 == g.out[1]) {
+              y1 = 0;
+              ++y0;
+            }
           }
         }
   }

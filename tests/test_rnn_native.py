@@ -12,7 +12,7 @@ from torch import nn
 from mas_kernels import _backend
 from mas_kernels.estimators.rules import rnn_native
 
-pytestmark = pytest.mark.skipif(not _backend.native_available(), reason="the native extension is not built")
+NATIVE = pytest.mark.skipif(not _backend.native_available(), reason="the native extension is not built")
 F64 = torch.float64
 
 
@@ -73,6 +73,7 @@ CASES = [(cell, kw) for cell in (nn.LSTM, nn.GRU, nn.RNN) for kw in (
     if cell is nn.RNN or "nonlinearity" not in kw]
 
 
+@NATIVE
 @pytest.mark.parametrize("with_state", [False, True])
 @pytest.mark.parametrize("cell, kw", CASES, ids=[f"{c.__name__}-{i}" for i, (c, _) in enumerate(CASES)])
 def test_native_steps_match_torch(cell, kw, with_state):
@@ -113,6 +114,7 @@ def test_native_steps_match_torch(cell, kw, with_state):
         torch.testing.assert_close(d_i.double(), dzi[key], atol=1e-6, rtol=1e-5, msg=lambda s: f"{key}: {s}")
 
 
+@NATIVE
 def test_the_python_replay_serves_what_the_native_loop_does_not():
     m = nn.LSTM(5, 4, batch_first=True)
     assert not rnn_native.serves(m, torch.randn(2, 3, 5, dtype=torch.float64))
@@ -120,3 +122,32 @@ def test_the_python_replay_serves_what_the_native_loop_does_not():
     assert not rnn_native.serves(m, torch.randn(2, 0, 5))
     with _backend.using("torch"):
         assert not rnn_native.serves(m, torch.randn(2, 3, 5))
+
+
+@pytest.mark.parametrize("backend", [b for b in ("native", "torch") if b != "native" or _backend.native_available()])
+@pytest.mark.parametrize("cell", [nn.GRU, nn.LSTM])
+def test_an_initial_state_from_upstream_layers_passes_their_importance_on(backend, cell):
+    """Regression: the Python replay detached the call's initial state, so a layer computing it (an encoder's
+    final state into a decoder) got no gradient through it: relative error 1.0 against the oracle."""
+    import mas_kernels as mk
+    from tests import reference as ref
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Linear(4, 5)
+            self.rnn = cell(4, 5, batch_first=True)
+            self.head = nn.Linear(5, 2)
+
+        def forward(self, x):
+            h0 = torch.tanh(self.enc(x[:, 0])).unsqueeze(0)
+            return self.head(self.rnn(x, (h0, 2 * h0) if cell is nn.LSTM else h0)[0][:, -1])
+
+    model = Net().eval()
+    x = torch.randn(3, 6, 4)
+    with _backend.using(backend):
+        omega = mk.MAS(model, importance="global").estimate([x]).consolidate().omega
+    expected = ref.global_exact(model, [x])
+    for name, e in expected.items():
+        torch.testing.assert_close(omega[name].double(), e, atol=1e-6 * e.abs().max().item(), rtol=1e-4,
+                                   msg=lambda s: f"{name}: {s}")

@@ -59,7 +59,7 @@ class Replay:
             x = x.detach().float().requires_grad_()
         steps = x.shape[1]
         dirs = 2 if module.bidirectional else 1
-        h0, c0 = _initial_state(module, x, hx)
+        h0, c0 = _initial_state(module, x, hx, keep_graph=inline)
         # (layer, reverse) -> (x (N, T, in), h_prev (N, T, H), zi (N, T, GH), zh (N, T, GH), r (GRU) or None)
         self.inputs: dict = {}
         outs_h, outs_c = [], []
@@ -206,15 +206,18 @@ def _batched(module, call):
     return x, hx, unbatched
 
 
-def _initial_state(module, x, hx):
-    """``(h0, c0)`` in fp32, ``(layers * dirs, N, H)`` (zeros where the call gave none; ``c0`` None but for LSTM)."""
+def _initial_state(module, x, hx, keep_graph: bool = False):
+    """``(h0, c0)`` in fp32, ``(layers * dirs, N, H)`` (zeros where the call gave none; ``c0`` None but for LSTM);
+    ``keep_graph``: on the call's own graph (an initial state computed by upstream layers passes their
+    gradient on), else detached."""
     dirs = 2 if module.bidirectional else 1
     if hx is None:
         h0 = x.new_zeros(module.num_layers * dirs, x.shape[0], module.hidden_size, dtype=torch.float32)
         return h0, (h0 if module.mode == "LSTM" else None)
+    own = (lambda t: t.float()) if keep_graph else (lambda t: t.detach().float())  # noqa: E731
     if module.mode == "LSTM":
-        return tuple(t.detach().float() for t in hx)
-    return hx.detach().float(), None
+        return tuple(own(t) for t in hx)
+    return own(hx), None
 
 
 # The fused forward of one mode (what nn.RNNBase.forward calls): (input, hx, weights, has_biases, num_layers,

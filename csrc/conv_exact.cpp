@@ -18,7 +18,9 @@
 // fewer where their (G, Og, Cg*K) partial sums would exceed a quarter of the
 // budget); each block sums its samples in order into its own partial, and the
 // partials are added in block order, so the result does not depend on the
-// thread count. With one block the BLAS calls run multi-threaded themselves.
+// thread count (up to BLAS's own rounding: with one block, for weights too
+// large for several partials in the budget, the BLAS calls run multi-threaded
+// themselves).
 //
 // Scratch: the partials (blocks x weight floats) and, per thread, the
 // gathered patches and the products of one chunk of samples (about 1 MiB, at

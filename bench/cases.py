@@ -26,8 +26,8 @@ from .harness import Case, ours_backend, peak_memory, sync
 from .models import KINDS, build
 
 LAM = 1e-3  # small, so grads that accumulate over hundreds of timed calls stay finite in bf16
-SECTIONS = ("penalty", "abs_accumulate", "abs_outer", "conv", "optim", "e2e", "importance", "selfcheck",
-            "integrations")
+SECTIONS = ("penalty", "abs_accumulate", "abs_outer", "conv", "conv_exact", "optim", "e2e", "importance",
+            "selfcheck", "integrations")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -339,6 +339,46 @@ def added_fraction(rows: list[dict]) -> float | None:
     return (ours - 1.0) / (sep - 1.0)
 
 
+#: The conv_exact section's shapes (N, C_in, C_out, HxW, kernel, stride, groups): the layers of the reduced
+#: ResNet-18 (batch 32) and of the small CNN (batch 16), the shapes of DESIGN.md's table, depthwise layers.
+CONV_EXACT_SHAPES = (
+    (32, 3, 20, 32, 3, 1, 1), (32, 20, 20, 32, 3, 1, 1), (32, 20, 40, 32, 3, 2, 1), (32, 40, 40, 16, 3, 1, 1),
+    (32, 20, 40, 32, 1, 2, 1), (32, 40, 80, 16, 3, 2, 1), (32, 80, 80, 8, 3, 1, 1), (32, 80, 160, 8, 3, 2, 1),
+    (32, 160, 160, 4, 3, 1, 1), (32, 80, 160, 8, 1, 2, 1),
+    (16, 3, 16, 32, 3, 1, 1), (16, 16, 16, 32, 3, 1, 1), (16, 16, 32, 32, 3, 2, 1), (16, 32, 32, 16, 3, 1, 1),
+    (16, 32, 64, 16, 3, 2, 1), (16, 64, 64, 8, 3, 1, 1),
+    (16, 64, 64, 32, 3, 1, 1), (64, 64, 64, 32, 3, 1, 1), (16, 128, 128, 16, 3, 1, 1), (16, 256, 256, 8, 3, 1, 1),
+    (32, 64, 64, 16, 3, 1, 64), (32, 128, 128, 8, 3, 1, 128), (32, 64, 64, 16, 3, 1, 4),
+)
+
+
+def conv_exact_case(n: int, c: int, o: int, hw: int, k: int, stride: int, groups: int, device: torch.device) -> Case:
+    """The exact rule's conv weight numerator ``sum_k |g_k|`` by each strategy of ``conv_exact.py`` (and the one
+    its table chooses) against the batch weight gradient of the same layer (``--only conv_exact`` re-measures
+    the crossover table, :data:`mas_kernels.estimators.rules.conv_exact.CROSSOVER`)."""
+    from mas_kernels.estimators.rules import conv_exact
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(c, o, k, stride, k // 2, groups=groups, bias=False).to(device)
+    x = torch.randn(n, c, hw, hw, device=device)
+    with torch.no_grad():
+        d = torch.randn_like(conv(x))
+    omega = torch.zeros_like(conv.weight)
+    budget = 256 << 20
+
+    def plain():
+        torch.nn.grad.conv2d_weight(x, conv.weight.shape, d, stride, k // 2, 1, groups)
+
+    impls = {"plain weight-grad bound": plain}
+    strategies = [st for st in conv_exact.STRATEGIES if st != "native" or conv_exact._native_runs(device)]
+    for st in strategies:
+        impls[st] = lambda st=st: conv_exact.conv_weight_abs_sum_(omega, x, d, conv, budget, st)
+    chosen = conv_exact.choose(conv, x, d)
+    flops = 2.0 * n * o * (c // groups) * k * k * d.shape[2] * d.shape[3]
+    return Case("conv_exact", "float32", f"N={n} {c}->{o} {hw}x{hw} k{k} s{stride} g{groups}", flops / 2, "flops",
+                flops, impls, bound="plain weight-grad bound", baseline="unfold", notes={"chosen": chosen})
+
+
 # ----------------------------------------------------------------- end to end
 def _mlp(hidden: int, n_in: int = 784, n_out: int = 10) -> nn.Module:
     return nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
@@ -453,8 +493,13 @@ def inference_case(kind: str, batch: int, device: torch.device) -> Case:
     return case
 
 
-def importance_case(kind: str, device: torch.device, quick: bool) -> Case:
-    """One estimated batch per rule (exact global, global_batch, local) against a plain forward+backward."""
+def importance_case(kind: str, device: torch.device, quick: bool, peers: bool = True) -> Case:
+    """One estimated batch per rule (exact global, global_batch, local) against a plain forward+backward, and
+    the per-sample peers (Opacus, BackPACK, torch.func ``vmap(grad)``: :mod:`bench.peers`) where they are
+    installed and right.
+
+    Correctness: the exact rule and every peer against a float64 per-sample oracle on CPU (``notes["oracle"]``);
+    a peer that is wrong or raises is not timed (its reason is in the notes)."""
     model, batch, output_fn, label = build(kind, quick)
     model = model.to(device).eval()
     batch = ({k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict) else batch.to(device))
@@ -472,6 +517,26 @@ def importance_case(kind: str, device: torch.device, quick: bool) -> Case:
         mas = mk.MAS(model, importance=imp, output_fn=output_fn, verify=False)
         impls[name] = lambda mas=mas: mas.estimate([batch])
     notes = {} if quick else {"peak_mb": {}}
+
+
+    notes: dict = {"threads": torch.get_num_threads()}
+    if peers and device.type == "cpu":
+        from . import peers as peer_mod
+
+        expected = peer_mod.oracle(model, batch, output_fn)
+        n = peer_mod._n(batch)
+        ours = mk.MAS(model, importance="global", output_fn=output_fn).estimate([batch]).consolidate()
+        wrong = peer_mod.check({k: v * n for k, v in ours.omega.items()}, expected)
+        oracle = {"exact global": "ok" if not wrong else f"WRONG on {wrong[:3]}"}
+        for name in peer_mod.PEERS:
+            fn, why = peer_mod.build(name, model, batch, output_fn, expected)
+            if fn is None:
+                oracle[name] = why
+            else:
+                oracle[name] = "ok"
+                impls[f"peer: {name}"] = fn
+        notes["oracle"] = oracle
+    notes["peak_mb"] = {}
     for name, fn in impls.items():
         fn()  # warm (and the first call allocates the wrapper's state)
         if not quick:  # the peak memory costs a run of its own
@@ -537,11 +602,15 @@ def plan(quick: bool, device: torch.device, use_compile: bool) -> list[tuple[str
     # The fused optimizer step: the ResNet-50 list, and the BERT-base one (4.4 GB of fp32 state) off --quick.
     for model, w in ((("resnet50", 0.25),) if quick else (("resnet50", 1.0), ("transformer", 1.0))):
         cases.append(("optim", lambda m=model, w=w: optim_case(m, device, w)))
+
+
+    for spec in (CONV_EXACT_SHAPES[:3] if quick else CONV_EXACT_SHAPES):
+        cases.append(("conv_exact", lambda s=spec: conv_exact_case(*s, device)))
     for kind, batch in e2e:
         cases.append(("e2e", lambda k=kind, b=batch: train_case(k, b, device)))
     for kind, batch in e2e:
         cases.append(("e2e", lambda k=kind, b=batch: inference_case(k, b, device)))
-    for kind in (("resnet18", "gpt2", "lstm") if quick else KINDS):
+    for kind in (("resnet18", "cnn-small", "gpt2", "lstm") if quick else KINDS):
         cases.append(("importance", lambda k=kind: importance_case(k, device, quick)))
     for kind in (("mlp",) if quick else ("mlp", "resnet18", "gpt2", "bert")):
         cases.append(("selfcheck", lambda k=kind: selfcheck_case(k, device, quick)))

@@ -95,6 +95,13 @@ def ours_backend(device: torch.device) -> str:
 
 
 # ----------------------------------------------------------------- timing
+#: The clock of :func:`measure`: wall time (``time.perf_counter``), or the process's CPU time
+#: (``time.process_time``, ``python -m bench --timer cpu``). On a machine shared with other jobs a single-threaded
+#: process's CPU time is the work it did, whatever the load (its wall time is stretched by the time slices the
+#: others get); with several threads it also counts the OpenMP team's spin-waiting, so use it with one thread.
+TIMER = time.perf_counter
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -114,10 +121,10 @@ def measure(impls: dict[str, Callable], device: torch.device, reps: int, warmup:
     for name in names:
         for _ in range(max(1, warmup)):
             sync(device)
-            t0 = time.perf_counter()
+            t0 = TIMER()
             impls[name]()
             sync(device)
-            single[name] = time.perf_counter() - t0
+            single[name] = TIMER() - t0
     want = {n: max(3, min(reps, int(budget_s / max(single[n], 1e-9)))) for n in names}
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(max(want.values())):
@@ -126,10 +133,10 @@ def measure(impls: dict[str, Callable], device: torch.device, reps: int, warmup:
             if len(times[name]) >= want[name]:
                 continue
             sync(device)
-            t0 = time.perf_counter()
+            t0 = TIMER()
             impls[name]()
             sync(device)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(TIMER() - t0)
     return times
 
 

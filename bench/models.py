@@ -42,6 +42,27 @@ def resnet18(width: int = 64, classes: int = 10) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+def reduced_resnet18(nf: int = 20, classes: int = 10) -> nn.Module:
+    """The "reduced ResNet-18" of continual learning (GEM, A-GEM, Mammoth, Avalanche's SlimResNet18): base
+    width ``nf`` (20: stages of 20/40/80/160 channels), a 3x3 stride-1 stem and no max-pool (CIFAR 32x32),
+    4 stages of 2 basic blocks, 4x4 average pool, a Linear head."""
+    layers = [nn.Conv2d(3, nf, 3, 1, 1, bias=False), nn.BatchNorm2d(nf), nn.ReLU(inplace=True)]
+    cin = nf
+    for mult, stride in ((1, 1), (1, 1), (2, 2), (2, 1), (4, 2), (4, 1), (8, 2), (8, 1)):
+        layers.append(BasicBlock(cin, nf * mult, stride))
+        cin = nf * mult
+    layers += [nn.AvgPool2d(4), nn.Flatten(), nn.Linear(cin, classes)]
+    return nn.Sequential(*layers)
+
+
+def small_cnn(classes: int = 10) -> nn.Module:
+    """A small ResNet-style CNN at 32x32: a 3x3 stem of 16 channels, one basic block per stage at 16/32/64
+    channels (strides 1, 2, 2), global average pool, a Linear head."""
+    return nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
+                         BasicBlock(16, 16, 1), BasicBlock(16, 32, 2), BasicBlock(32, 64, 2),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, classes))
+
+
 class TextRNN(nn.Module):
     def __init__(self, cell, vocab: int, dim: int, hidden: int):
         super().__init__()
@@ -70,11 +91,22 @@ def build(kind: str, quick: bool = False):
         if quick:  # a quarter of the width: the same layers, 1/16 of the parameters
             return resnet18(16), torch.randn(4, 3, 16, 16, generator=g), None, "resnet18 width 16, 4x3x16x16"
         return resnet18(), torch.randn(16, 3, 32, 32, generator=g), None, "resnet18 16x3x32x32"
-    if kind in ("bert", "gpt2"):
+    if kind == "resnet18-reduced":
+        n = 8 if quick else 32
+        return (reduced_resnet18(), torch.randn(n, 3, 32, 32, generator=g), None,
+                f"reduced ResNet-18 (nf 20), {n}x3x32x32")
+    if kind == "cnn-small":
+        n = 8 if quick else 16
+        return small_cnn(), torch.randn(n, 3, 32, 32, generator=g), None, f"ResNet-style CNN 16/32/64, {n}x3x32x32"
+    if kind in ("bert", "gpt2", "bert-tiny", "gpt2-tiny"):
         import transformers
 
         transformers.logging.set_verbosity_error()
-        layers, dim, n, t = (2, 128, 8, 32) if quick else (4, 256, 16, 64)
+        if kind.endswith("-tiny"):
+            kind = kind[:-5]
+            layers, dim, n, t = (2, 64, 8, 16) if quick else (2, 64, 16, 32)
+        else:
+            layers, dim, n, t = (2, 128, 8, 32) if quick else (4, 256, 16, 64)
         ids = torch.randint(0, 1000, (n, t), generator=g)
         if kind == "bert":
             cfg = transformers.BertConfig(num_hidden_layers=layers, hidden_size=dim, num_attention_heads=4,
@@ -113,4 +145,5 @@ def build(kind: str, quick: bool = False):
     raise ValueError(f"unknown model {kind!r}")
 
 
-KINDS = ("resnet18", "bert", "gpt2", "vit", "lstm", "gru", "embedding", "encoder", "mlp")
+KINDS = ("resnet18", "bert", "gpt2", "vit", "lstm", "gru", "embedding", "encoder", "mlp", "resnet18-reduced",
+         "cnn-small", "gpt2-tiny", "bert-tiny")

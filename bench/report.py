@@ -24,7 +24,7 @@ def header(info: dict, native_error: str = "") -> list[str]:
                          "not measured (pip install -e . makes them one)")
     return lines + [
         f"'ours' = the mas_kernels op with the default backend, here {info['ours_backend']}; "
-        "times are medians [20%, 80% quantiles]; x bound, x baseline: medians of the per-round ratios "
+        f"{'process CPU time' if info.get('timer') == 'cpu' else 'wall time'}; times are medians [20%, 80% quantiles]; x bound, x baseline: medians of the per-round ratios "
         "(each round runs every implementation back to back), or ratios of medians where one side had fewer "
         "rounds",
     ]

@@ -44,6 +44,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "omega += alpha * sum_s |a_s^T @ b_s| (fp32 accumulate), in place");
   m.def("abs_bmm_bmm_chunk", &mas_kernels::abs_bmm_bmm_chunk, py::arg("S"), py::arg("T"), py::arg("J"), py::arg("I"),
         py::arg("memory_budget"), "samples per chunked-bmm chunk abs_bmm_accumulate_ uses, 0 for its register tiles");
+  m.def("conv_weight_abs_sum_", &mas_kernels::conv_weight_abs_sum_, py::arg("omega"), py::arg("x"), py::arg("delta"),
+        py::arg("kernel"), py::arg("stride"), py::arg("dilation"), py::arg("padding"), py::arg("groups"), py::arg("alpha"),
+        py::arg("memory_budget"), py::call_guard<py::gil_scoped_release>(),
+        "omega += alpha * sum_k |g_k| for a convolution's per-sample weight gradients g_k (fp32, zero padding)");
+  m.def("channel_sums", &mas_kernels::channel_sums, py::arg("x"), py::arg("d"), py::arg("mean"),
+        py::call_guard<py::gil_scoped_release>(),
+        "(N, C, 2): sum_l d * (x - mean_c) and sum_l d per sample and channel of (N, C, L) tensors");
+  m.def("rnn_steps_forward", &mas_kernels::rnn_steps_forward, py::arg("mode"), py::arg("zi"), py::arg("w_hh"),
+        py::arg("b_hh"), py::arg("h0"), py::arg("c0"), py::arg("reverse"), py::call_guard<py::gil_scoped_release>(),
+        "one RNN/LSTM/GRU layer and direction step by step from its input projection: (h, saved, c)");
+  m.def("rnn_steps_backward", &mas_kernels::rnn_steps_backward, py::arg("mode"), py::arg("h_seq"), py::arg("saved"),
+        py::arg("c_seq"), py::arg("h0"), py::arg("c0"), py::arg("w_hh"), py::arg("dh_seq"), py::arg("dh_n"),
+        py::arg("dc_n"), py::arg("reverse"), py::call_guard<py::gil_scoped_release>(),
+        "backward through time of rnn_steps_forward: (dzi, dh0, dc0)");
+  m.def("layer_norm_sums", &mas_kernels::layer_norm_sums, py::arg("x"), py::arg("d"), py::arg("eps"), py::arg("rms"),
+        py::call_guard<py::gil_scoped_release>(),
+        "(N, 2, D): per sample, sum_t d * x_hat and sum_t d of a LayerNorm's (RMSNorm's) (N, T, D) input and gradient");
   m.def("register_cpu_kernels", &mas_kernels::register_cpu_kernels,
         "make the C++ kernels the CPU kernels of the mas_kernels:: ops (mas_kernels._backend calls it)");
   m.def("unregister_cpu_kernels", &mas_kernels::unregister_cpu_kernels,

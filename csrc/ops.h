@@ -6,6 +6,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <string>
+#include <tuple>
 #include <vector>
 
 namespace mas_kernels {
@@ -44,5 +46,31 @@ void abs_bmm_accumulate_(at::Tensor omega, const at::Tensor& a, const at::Tensor
 // The strategy abs_bmm_accumulate_ takes for a shape: samples per chunked-bmm
 // chunk, or 0 for the register tiles (and for T <= 1, which is abs_outer).
 int64_t abs_bmm_bmm_chunk(int64_t S, int64_t T, int64_t J, int64_t I, int64_t memory_budget);
+
+// omega += alpha * sum_k |g_k|, g_k the per-sample weight gradient of a convolution (see conv_exact.cpp):
+// omega (G, Og, Cg*K) fp32, x (N, C, D, H, W) the input (zeros padded before each dim by padding, and after
+// it as far as the output reaches), delta (N, O, D', H', W'), fp32 contiguous.
+void conv_weight_abs_sum_(at::Tensor omega, const at::Tensor& x, const at::Tensor& delta, at::IntArrayRef kernel,
+                          at::IntArrayRef stride, at::IntArrayRef dilation, at::IntArrayRef padding, int64_t groups,
+                          double alpha, int64_t memory_budget);
+
+// (N, C, 2) float32: sum_l d * (x - mean_c) and sum_l d per sample and channel; x, d (N, C, L)
+// contiguous float32/bfloat16/float16, mean (C,) float32 (see norm_sums.cpp).
+at::Tensor channel_sums(const at::Tensor& x, const at::Tensor& d, const at::Tensor& mean);
+
+// (N, 2, D) float32: per sample, sum_t d * x_hat and sum_t d over its rows of a LayerNorm's (rms: RMSNorm's)
+// input x and output gradient d, (N, T, D) contiguous float32/bfloat16/float16 (see norm_sums.cpp).
+at::Tensor layer_norm_sums(const at::Tensor& x, const at::Tensor& d, double eps, bool rms);
+
+// One layer and direction of an RNN/LSTM/GRU step by step (see rnn_steps.cpp): the forward from the input
+// projection zi and W_hh, and the backward through time to dzi and the initial state's gradients.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_steps_forward(const std::string& mode, const at::Tensor& zi,
+                                                                 const at::Tensor& w_hh, const at::Tensor& b_hh,
+                                                                 const at::Tensor& h0, const at::Tensor& c0,
+                                                                 bool reverse);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_steps_backward(
+    const std::string& mode, const at::Tensor& h_seq, const at::Tensor& saved, const at::Tensor& c_seq,
+    const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh, const at::Tensor& dh_seq,
+    const at::Tensor& dh_n, const at::Tensor& dc_n, bool reverse);
 
 }  // namespace mas_kernels

@@ -6,6 +6,8 @@ Naive per-sample and per-element loops, written independently of
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 F64 = torch.float64
@@ -86,6 +88,18 @@ def abs_bmm(omega, a, b, alpha):
         for t in range(a.shape[1]):
             g += torch.outer(a[s, t].to(F64), b[s, t].to(F64))
         out += alpha * g.abs()
+    return out
+
+
+def conv_weight_abs_sum(conv, x, delta):
+    """sum_k |g_k| for a convolution's weight, g_k = d <conv(x_k), delta_k> / d W, one sample at a time in
+    float64 (autograd through the layer's own forward: its padding mode, stride, dilation, groups)."""
+    m = copy.deepcopy(conv).double()
+    out = torch.zeros_like(m.weight)
+    for k in range(x.shape[0]):
+        y = m(x[k:k + 1].to(F64))
+        (g,) = torch.autograd.grad((y * delta[k:k + 1].to(F64)).sum(), [m.weight])
+        out += g.abs()
     return out
 
 

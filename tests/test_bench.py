@@ -170,3 +170,34 @@ def test_cli_interrupted_midway_keeps_the_rows_measured(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         cli.main(["--quick", "--reps", "3", "--json", str(path)])
     assert [r["impl"] for r in json.loads(path.read_text())["rows"]] == ["plain"]
+
+
+def test_peers_check_flags_a_wrong_or_missing_tensor_and_passes_float32_rounding():
+    from bench import peers
+
+    expected = {"a": torch.tensor([1.0, 2.0], dtype=torch.float64), "b": torch.tensor([3.0, 0.5], dtype=torch.float64),
+                "tiny": torch.tensor([1e-9, 0.0], dtype=torch.float64)}
+    right = {"a": torch.tensor([1.0, 2.0 + 1e-6]), "b": torch.tensor([3.0, 0.5]), "tiny": torch.tensor([1e-5, 0.0])}
+    assert peers.check(right, expected) == []
+    assert peers.check({**right, "b": torch.tensor([3.0, 0.7])}, expected) == ["b"]
+    assert peers.check({"a": right["a"], "tiny": right["tiny"]}, expected) == ["b (missing)"]
+
+
+def test_the_oracle_and_a_peer_agree_on_a_small_model():
+    from bench import peers
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    x = torch.randn(5, 4)
+    expected = peers.oracle(model, x, lambda o: o)
+    fn, why = peers.build("torch.func", model, x, lambda o: o, expected)
+    assert why is None and peers.check(fn(), expected) == []
+
+
+def test_conv_exact_case_times_every_strategy_against_the_weight_gradient():
+    from bench.cases import conv_exact_case
+
+    case = conv_exact_case(2, 4, 4, 6, 3, 1, 1, torch.device("cpu"))
+    assert case.bound == "plain weight-grad bound" and {"unfold", "grouped"} <= set(case.impls)
+    assert case.notes["chosen"] in case.impls
+    for fn in case.impls.values():
+        fn()

@@ -441,15 +441,17 @@ def test_exact_rule_every_backend(backend):
 
 # ------------------------------------------------------------------ memory
 def test_exact_rule_scratch_stays_within_the_memory_budget(monkeypatch):
-    """Per-sample scratch of the conv rule (patches, per-sample gradients) within ``memory_budget``."""
-    from mas_kernels.estimators.rules import conv as conv_rule
+    """Per-sample scratch of the conv rule (patches, per-sample gradients) within ``memory_budget`` (the unfold
+    strategy, whose patches are measured here; tests/test_conv_exact.py checks every strategy's peak)."""
+    from mas_kernels.estimators.rules import conv_exact
 
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.Flatten(),
                           nn.Linear(8 * 8 * 8, 2)).eval()
     x = torch.randn(16, 3, 8, 8)
     biggest = []
-    real = conv_rule.patches
-    monkeypatch.setattr(conv_rule, "patches", lambda m, t: biggest.append(real(m, t).numel() * 4) or real(m, t))
+    real = conv_exact.unfolded
+    monkeypatch.setattr(conv_exact, "CROSSOVER", (dict(strategy="unfold"),))
+    monkeypatch.setattr(conv_exact, "unfolded", lambda m, t: biggest.append(real(m, t).numel() * 4) or real(m, t))
     budget = 64 << 10
     mas = mk.MAS(model, importance="global", memory_budget=budget).estimate([x]).consolidate()
     assert biggest and max(biggest) <= budget

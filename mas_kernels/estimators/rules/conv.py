@@ -3,11 +3,11 @@ r"""Convolutions ``nn.Conv1d/2d/3d`` (any stride, dilation, groups, padding mode
 Per sample k, with output positions l and the input patch ``p_kl`` that
 position l sees (``C/groups * prod(kernel)`` values per group):
 ``g_W[group] = sum_l delta_kl p_kl^T``, ``g_b = sum_l delta_kl``. Exact:
-the patches come from the padded input (the layer's own padding mode), so
-``sum_k |g_W|`` is one ``abs_bmm`` over (N, L, O) x (N, L, C*K) per group
-(samples in chunks so the patches stay within the memory budget); with
-several groups the per-sample gradients of each chunk are formed at once
-(they are small: depthwise kernels). Local: the weight-gradient of a
+the patches come from the padded input (the layer's own padding mode), and
+``sum_k |g_W|`` is formed by one of three strategies chosen per call by shape
+(``conv_exact.py``: unfolded patches + ``abs_bmm``, a weight-gradient
+convolution with the samples as groups, or the native implicit GEMM per
+sample), within the memory budget. Local: the weight-gradient of a
 convolution with input ``|x|`` and output-gradient ``|y|`` (``|pad(x)| =
 pad(|x|)`` for every padding mode).
 """
@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..reduction import AbsReduction
 from .base import Rule, work_dtype
+from .conv_exact import conv_weight_abs_sum_
 
 _CONV_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
 
@@ -84,6 +86,10 @@ class ConvRule(Rule):
         if "bias" in accs:
             ctx.reduce.dense_(accs["bias"], delta.to(dt).flatten(2).sum(2))
         if "weight" not in accs:
+            return
+        if isinstance(ctx.reduce, AbsReduction) and accs["weight"].dtype == torch.float32:
+            # MAS's reduction in float32: the fastest strategy for the shape (conv_exact.py)
+            conv_weight_abs_sum_(accs["weight"], x, delta, module, ctx.budget)
             return
         w = module.weight
         g, o = module.groups, w.shape[0]

@@ -21,6 +21,7 @@ import abc
 import torch
 from torch import nn
 
+from ... import _backend, _native
 from ..layout import batched
 from .base import Rule, work_dtype
 from .generic import GenericRule
@@ -88,10 +89,39 @@ class LayerNormRule(_Norm):
     def feature_dims(self, layer, x):
         return len(layer.module.normalized_shape)
 
+    rms = False
+
     def x_hat(self, module, x):
         dims = tuple(range(-len(module.normalized_shape), 0))
         var, mean = torch.var_mean(x, dim=dims, unbiased=False, keepdim=True)
         return (x - mean) * torch.rsqrt(var + module.eps)
+
+    def _eps(self, module) -> float:
+        return module.eps
+
+    def _per_sample(self, layer, calls, ctx, attrs):
+        """On CPU with the native kernels: per sample ``sum_t d * x_hat`` and ``sum_t d`` in one pass over x and d
+        (``csrc/norm_sums.cpp``, the row statistics recomputed there); the PyTorch path elsewhere."""
+        module = layer.module
+        fast = [c for c in calls if c.deltas[0] is not None]
+        if not fast or any(c.x.device.type != "cpu" or _backend.choose(c.x.device) != "native"
+                           or c.x.dtype == torch.float64 or c.delta.dtype != c.x.dtype for c in fast):
+            return super()._per_sample(layer, calls, ctx, attrs)
+        k = len(module.normalized_shape)
+        out = {a: torch.zeros((ctx.n, *getattr(module, a).shape), device=getattr(module, a).device)
+               for a in attrs}
+        for call in fast:
+            x = call.x.detach()
+            xb = batched(x, ctx.n, k, call.dims.x)
+            db = batched(call.delta, ctx.n, k, call.dims.out)
+            n, t = xb.shape[:2]
+            sums = _native.lib().layer_norm_sums(xb.reshape(n, t, -1).contiguous(), db.reshape(n, t, -1).contiguous(),
+                                                 self._eps(module), self.rms)
+            if "weight" in out:
+                out["weight"] += sums[:, 0].view(n, *module.normalized_shape)
+            if "bias" in out:
+                out["bias"] += sums[:, 1].view(n, *module.normalized_shape)
+        return out
 
     def per_sample_sum(self, layer, ctx, x, t, d):
         k = len(layer.module.normalized_shape)
@@ -105,6 +135,10 @@ class RMSNormRule(LayerNormRule):
     """``nn.RMSNorm``: a weight of ``normalized_shape`` (no bias)."""
 
     attrs = ("weight",)
+    rms = True
+
+    def _eps(self, module) -> float:
+        return module.eps if module.eps is not None else torch.finfo(torch.float32).eps  # as x_hat on x.float()
 
     def x_hat(self, module, x):
         dims = tuple(range(-len(module.normalized_shape), 0))
@@ -155,6 +189,31 @@ class BatchNormRule(_ChannelNorm):
                 "estimate in eval mode (estimate(..., train_mode=False), the default; running statistics) or "
                 "use importance='global_batch'"
             )
+
+    def _per_sample(self, layer, calls, ctx, attrs):
+        """Running statistics on CPU with the native kernels: per sample and channel ``sum_l d (x - mean)`` and
+        ``sum_l d`` in one pass over x and d (``csrc/norm_sums.cpp``), then ``g_w = invstd * sum_l d (x - mean)``;
+        the PyTorch path (x_hat, its product with d, two sums) elsewhere."""
+        module = layer.module
+        fast = [c for c in calls if c.deltas[0] is not None]
+        if (self.uses_batch_stats(module) or not fast or any(
+                c.x.device.type != "cpu" or _backend.choose(c.x.device) != "native" or c.x.dtype == torch.float64
+                or c.x.shape[0] != ctx.n or c.x.dim() < 2 or c.delta.dtype != c.x.dtype for c in fast)):
+            return super()._per_sample(layer, calls, ctx, attrs)
+        mean = module.running_mean.float().contiguous()
+        invstd = torch.rsqrt(module.running_var.float() + module.eps)
+        sums = None
+        for call in fast:
+            x, d = call.x.detach(), call.delta
+            s = _native.lib().channel_sums(x.reshape(ctx.n, x.shape[1], -1).contiguous(),
+                                           d.reshape(ctx.n, x.shape[1], -1).contiguous(), mean)
+            sums = s if sums is None else sums.add_(s)
+        out = {}
+        if "weight" in attrs:
+            out["weight"] = sums[..., 0].mul_(invstd)
+        if "bias" in attrs:
+            out["bias"] = sums[..., 1]
+        return out
 
     def x_hat(self, module, x):
         shape = [1, -1] + [1] * (x.dim() - 2)

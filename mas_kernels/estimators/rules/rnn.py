@@ -24,6 +24,7 @@ import torch
 from torch import _VF
 
 from ..capture import Call
+from . import rnn_native
 from .base import Rule, abs_outer_, cat_uses, work_dtype
 
 _GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "LSTM": 4, "GRU": 3}
@@ -58,7 +59,7 @@ class Replay:
             x = x.detach().to(dt).requires_grad_()
         steps = x.shape[1]
         dirs = 2 if module.bidirectional else 1
-        h0, c0 = _initial_state(module, x, hx)
+        h0, c0 = _initial_state(module, x, hx, keep_graph=inline)
         # (layer, reverse) -> (x (N, T, in), h_prev (N, T, H), zi (N, T, GH), zh (N, T, GH), r (GRU) or None)
         self.inputs: dict = {}
         outs_h, outs_c = [], []
@@ -205,15 +206,18 @@ def _batched(module, call):
     return x, hx, unbatched
 
 
-def _initial_state(module, x, hx):
-    """``(h0, c0)`` in fp32, ``(layers * dirs, N, H)`` (zeros where the call gave none; ``c0`` None but for LSTM)."""
+def _initial_state(module, x, hx, keep_graph: bool = False):
+    """``(h0, c0)`` in ``x``'s dtype, ``(layers * dirs, N, H)`` (zeros where the call gave none; ``c0`` None but for LSTM);
+    ``keep_graph``: on the call's own graph (an initial state computed by upstream layers passes their
+    gradient on), else detached."""
     dirs = 2 if module.bidirectional else 1
     if hx is None:
         h0 = x.new_zeros(module.num_layers * dirs, x.shape[0], module.hidden_size, dtype=x.dtype)
         return h0, (h0 if module.mode == "LSTM" else None)
+    own = (lambda t: t.to(x.dtype)) if keep_graph else (lambda t: t.detach().to(x.dtype))  # noqa: E731
     if module.mode == "LSTM":
-        return tuple(t.detach().to(x.dtype) for t in hx)
-    return hx.detach().to(x.dtype), None
+        return tuple(own(t) for t in hx)
+    return own(hx), None
 
 
 # The fused forward of one mode (what nn.RNNBase.forward calls): (input, hx, weights, has_biases, num_layers,
@@ -297,7 +301,10 @@ class RNNRule(Rule):
         inputs' own graph, so the one backward gives every step's gate gradients. ``(outputs, replay)``."""
         call = Call(args, kwargs, None, [], [])
         self._check_input(layer, call)
-        rep = Replay(layer.module, call, inline=True)
+        if rnn_native.serves(layer.module, call.x):  # the native step loop (rnn_native.py)
+            rep = rnn_native.NativeReplay(layer.module, *_batched(layer.module, call))
+        else:
+            rep = Replay(layer.module, call, inline=True)
         return rep.outputs(), rep
 
     def check(self, layer):

@@ -1,0 +1,108 @@
+"""The exact rule's convolution weight numerator ``sum_k |g_k|`` (rules/conv_exact.py), every strategy forced in
+turn, against the one-sample-at-a-time float64 oracle, over strides, dilations, groups, padding modes and odd
+sizes; the scratch of each strategy within the budget; the crossover table's choice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from bench.harness import peak_memory
+from mas_kernels import _backend
+from mas_kernels.estimators.rules import conv_exact
+from tests import reference as ref
+from tests.helpers import HYPOTHESIS, assert_close
+
+STRATEGIES = [s for s in conv_exact.STRATEGIES if s != "native" or _backend.native_available()]
+CLS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+@st.composite
+def convs(draw):
+    nd = draw(st.sampled_from([1, 2, 3] if draw(st.integers(0, 3)) == 0 else [2]))
+    groups = draw(st.sampled_from([1, 1, 2, 3]))
+    cin = groups * draw(st.integers(1, 3))
+    cout = groups * draw(st.integers(1, 3))
+    k = tuple(draw(st.integers(1, 3)) for _ in range(nd))
+    stride = tuple(draw(st.integers(1, 3)) for _ in range(nd))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(nd))
+    mode = draw(st.sampled_from(["zeros", "zeros", "reflect", "replicate", "circular"]))
+    same = all(s == 1 for s in stride) and draw(st.booleans())
+    pad = "same" if same else tuple(draw(st.integers(0, 2)) for _ in range(nd))
+    # sizes: odd and small, large enough for the kernel and for reflect padding
+    size = tuple(max(draw(st.integers(3, 9)), (kk - 1) * d + 1, 3) for kk, d in zip(k, dilation))
+    conv = CLS[nd](cin, cout, k, stride, pad, dilation, groups, bias=False, padding_mode=mode)
+    n = draw(st.integers(1, 4))
+    return conv, (n, cin, *size)
+
+
+@settings(max_examples=40, **HYPOTHESIS)
+@given(spec=convs(), small=st.booleans())
+def test_every_strategy_matches_the_oracle(spec, small):
+    conv, shape = spec
+    x = torch.randn(shape)
+    with torch.no_grad():
+        delta = torch.randn_like(conv(x))
+    expected = ref.conv_weight_abs_sum(conv, x, delta)
+    budget = (64 << 10) if small else (256 << 20)
+    for strategy in STRATEGIES:
+        omega = torch.full_like(conv.weight, 0.5)  # accumulates: += onto what was there
+        conv_exact.conv_weight_abs_sum_(omega, x, delta, conv, budget, strategy)
+        assert_close(omega - 0.5, expected, atol=1e-5, rtol=1e-4, name=f"{strategy} {conv}")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_inputs_accumulate_in_float32(strategy, dtype):
+    conv = nn.Conv2d(4, 6, 3, padding=1, bias=False)
+    x = torch.randn(3, 4, 7, 7).to(dtype)
+    delta = torch.randn(3, 6, 7, 7).to(dtype)
+    expected = ref.conv_weight_abs_sum(conv, x, delta)
+    omega = torch.zeros_like(conv.weight)
+    conv_exact.conv_weight_abs_sum_(omega, x, delta, conv, 1 << 20, strategy)
+    assert_close(omega, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_scratch_stays_within_the_budget(strategy):
+    """Peak memory of one call (profiler allocation events) at most the budget plus the fp32 input copies."""
+    conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+    x = torch.randn(16, 8, 16, 16)
+    with torch.no_grad():
+        delta = torch.randn_like(conv(x))
+    budget = 256 << 10
+    # unfolded patches of the batch alone: 16 * 256 * 72 floats = 1.2 MB, well over the budget
+    assert 4 * 16 * 256 * 72 > 4 * budget
+    omega = torch.zeros_like(conv.weight)
+    peak = peak_memory(lambda: conv_exact.conv_weight_abs_sum_(omega, x, delta, conv, budget, strategy))
+    padded = 4 * 16 * 8 * 18 * 18  # the padded input (unfold, grouped)
+    assert peak <= budget + padded, (strategy, peak)
+    assert_close(omega, ref.conv_weight_abs_sum(conv, x, delta), atol=1e-5, rtol=1e-4)
+
+
+def test_the_table_picks_a_strategy_per_shape(monkeypatch):
+    x = torch.randn(2, 4, 8, 8)
+    d = torch.randn(2, 4, 8, 8)
+    depthwise = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+    assert conv_exact.choose(depthwise, x, d) == "grouped"
+    small = torch.randn(2, 4, 4, 4)
+    assert conv_exact.choose(nn.Conv2d(4, 4, 3, padding=1), small, small) == "unfold"
+    expected = "native" if _backend.choose(torch.device("cpu")) == "native" else "unfold"
+    assert conv_exact.choose(nn.Conv2d(4, 4, 3, padding=1), x, d) == expected
+    # a budget too small for the native kernel's accumulator and product: unfold (abs_bmm tiles its output)
+    big = nn.Conv2d(256, 256, 3, padding=1)
+    assert conv_exact.choose(big, torch.randn(1, 256, 8, 8), torch.randn(1, 256, 8, 8), budget=1 << 20) == "unfold"
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        conv_exact.conv_weight_abs_sum_(torch.zeros_like(big.weight), x, d, big, 1 << 20, "im2col")
+
+
+@pytest.mark.skipif("native" not in STRATEGIES, reason="the native extension is not built")
+def test_native_refuses_a_budget_below_one_samples_product():
+    conv = nn.Conv2d(64, 64, 3, padding=1, bias=False)
+    x = torch.randn(2, 64, 8, 8)
+    with pytest.raises(RuntimeError, match="memory_budget"):
+        conv_exact.conv_weight_abs_sum_(torch.zeros_like(conv.weight), x, torch.randn(2, 64, 8, 8), conv, 64 << 10,
+                                        "native")

@@ -403,6 +403,19 @@ class ShardedState(ImportanceState):
         return False
 
 
+def agreement(group):
+    """``agree(flag)``: a boolean AND-ed over ``group``'s ranks (each probe decision the same on every rank)."""
+    if group is None or group is False:
+        return None
+
+    def agree(flag: bool) -> bool:
+        t = torch.tensor([1.0 if flag else 0.0], device=_comm_device(group))
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+        return bool(t.item() > 0)
+
+    return agree
+
+
 def _comm_device(group) -> torch.device:
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())

@@ -226,7 +226,8 @@ class MAS(Copyable):
         self._layouts = Layouts(self.module, self._plan, fsdp.GraphParams(params, self.module) if self._sharded
                                 else params, o.output_fn if o.importance == "local" else
                                 self.output_fn, o.sample_dim, own_passes,
-                                exact=o.importance == "global" or (o.importance == "local" and o.uncovered == "global"))
+                                exact=o.importance == "global" or (o.importance == "local" and o.uncovered == "global"),
+                                agree=fsdp.agreement(self._group) if self._sharded else None)
 
     @property
     def _state(self) -> ImportanceState:

@@ -109,10 +109,11 @@ class Layouts:
         quiet: a context in which the probe's own forward passes run unseen by the session's hooks.
         exact: whether the exact rule will read the layout (then shared calls are tried broadcast, and
             uses are tracked).
+        agree: for a sharded model, ``agree(flag)``: the flag AND-ed over the ranks (see ``layout.Prober``).
     """
 
     def __init__(self, module: nn.Module, plan, params: dict, output_fn: Callable | None, sample_dim=None,
-                 quiet: Callable = contextlib.nullcontext, exact: bool = False):
+                 quiet: Callable = contextlib.nullcontext, exact: bool = False, agree: Callable | None = None):
         self.module = module
         self.plan = plan
         self.params = params
@@ -120,6 +121,7 @@ class Layouts:
         self.sample_dim = sample_dim
         self.quiet = quiet
         self.exact = exact
+        self.agree = agree
         self.cache: dict[tuple, Layout] = {}
 
     def resolve(self, batch: Batch) -> Layout | None:
@@ -160,7 +162,7 @@ class Layouts:
 
         prober = Prober(self.module, lambda: batch.call(self.module), pick_outputs(self.output_fn), modules,
                         self.sample_dim, api, tracker if self.exact else None,
-                        expandable if self.exact else None)
+                        expandable if self.exact else None, self.agree)
         with self.quiet(), modes(self.module, False), torch.no_grad():
             return prober.observe(batch.args, batch.kwargs)
 

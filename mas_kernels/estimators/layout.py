@@ -322,11 +322,15 @@ class Prober:
         tracker: ``tracker(inputs)``: a :class:`~.uses.UseTracker` for a run on ``inputs``, or None.
         expandable: ``expandable(module)``: whether a shared call of ``module`` should be tried broadcast
             to the batch (its layer has a per-sample rule), or None.
+        agree: ``agree(flag) -> flag`` makes a decision the same on every rank of a sharded model (whose
+            forward passes are collectives, so every rank must run the same probe): the flag AND-ed over
+            the ranks. Default: this process's own.
     """
 
     def __init__(self, module: nn.Module, run: Callable[[], Any], pick: Callable, modules: list[nn.Module],
                  sample_dim=None, api: Callable | None = None, tracker: Callable | None = None,
-                 expandable: Callable | None = None):
+                 expandable: Callable | None = None, agree: Callable[[bool], bool] | None = None):
+        self.agree = agree or (lambda flag: flag)
         self.module = module
         self.run = run
         self.pick = pick
@@ -514,6 +518,7 @@ class Prober:
                 tried.append((d0, str(exc)[:200]))
                 continue
             out_dim, consistent = _agree(full, sub, n, idx)
+            consistent = self.agree(consistent)
             if consistent and n > 2:
                 # A second sub-batch, with sample 0 and of another size: routing that couples samples can
                 # leave one sub-batch's outputs unchanged by chance, rarely two.
@@ -523,6 +528,7 @@ class Prober:
                     consistent = _agree(full, sub2, n, other)[1]
                 except ProbeFailed:
                     consistent = False
+                consistent = self.agree(consistent)
             got = (dims, n, idx, sub, rec_sub, out_dim, consistent)
             if consistent:
                 return got
@@ -598,9 +604,10 @@ class Prober:
             return
         try:
             sub, _, _ = self._sub(args, kwargs, layout.inputs, idx, plan)
+            ok = _agree(full, sub, n, idx)[1]
         except ProbeFailed:
-            return
-        if not _agree(full, sub, n, idx)[1]:
+            ok = False
+        if not self.agree(ok):
             return
         for key, d in plan.items():
             c = todo[key]

@@ -245,6 +245,9 @@ def modes(module: nn.Module, train: bool | None) -> Iterator[None]:
         yield
         return
     saved = {m: m.training for m in module.modules()}
+    if all(t == train for t in saved.values()):  # already so (the estimators' own passes inside estimate())
+        yield
+        return
     try:
         module.train(train)
         yield

@@ -38,10 +38,13 @@ class Call:
     replay: Any = None  # what a rule's own forward left for it (an RNN's step-by-step replay)
     targets: list = dataclasses.field(default_factory=list)  # more tensors the backward must reach
     dims: Any = None  # where its tensors keep the batch's samples (a layout.CallDims, as observed)
+    outs: list | None = None  # the output's tensors (tree_flatten order), once found
 
     @property
     def outputs(self) -> list[torch.Tensor]:
-        return [t for t in tree_flatten(self.output)[0] if isinstance(t, torch.Tensor)]
+        if self.outs is None:
+            self.outs = _tensors(self.output)
+        return self.outs
 
     @property
     def x(self) -> torch.Tensor:
@@ -85,8 +88,8 @@ class Recorder:
         if dims is not None and dims.expand is not None:
             args, new = expand_call(args, output, dims.expand, self.n)
             output = new
-        outs = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
-        call = Call(args, kwargs, output, [None] * len(outs), [t._version for t in outs], dims=dims)
+        outs = _tensors(output)
+        call = Call(args, kwargs, output, [None] * len(outs), [t._version for t in outs], dims=dims, outs=outs)
         replay = self._pending.pop(module, None)
         if replay is not None:
             call.replay, call.targets = replay, replay.targets()
@@ -108,7 +111,7 @@ class Recorder:
             if len(calls) != len(seen):
                 raise LayoutChanged(f"{type(module).__name__} called {len(calls)} times, {len(seen)} when observed")
             for call in calls:
-                leaves = tree_flatten((call.args, call.kwargs))[0] + call.outputs
+                leaves = _inputs(call.args, call.kwargs) + call.outputs
                 for t, d in zip(leaves, call.dims.ins + call.dims.outs):
                     if not isinstance(t, torch.Tensor) or d is None or d is UNKNOWN or call.dims.rows:
                         continue
@@ -150,6 +153,20 @@ class Recorder:
         self._forwards.clear()
 
 
+def _tensors(tree) -> list[torch.Tensor]:
+    """The tensors of ``tree`` in ``tree_flatten`` order (a bare tensor, the usual output, without the walk)."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
+
+
+def _inputs(args: tuple, kwargs: dict) -> list:
+    """The leaves of ``(args, kwargs)`` (tensors only in the usual case: no walk)."""
+    if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
+        return list(args)
+    return tree_flatten((args, kwargs))[0]
+
+
 def _store(slots: list, i: int) -> Callable:
     def hook(grad):
         slots[i] = grad
@@ -171,8 +188,7 @@ def backward(loss: torch.Tensor, rec: Recorder, retain_graph: bool = False) -> N
         for call in calls:
             for t in call.targets:
                 targets[id(t)] = t
-            ins = [t for t in tree_flatten((call.args, call.kwargs))[0]
-                   if isinstance(t, torch.Tensor) and t.requires_grad]
+            ins = [t for t in _inputs(call.args, call.kwargs) if isinstance(t, torch.Tensor) and t.requires_grad]
             if ins:
                 for t in ins:
                     targets[id(t)] = t

@@ -36,7 +36,7 @@ from ._model import modes, own_hook, remove_handles, requiring_grad
 from .estimators import BatchEstimator, ExactEstimator, LocalEstimator, Plan
 from .estimators.batch import Batch, Layouts
 from .estimators.capture import LayoutChanged
-from .estimators.verify import self_check
+from .estimators.verify import Request, self_check
 from .state import ImportanceState
 
 _QUIET = threading.local()  # depth of own passes in this thread: hooks of every session stay quiet
@@ -176,21 +176,25 @@ class Session:
 
     # ---------------------------------------------------------------- batches
     def _run(self, estimator, batch: Batch, eval_mode: bool, names: list[str] | None = None) -> None:
+        check = None
+        if isinstance(estimator, ExactEstimator) and self.verify and (
+                self.verify == "always" or id(batch.layout) not in self._verified):
+            check = Request(batch, list(self.params) if names is None else names, self.params)
         with own_passes(), modes(self.module, False if eval_mode else None):
             try:
-                estimator.run(batch, self.state.staging, names)
+                estimator.run(batch, self.state.staging, names, **({"check": check} if check else {}))
             except LayoutChanged:
                 # The model's calls differ from the layout observed for this signature (data-dependent
                 # control flow): observe this batch's, then run it again.
                 self.layouts.forget(batch)
                 self.state.begin_batch()
                 self.layouts.resolve(batch)
-                estimator.run(batch, self.state.staging, names)
-            if isinstance(estimator, ExactEstimator) and self.verify and (
-                    self.verify == "always" or id(batch.layout) not in self._verified):
+                if check is not None:
+                    check = Request(batch, check.names, self.params)
+                estimator.run(batch, self.state.staging, names, **({"check": check} if check else {}))
+            if check is not None:
                 with modes(self.module, False):
-                    self_check(estimator, batch, list(self.params) if names is None else names, self.params,
-                               self.output_fn, estimator.plan)
+                    self_check(estimator, batch, check.names, self.params, self.output_fn, estimator.plan, check)
                 self._verified.add(id(batch.layout))
 
     def _finish_local(self, batch: Batch) -> None:

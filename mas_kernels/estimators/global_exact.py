@@ -35,7 +35,7 @@ from torch import nn
 from ..ops.abs_bmm import DEFAULT_MEMORY_BUDGET
 from .batch import Batch
 from .capture import backward, capture, grad
-from .layout import UNKNOWN, rows
+from .layout import UNKNOWN, rows, take
 from .plan import Plan
 from .reduction import ABS, Reduction
 from .rules.base import Context, cat_uses
@@ -118,9 +118,14 @@ class ExactEstimator:
         return why
 
     # ----------------------------------------------------------------- run
-    def run(self, batch: Batch, staging, names: list[str] | None = None) -> torch.Tensor:
+    def run(self, batch: Batch, staging, names: list[str] | None = None, check=None) -> torch.Tensor:
         """Add the batch's numerators of ``names`` (default: every tracked parameter) into ``staging``; return
-        the model's output on the batch (detached)."""
+        the model's output on the batch (detached).
+
+        ``check``: the self-check's request (``verify.Request``): the numerators of its few samples alone,
+        computed from this batch's own recorded calls sliced to them (no pass of their own), into
+        ``check.fast``; left undone (``check.done`` False) where a call cannot be sliced (an RNN's inline
+        replay, calls on subsets of the samples)."""
         layout = batch.layout
         n = batch.n
         if layout.coupled and not layout.single:
@@ -163,9 +168,25 @@ class ExactEstimator:
                 if name in fast:
                     with _scope(staging, [layer for layer, _ in self.plan.uses[name]], [name]):
                         self._shared(name, rec.calls, ctx, staging[name])
+            if check is not None and check.sliceable and _sliceable(rec, layers):
+                idx = torch.as_tensor(check.idx, dtype=torch.long)
+                sliced = {m: [_slice(c, idx) for c in cs] for m, cs in rec.calls.items()}
+                sub = dataclasses.replace(ctx, n=len(check.idx))
+                for layer in layers:
+                    accs = {a: check.fast[name] for a, name in layer.attrs.items()
+                            if name in fast and name not in self.plan.shared and sliced[layer.module]}
+                    if accs:
+                        layer.rule.exact(layer, sliced[layer.module], sub, accs)
+                for name in self.plan.shared:
+                    if name in fast:
+                        self._shared(name, sliced, sub, check.fast[name])
+                check.done, check.output = True, take(out.detach(), layout.output, idx) \
+                    if layout.output is not None and layout.output is not UNKNOWN else None
         if slow:
             with torch.enable_grad():
                 self._per_sample(slow, out, layout, n, staging)
+                if check is not None and check.done:
+                    self._per_sample(slow, out, layout, n, check.fast, only=check.idx)
         return out.detach()
 
     def _shared(self, name: str, calls: dict, ctx: Context, acc: torch.Tensor) -> None:
@@ -228,7 +249,8 @@ class ExactEstimator:
             acc.index_add_(0, r, red.apply(dense + e[sel]) - red.apply(dense.clone()))
 
     # ----------------------------------------------------------- fallback
-    def _per_sample(self, slow: dict[str, str], out: torch.Tensor, layout, n: int, staging) -> None:
+    def _per_sample(self, slow: dict[str, str], out: torch.Tensor, layout, n: int, staging,
+                    only: list[int] | None = None) -> None:
         """The per-sample fallback: each sample's gradient of ``||F(x_k)||^2`` through the recorded graph.
 
         Sample k's gradient is the gradient of its rows of the output (the samples
@@ -239,7 +261,7 @@ class ExactEstimator:
         """
         names = sorted(slow)
         new = [k for k in names if k not in self._warned]
-        if new:
+        if new and only is None:
             self._warned.update(new)
             reasons = sorted({slow[k] for k in new})
             warnings.warn(
@@ -260,9 +282,10 @@ class ExactEstimator:
             return
         per = sum(p.numel() * 8 for p in params) + scale.numel() * scale.element_size()
         step = max(1, min(n, self.max_chunk or n, self.budget // max(1, per)))
+        order = torch.arange(n, device=out.device) if only is None else torch.as_tensor(only, device=out.device)
         batched_ok = True
-        for lo in range(0, n, step):
-            idx = torch.arange(lo, min(n, lo + step), device=out.device)
+        for lo in range(0, len(order), step):
+            idx = order[lo:lo + step]
             if batched_ok:
                 g_out = torch.zeros((len(idx), *out.shape), dtype=scale.dtype, device=out.device)
                 for j, k in enumerate(idx.tolist()):
@@ -296,3 +319,30 @@ def _scope(staging, layers, names):
     reduce-scattered to their owners after), else nothing."""
     scope = getattr(staging, "scope", None)
     return scope(layers, names) if scope is not None else contextlib.nullcontext()
+
+
+def _sliceable(rec, layers) -> bool:
+    """Whether every recorded call of ``layers`` can be cut to a few of its samples by its observed dims."""
+    for layer in layers:
+        for c in rec.calls[layer.module]:
+            if c.dims is None or not c.dims.known or c.dims.rows or c.replay is not None:
+                return False
+    return True
+
+
+def _slice(call, idx: torch.Tensor):
+    """``call`` restricted to the samples ``idx``: every tensor taken along its observed sample dim (a shared
+    one kept whole), as the layer would have seen those samples alone."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    from .capture import Call
+
+    d = call.dims
+    leaves, spec = tree_flatten((call.args, call.kwargs))
+    args, kwargs = tree_unflatten([take(t, dd, idx) for t, dd in zip(leaves, d.ins)], spec)
+    outs = [take(t, dd, idx) for t, dd in zip(call.outputs, d.outs)]
+    out_leaves, out_spec = tree_flatten(call.output)
+    it = iter(outs)
+    output = tree_unflatten([next(it) if isinstance(t, torch.Tensor) else t for t in out_leaves], out_spec)
+    deltas = [None if g is None else take(g, dd, idx) for g, dd in zip(call.deltas, d.outs)]
+    return Call(args, kwargs, output, deltas, call.versions, dims=d, outs=outs)

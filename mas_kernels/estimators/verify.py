@@ -2,8 +2,9 @@ r"""The self-check: the fast path against the literal per-sample definition, bef
 
 On the first batch of each call signature in an ``estimate()`` /
 ``accumulating()`` (every batch with ``verify="always"``), the exact
-estimator runs once more on a sub-batch of 2 of the batch's samples (1 when it
-has one), and its numerators are compared, parameter by parameter, with the
+estimator's numerators of 2 of the batch's samples alone (1 when it has one:
+the batch's own recorded calls cut to those samples, or, where a call cannot
+be cut, a run on that sub-batch) are compared, parameter by parameter, with the
 definition taken literally:
 
 .. math:: \sum_{k \in S} r\Big(\frac{\partial \|F(x_k)\|_2^2}{\partial \theta}\Big)
@@ -83,18 +84,44 @@ def mismatches(fast: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], dtyp
     return bad
 
 
-def self_check(estimator, batch, names: list[str], params: dict[str, torch.Tensor], output_fn, plan) -> None:
-    """Raise :class:`VerificationError` when ``estimator`` disagrees with :func:`literal` on the probe's
-    sub-batch of ``batch``; nothing is written anywhere else."""
+class Request:
+    """What the self-check asks of the batch's own run: the numerators of its samples ``idx`` alone, into
+    ``fast`` (``done`` once the estimator filled them from the batch's recorded calls, with ``output``: the
+    batch's output at those samples)."""
+
+    def __init__(self, batch, names: list[str], params: dict[str, torch.Tensor]):
+        layout = batch.layout
+        self.idx = (sorted({1, batch.n - 1}) if batch.n > 1 else [0]) if not layout.single else [None]
+        self.names = names
+        self.fast = {n: torch.zeros_like(params[n], dtype=torch.float64 if params[n].dtype == torch.float64
+                                         else torch.float32) for n in names}
+        self.done = False
+        self.output = None
+
+    @property
+    def sliceable(self) -> bool:
+        return self.idx != [None]
+
+
+def self_check(estimator, batch, names: list[str], params: dict[str, torch.Tensor], output_fn, plan,
+               request: Request | None = None) -> None:
+    """Raise :class:`VerificationError` when ``estimator`` disagrees with :func:`literal` on 2 samples of
+    ``batch`` (the fast numerators from the batch's own run when ``request`` was filled there, else from a
+    run on the sub-batch); nothing is written anywhere else."""
     layout = batch.layout
-    idx = (sorted({1, batch.n - 1}) if batch.n > 1 else [0]) if not layout.single else [None]
-    sub = batch.subset(idx) if idx != [None] else batch
+    request = request or Request(batch, names, params)
+    idx = request.idx
     dtype = {n: params[n].dtype for n in names}
-    fast = {n: torch.zeros_like(params[n], dtype=torch.float64 if dtype[n] == torch.float64 else torch.float32)
-            for n in names}
-    together = estimator.run(sub, fast, names)
+    if request.done:
+        together = request.output
+    else:
+        for t in request.fast.values():
+            t.zero_()
+        sub = batch.subset(idx) if idx != [None] else batch
+        together = estimator.run(sub, request.fast, names)
+    fast = request.fast
     ref, outputs = literal(batch, idx, {n: params[n] for n in names}, output_fn, estimator.reduction)
-    if idx != [None] and layout.output is not None and layout.output is not UNKNOWN:
+    if idx != [None] and together is not None and layout.output is not None and layout.output is not UNKNOWN:
         for j, y in enumerate(outputs):
             if not same_values(y, take(together, layout.output, torch.tensor([j]))):
                 raise VerificationError(

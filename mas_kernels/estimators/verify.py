@@ -33,11 +33,15 @@ class VerificationError(ValueError):
 
 
 def _rtol(dtypes) -> float:
+    """How far the fast path may be from the definition, in L1 relative to the parameter's importance: the
+    round-off of per-sample sums that cancel (a bias's gradient summed over 1024 positions: float32 differs
+    in the 3rd digit there), far below what a wrong rule gives (a missed use, samples taken in the wrong
+    dim: tens of percent)."""
     if all(d == torch.float64 for d in dtypes):
         return 1e-8
     if any(d in (torch.float16, torch.bfloat16) for d in dtypes):
         return 5e-2
-    return 2e-3
+    return 1e-2
 
 
 def literal(batch, idx: list[int], params: dict[str, torch.Tensor], output_fn, reduction):
@@ -62,7 +66,7 @@ def literal(batch, idx: list[int], params: dict[str, torch.Tensor], output_fn, r
 def mismatches(fast: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], dtypes: dict) -> list[tuple[str, float]]:
     """``(name, relative error)`` of each parameter whose fast numerators are not the reference's.
 
-    The error is measured in L1 on the parameter's own scale, floored at 1e-4 of the model's largest mean
+    The error is measured in L1 on the parameter's own scale, floored at 1e-3 of the model's largest mean
     importance (a parameter whose true importance is 0 holds only round-off in both). Two reductions per
     parameter (``sum |r|``, ``sum |f - r|``, accumulated in float64); a non-finite one is skipped (a
     non-finite batch: the commit's finite check rejects it, by name)."""
@@ -78,7 +82,7 @@ def mismatches(fast: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], dtyp
     top = max((s for _, s in stats.values()), default=0.0)
     bad = []
     for n, (diff, size) in stats.items():
-        err = diff / max(size, 1e-4 * top, 1e-30)
+        err = diff / max(size, 1e-3 * top, 1e-30)
         if not err <= _rtol([dtypes[n]]):
             bad.append((n, err))
     return bad

@@ -410,6 +410,19 @@ def test_float64_models_to_1e_10():
     ids = torch.randint(0, 13, (5, 3))
     mas = mk.MAS(lm, importance="global").estimate([ids]).consolidate()
     close(mas.omega, ref.global_exact_args(lm, [(ids,)], [1]), tol=tol)
+    # the penalty of a float64 model, in float64
+    with torch.no_grad():
+        for p in lm.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    lm.zero_grad(set_to_none=True)
+    lm(ids).pow(2).mean().backward()
+    before = {n: p.grad.clone() for n, p in lm.named_parameters()}
+    value = mas.add_penalty_grad_()
+    want = sum((mas.omega[n].double() * (p.detach() - mas.anchors[n]).pow(2)).sum() for n, p in lm.named_parameters())
+    torch.testing.assert_close(value.double(), want, rtol=1e-12, atol=0)
+    for n, p in lm.named_parameters():
+        torch.testing.assert_close(p.grad - before[n], 2 * mas.omega[n] * (p.detach() - mas.anchors[n]),
+                                   rtol=1e-12, atol=1e-15)
 
 
 # ---------------------------------------------- checkpointing, named refusals

@@ -15,41 +15,20 @@ pad(|x|)`` for every padding mode).
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..reduction import AbsReduction
 from .base import Rule, work_dtype
-from .conv_exact import conv_weight_abs_sum_
+from .conv_exact import conv_weight_abs_sum_, padded, unfolded
 
 _CONV_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
 
 
-def _padded(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    pads = module._reversed_padding_repeated_twice
-    if not any(pads):
-        return x
-    if module.padding_mode == "zeros":
-        return F.pad(x, pads)
-    return F.pad(x, pads, mode=module.padding_mode)
-
-
 def patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(N, L, C*K): for each output position, the input values its kernel sees (C-major, as in the weight)."""
-    nd = len(module.kernel_size)
-    xp = _padded(module, x)
-    for i, (k, s, d) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
-        xp = xp.unfold(2 + i, (k - 1) * d + 1, s)
-        if d > 1:
-            xp = xp[..., ::d]
-    n, c = x.shape[:2]
-    # (N, C, L1..Lnd, k1..knd) -> (N, L1..Lnd, C, k1..knd)
-    perm = [0] + list(range(2, 2 + nd)) + [1] + list(range(2 + nd, 2 + 2 * nd))
-    xp = xp.permute(perm)
-    return xp.reshape(n, -1, c * math.prod(module.kernel_size))
+    return unfolded(module, padded(module, x))
 
 
 def _batched(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
@@ -133,7 +112,7 @@ class ConvRule(Rule):
         nd = len(module.kernel_size)
         x, y = _batched(module, call.x.detach()), _batched(module, call.outputs[0].detach())
         dt = next(iter(accs.values())).dtype
-        xa = _padded(module, x.abs().to(dt))
+        xa = padded(module, x.abs().to(dt))
         ya = y.abs().to(dt)
         if "weight" in accs:
             accs["weight"].add_(_CONV_WEIGHT[nd](xa, module.weight.shape, ya, module.stride, 0, module.dilation,

@@ -111,15 +111,8 @@ class Replay:
 
     def outputs(self):
         """What the layer itself returns: ``(output, h_n)`` (LSTM: ``(output, (h_n, c_n))``) in its layout and dtype."""
-        m = self.module
-        out = self.output if m.batch_first else self.output.transpose(0, 1)
-        h_n, c_n = self.h_n, self.c_n
-        if self.unbatched:
-            out = out.squeeze(0 if m.batch_first else 1)
-            h_n = h_n.squeeze(1)
-            c_n = c_n.squeeze(1) if c_n is not None else None
-        cast = lambda t: t.to(self.dtype)  # noqa: E731
-        return (cast(out), (cast(h_n), cast(c_n))) if m.mode == "LSTM" else (cast(out), cast(h_n))
+        return rnn_native.layer_outputs(self.module, self.output, self.h_n, self.c_n, self.unbatched,
+                                        cast=lambda t: t.to(self.dtype))
 
     def targets(self) -> list:
         """The tensors a backward must reach for :attr:`dzi` to be recorded."""

@@ -172,14 +172,7 @@ class NativeReplay:
     # ------------------------------------------------------------------ what the rule reads
     def outputs(self):
         """What the layer itself returns: ``(output, h_n)`` (LSTM: ``(output, (h_n, c_n))``) in its layout."""
-        m = self.module
-        out = self.output if m.batch_first else self.output.transpose(0, 1)
-        h_n, c_n = self.h_n, self.c_n
-        if self.unbatched:
-            out = out.squeeze(0 if m.batch_first else 1)
-            h_n = h_n.squeeze(1)
-            c_n = c_n.squeeze(1) if c_n is not None else None
-        return (out, (h_n, c_n)) if m.mode == "LSTM" else (out, h_n)
+        return layer_outputs(self.module, self.output, self.h_n, self.c_n, self.unbatched)
 
     def targets(self) -> list:
         """The tensor a backward must reach for the step loop's backward (and so :attr:`dzi`) to run."""
@@ -198,3 +191,16 @@ class NativeReplay:
                 H = r.shape[-1]
                 out[key] = (dzi, torch.cat([dzi[..., :2 * H], dzi[..., 2 * H:] * r], -1))
         return out
+
+
+def layer_outputs(module, output, h_n, c_n, unbatched: bool, cast=None):
+    """An RNN layer's return value from a replay's ``(N, T, dirs * H)`` output and ``(layers * dirs, N, H)``
+    states: ``(output, h_n)`` (LSTM: ``(output, (h_n, c_n))``) in the layer's layout (and ``cast``)."""
+    out = output if module.batch_first else output.transpose(0, 1)
+    if unbatched:
+        out = out.squeeze(0 if module.batch_first else 1)
+        h_n = h_n.squeeze(1)
+        c_n = c_n.squeeze(1) if c_n is not None else None
+    if cast is not None:
+        out, h_n, c_n = cast(out), cast(h_n), None if c_n is None else cast(c_n)
+    return (out, (h_n, c_n)) if module.mode == "LSTM" else (out, h_n)

@@ -47,33 +47,42 @@ def test_a_forward_that_raises_does_not_stop_the_counting(importance):
     assert mas.num_samples == 8
 
 
-@pytest.mark.parametrize("importance", ["local", "global"])
+@pytest.mark.parametrize("importance", ["local", "global", "global_batch"])
 def test_forwards_of_other_threads_are_not_counted(importance):
+    """A training step in another thread runs a forward of the same model in the middle of each of the
+    estimating thread's own passes (a hook on the model's last layer makes it so, deterministically): it
+    is neither counted nor recorded."""
     model = mlp()
     mas = mk.MAS(model, importance=importance)
     x = torch.randn(4, 4)
-    stop = threading.Event()
-    errors = []
+    errors, runs = [], [0]
+    main = threading.get_ident()
 
     def other():
         try:
-            while not stop.is_set():
-                with torch.no_grad():
-                    model(torch.randn(8, 4))
+            with torch.no_grad():
+                model(torch.randn(8, 4))
+            runs[0] += 1
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)
 
-    t = threading.Thread(target=other)
-    t.start()
+    def meanwhile(module, args):
+        if threading.get_ident() == main:
+            t = threading.Thread(target=other)
+            t.start()
+            t.join()
+
+    handle = model[2].register_forward_pre_hook(meanwhile)
     try:
         mas.estimate([x, x, x])
     finally:
-        stop.set()
-        t.join()
-    assert not errors
+        handle.remove()
+    assert not errors and runs[0] >= 3
     assert mas.num_samples == 12
-    if importance == "global":
-        close(mas.consolidate().omega, ref.global_exact(model, [x, x, x]))
+    expected = (ref.global_exact if importance == "global" else ref.global_batch if importance == "global_batch"
+                else None)
+    if expected is not None:
+        close(mas.consolidate().omega, expected(model, [x, x, x]))
 
 
 def test_a_parameter_replaced_outside_registration_gets_the_penalty():
@@ -180,3 +189,26 @@ def test_one_input_label_tuple_is_not_two_batches():
     assert mas.num_samples == 4
     mas.estimate([x, x[:3]])  # a list of batches (a short last one) is a list of batches
     assert mas.num_samples == 11
+
+
+def test_parameters_replaced_by_a_dtype_conversion_get_the_penalty():
+    """``set_overwrite_module_params_on_conversion(True)`` makes ``model.half()`` put new Parameter objects in
+    the modules, without registration."""
+    model = mlp()
+    mas = mk.MAS(model, importance="global_batch", lam=1.0)
+    mas.estimate([torch.randn(4, 4)]).consolidate()
+    old = model[0].weight
+    was = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        model.double()
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(was)
+    assert model[0].weight is not old and model[0].weight.dtype == torch.float64
+    with torch.no_grad():
+        model[0].weight.add_(0.5)
+    model(torch.randn(2, 4, dtype=torch.float64)).sum().backward()
+    before = model[0].weight.grad.clone()
+    mas.add_penalty_grad_()
+    expected = 2 * mas.omega["0.weight"].double() * (model[0].weight.detach() - mas.anchors["0.weight"].double())
+    torch.testing.assert_close(model[0].weight.grad - before, expected)

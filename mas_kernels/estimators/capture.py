@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 from typing import Any, Callable, Iterator
 
 import torch
@@ -82,6 +83,8 @@ class Recorder:
     def _hook(self, module, args, kwargs, output):
         from .layout import expand_call
 
+        if threading.get_ident() != self._thread:
+            return None  # another thread's forward of the same model: not this pass
         calls = self.calls[module]
         dims = self.layout.dims_of(module, len(calls)) if self.layout is not None else None
         new = None
@@ -121,6 +124,7 @@ class Recorder:
                                             f"has no {n * per} rows in dim {dim}")
 
     def __enter__(self) -> "Recorder":
+        self._thread = threading.get_ident()
         self._pending: dict = {}
         self._forwards: list = []
         for m in self.calls:

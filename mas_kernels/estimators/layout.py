@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 import warnings
 from typing import Any, Callable
 
@@ -243,8 +244,11 @@ class _Record:
         self.first: list = []  # (module, first argument) of the first calls, to find the input's reader
         self.expand = expand or {}  # (module id, call index) -> dim: the output broadcast to n samples
         self.n = n
+        self.thread = threading.get_ident()
 
     def hook(self, module, args, kwargs, output):
+        if threading.get_ident() != self.thread:
+            return None  # another thread's forward of the same model
         calls = self.calls[id(module)]
         d = self.expand.get((id(module), len(calls)))
         new = None
@@ -258,7 +262,7 @@ class _Record:
         return new
 
     def pre(self, module, args):
-        if len(self.first) < 64:
+        if len(self.first) < 64 and threading.get_ident() == self.thread:
             self.first.append((module, args[0] if args else None))
 
     def __enter__(self):

@@ -23,6 +23,7 @@ forward pass (a sub-batch of the probe, so it costs little), with
 
 from __future__ import annotations
 
+import threading
 from typing import Iterable
 
 import torch
@@ -63,6 +64,7 @@ class UseTracker(TorchFunctionMode):
         for t in inputs:
             self.data[t] = True
         self.stack: list[int] = []
+        self._thread = threading.get_ident()
         self.stray: dict[str, list[str]] = {}
         self.used: set[str] = set()
         self._handles: list = []
@@ -125,8 +127,9 @@ class UseTracker(TorchFunctionMode):
             self._handles.clear()
 
     def _push(self, module, args):
-        self.stack.append(id(module))
+        if threading.get_ident() == self._thread:  # another thread's forward is not this run
+            self.stack.append(id(module))
 
     def _pop(self, module, args, output):
-        if self.stack and self.stack[-1] == id(module):
+        if threading.get_ident() == self._thread and self.stack and self.stack[-1] == id(module):
             self.stack.pop()

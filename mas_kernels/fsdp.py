@@ -526,7 +526,7 @@ class _AbsReduceScatter:
                                           async_op=async_op)
 
 
-class ShardedBatchRule:
+class ShardedBatchEstimator:
     r"""``global_batch`` on FSDP2 shards: one FSDP2 backward per batch, the reduced shard gradients.
 
     ``batch_ranks="per_rank"``: ``sum_r |g_{b,r}|`` (DDP's semantics: each

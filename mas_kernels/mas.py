@@ -337,7 +337,7 @@ class MAS(Copyable):
         state = self._state
         o = self._options
         if self._sharded and self.importance == "global_batch":
-            estimator, extra = fsdp.ShardedBatchRule(self.module, self._params, self._plan, self.output_fn,
+            estimator, extra = fsdp.ShardedBatchEstimator(self.module, self._params, self._plan, self.output_fn,
                                                      state.sharding, o.batch_ranks), None
         else:
             estimator, extra = estimators_for(self.module, self._params, self._plan, o, self.output_fn)

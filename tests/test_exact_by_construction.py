@@ -499,3 +499,23 @@ def test_the_self_check_passes_on_continual_learning_backbones(kind):
     mas = mk.MAS(model, importance="global", verify="always")
     mas.estimate([batch, batch[:3]])
     assert mas.num_samples == batch.shape[0] + 3
+
+
+def test_a_flattened_layer_with_sequences_of_another_length():
+    """A Linear on ``x.view(-1, D)`` (N*T rows, sample-major): the probe sees T rows per sample; a later
+    batch of another length T needs no new observation (and no new self-check) and stays exact."""
+    class FlatMLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 5)
+            self.b = nn.Linear(5, 3)
+
+        def forward(self, x):  # (N, T, 4)
+            n, t, d = x.shape
+            h = torch.tanh(self.a(x.reshape(n * t, d)))
+            return self.b(h).view(n, t, 3)
+
+    model = FlatMLP()
+    batches = [(torch.randn(4, 3, 4),), (torch.randn(4, 5, 4),), (torch.randn(2, 6, 4),)]
+    mas = exact_args(model, batches, [0])
+    assert len(mas._layouts.cache) == 1

@@ -118,10 +118,11 @@ class Recorder:
                 for t, d in zip(leaves, call.dims.ins + call.dims.outs):
                     if not isinstance(t, torch.Tensor) or d is None or d is UNKNOWN or call.dims.rows:
                         continue
-                    dim, per = (d.dim, d.per) if isinstance(d, Flat) else (d, 1)
-                    if t.dim() <= dim or t.shape[dim] != n * per:
+                    dim = d.dim if isinstance(d, Flat) else d
+                    size = t.shape[dim] if t.dim() > dim else -1
+                    if size != n and not (isinstance(d, Flat) and size > 0 and size % n == 0):
                         raise LayoutChanged(f"a tensor of shape {tuple(t.shape)} of {type(module).__name__} "
-                                            f"has no {n * per} rows in dim {dim}")
+                                            f"has no {n} samples in dim {dim}")
 
     def __enter__(self) -> "Recorder":
         self._thread = threading.get_ident()

@@ -170,7 +170,7 @@ class ExactEstimator:
                         self._shared(name, rec.calls, ctx, staging[name])
             if check is not None and check.sliceable and _sliceable(rec, layers):
                 idx = torch.as_tensor(check.idx, dtype=torch.long)
-                sliced = {m: [_slice(c, idx) for c in cs] for m, cs in rec.calls.items()}
+                sliced = {m: [_slice(c, idx, n) for c in cs] for m, cs in rec.calls.items()}
                 sub = dataclasses.replace(ctx, n=len(check.idx))
                 for layer in layers:
                     accs = {a: check.fast[name] for a, name in layer.attrs.items()
@@ -180,7 +180,7 @@ class ExactEstimator:
                 for name in self.plan.shared:
                     if name in fast:
                         self._shared(name, sliced, sub, check.fast[name])
-                check.done, check.output = True, take(out.detach(), layout.output, idx) \
+                check.done, check.output = True, take(out.detach(), layout.output, idx, n) \
                     if layout.output is not None and layout.output is not UNKNOWN else None
         if slow:
             with torch.enable_grad():
@@ -283,13 +283,14 @@ class ExactEstimator:
         per = sum(p.numel() * 8 for p in params) + scale.numel() * scale.element_size()
         step = max(1, min(n, self.max_chunk or n, self.budget // max(1, per)))
         order = torch.arange(n, device=out.device) if only is None else torch.as_tensor(only, device=out.device)
+        out_rows = out.shape[dim.dim] // n if hasattr(dim, "dim") else None  # rows per sample, flattened output
         batched_ok = True
         for lo in range(0, len(order), step):
             idx = order[lo:lo + step]
             if batched_ok:
                 g_out = torch.zeros((len(idx), *out.shape), dtype=scale.dtype, device=out.device)
                 for j, k in enumerate(idx.tolist()):
-                    r = rows(dim, torch.tensor([k], device=out.device))
+                    r = rows(dim, torch.tensor([k], device=out.device), out_rows)
                     d = dim.dim if hasattr(dim, "dim") else dim
                     g_out[j].index_copy_(d, r, scale.index_select(d, r))
                 try:
@@ -301,7 +302,7 @@ class ExactEstimator:
                 except (RuntimeError, NotImplementedError):
                     batched_ok = False  # torch cannot vectorise this graph's backward: one sample at a time
             for k in idx.tolist():
-                r = rows(dim, torch.tensor([k], device=out.device))
+                r = rows(dim, torch.tensor([k], device=out.device), out_rows)
                 d = dim.dim if hasattr(dim, "dim") else dim
                 g_out = torch.zeros_like(scale).index_copy_(d, r, scale.index_select(d, r))
                 grads = grad(out, params, g_out, allow_unused=True, retain_graph=True)
@@ -330,7 +331,7 @@ def _sliceable(rec, layers) -> bool:
     return True
 
 
-def _slice(call, idx: torch.Tensor):
+def _slice(call, idx: torch.Tensor, n: int):
     """``call`` restricted to the samples ``idx``: every tensor taken along its observed sample dim (a shared
     one kept whole), as the layer would have seen those samples alone."""
     from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -339,10 +340,10 @@ def _slice(call, idx: torch.Tensor):
 
     d = call.dims
     leaves, spec = tree_flatten((call.args, call.kwargs))
-    args, kwargs = tree_unflatten([take(t, dd, idx) for t, dd in zip(leaves, d.ins)], spec)
-    outs = [take(t, dd, idx) for t, dd in zip(call.outputs, d.outs)]
+    args, kwargs = tree_unflatten([take(t, dd, idx, n) for t, dd in zip(leaves, d.ins)], spec)
+    outs = [take(t, dd, idx, n) for t, dd in zip(call.outputs, d.outs)]
     out_leaves, out_spec = tree_flatten(call.output)
     it = iter(outs)
     output = tree_unflatten([next(it) if isinstance(t, torch.Tensor) else t for t in out_leaves], out_spec)
-    deltas = [None if g is None else take(g, dd, idx) for g, dd in zip(call.deltas, d.outs)]
+    deltas = [None if g is None else take(g, dd, idx, n) for g, dd in zip(call.deltas, d.outs)]
     return Call(args, kwargs, output, deltas, call.versions, dims=d, outs=outs)

@@ -49,7 +49,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 @dataclasses.dataclass(frozen=True)
 class Flat:
-    """A dim that holds ``per`` consecutive rows per sample (a flattened ``(N*T, ...)``: sample-major)."""
+    """A dim that holds consecutive rows per sample (a flattened ``(N*T, ...)``: sample-major); ``per``:
+    how many when observed (a later batch may have another T: the rows per sample are then its size / N)."""
 
     dim: int
     per: int
@@ -67,19 +68,23 @@ UNKNOWN = _Unknown()
 SampleDim = Any  # int | Flat | None (shared by the batch) | UNKNOWN
 
 
-def rows(d, idx: torch.Tensor) -> torch.Tensor:
-    """The indices along ``d`` of the samples ``idx``."""
+def rows(d, idx: torch.Tensor, per: int | None = None) -> torch.Tensor:
+    """The indices along ``d`` of the samples ``idx`` (``per``: rows per sample of a flattened dim)."""
     if isinstance(d, Flat):
-        return (idx.unsqueeze(1) * d.per + torch.arange(d.per, device=idx.device)).reshape(-1)
+        per = per or d.per
+        return (idx.unsqueeze(1) * per + torch.arange(per, device=idx.device)).reshape(-1)
     return idx
 
 
-def take(t, d, idx: torch.Tensor):
-    """The samples ``idx`` of ``t`` (which keeps them in ``d``); ``t`` itself when it is shared (``d`` None)."""
+def take(t, d, idx: torch.Tensor, n: int | None = None):
+    """The samples ``idx`` of ``t`` (which keeps them in ``d``; ``n``: the batch's sample count, for the rows
+    per sample of a flattened dim); ``t`` itself when it is shared (``d`` None)."""
     if d is None or not isinstance(t, torch.Tensor):
         return t
-    dim = d.dim if isinstance(d, Flat) else d
-    return t.index_select(dim, rows(d, idx.to(t.device)))
+    if isinstance(d, Flat):
+        per = t.shape[d.dim] // n if n else d.per
+        return t.index_select(d.dim, rows(d, idx.to(t.device), per))
+    return t.index_select(d, idx.to(t.device))
 
 
 def batched(t: torch.Tensor, n: int, feature_dims: int, d) -> torch.Tensor:
@@ -93,7 +98,7 @@ def batched(t: torch.Tensor, n: int, feature_dims: int, d) -> torch.Tensor:
     if d is UNKNOWN:
         raise ValueError("MAS: internal: a per-sample rule was given a tensor whose samples are unknown")
     if isinstance(d, Flat):
-        t = t.unflatten(d.dim, (n, d.per))
+        t = t.unflatten(d.dim, (n, -1))
         d = d.dim
     if d != 0:
         t = t.movedim(d, 0)

@@ -126,7 +126,7 @@ def _maybe(module: nn.Module, path: str):
 def _samples_first(t: torch.Tensor, d, n: int) -> torch.Tensor:
     """``t`` with its samples in dim 0: ``(N, ...)`` (a flattened dim of N*T rows becomes (N, T, ...))."""
     if isinstance(d, Flat):
-        return t.unflatten(d.dim, (n, d.per)).movedim(d.dim, 0)
+        return t.unflatten(d.dim, (n, -1)).movedim(d.dim, 0)
     return t.movedim(d, 0)
 
 

@@ -123,10 +123,31 @@ def _as_ours(who: str, state_dict: dict) -> dict:
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 class _PenaltyStep:
-    """What the three optimizers share: the wrapper, the lists of each step, ``load_state_dict``."""
+    """What the three optimizers share: the wrapper, the lists of each step, the step's loop over param
+    groups (each optimizer's ``_group_step`` updates one group and returns its penalty), ``load_state_dict``."""
 
     mas: Any
     last_penalty: torch.Tensor | None
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        """One step (see the module docstring); returns the closure's loss, if any."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        reg, positions, lam = self._penalty_lists()
+        total = None
+        for gi, group in enumerate(self.param_groups):
+            self._check_group(gi, group)
+            if reg is not None:
+                self._give_zero_grads(group, positions)
+            value = self._group_step(gi, group, reg, positions, lam)
+            if value is not None:
+                total = _sum(total, value)
+        self._add_value(total, reg)
+        return loss
 
     def _init_mas(self, mas) -> None:
         if not callable(getattr(mas, "_step_regularizer", None)):
@@ -188,47 +209,40 @@ def _pick(xs: list, idx: list[int], n: int) -> list:
     return list(xs) if len(idx) == n else [xs[i] for i in idx]
 
 
+def _state_lists(reg, positions: dict, params: list, idx: list[int], tracked: bool) -> tuple[list, list]:
+    """theta* and Omega of the parameters ``idx`` (the wrapper's own views), or empty lists: no penalty."""
+    if not tracked:
+        return [], []
+    return ([reg.anchors[positions[params[i]]] for i in idx], [reg.omegas[positions[params[i]]] for i in idx])
+
+
 def _sum(total, value):
     return value if total is None else total + value.to(total.device)
 
 
 class _AdamStep(_PenaltyStep):
-    @torch.compiler.disable
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None):
-        """One step (see the module docstring); returns the closure's loss, if any."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        reg, positions, lam = self._penalty_lists()
+    def _group_step(self, gi: int, group: dict, reg, positions: dict, lam: float):
+        params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps = [], [], [], [], [], []
+        if self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps):
+            raise ValueError(f"mk.optim.{type(self).__name__}: param_groups[{gi}] holds complex parameters, "
+                             f"which the fused step does not support; use torch.optim.{type(self).__name__}")
+        beta1, beta2 = group["betas"]
+        scalars = (_scalar(group["lr"]), _scalar(beta1), _scalar(beta2), _scalar(group["eps"]),
+                   _scalar(group["weight_decay"]),
+                   bool(group.get("decoupled_weight_decay", isinstance(self, torch.optim.AdamW))),
+                   bool(group["maximize"]))
+        amsgrad = bool(group["amsgrad"])
+        n = len(params)
         total = None
-        for gi, group in enumerate(self.param_groups):
-            self._check_group(gi, group)
-            if reg is not None:
-                self._give_zero_grads(group, positions)
-            params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps = [], [], [], [], [], []
-            if self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps):
-                raise ValueError(f"mk.optim.{type(self).__name__}: param_groups[{gi}] holds complex parameters, "
-                                 f"which the fused step does not support; use torch.optim.{type(self).__name__}")
-            beta1, beta2 = group["betas"]
-            scalars = (_scalar(group["lr"]), _scalar(beta1), _scalar(beta2), _scalar(group["eps"]),
-                       _scalar(group["weight_decay"]),
-                       bool(group.get("decoupled_weight_decay", isinstance(self, torch.optim.AdamW))),
-                       bool(group["maximize"]))
-            amsgrad = bool(group["amsgrad"])
-            n = len(params)
-            for (_, tracked, native), idx in self._partition(params, positions).items():
-                anchors = [reg.anchors[positions[params[i]]] for i in idx] if tracked else []
-                omegas = [reg.omegas[positions[params[i]]] for i in idx] if tracked else []
-                run = torch.ops.mas_kernels.adam_penalty_step_ if native else adam_penalty_step_torch
-                value = run(_pick(params, idx, n), _pick(grads, idx, n), _pick(exp_avgs, idx, n),
-                            _pick(exp_avg_sqs, idx, n), _pick(max_sqs, idx, n) if amsgrad else [],
-                            _pick(steps, idx, n), anchors, omegas, lam if tracked else 0.0, *scalars)
-                if tracked:
-                    total = _sum(total, value)
-        self._add_value(total, reg)
-        return loss
+        for (_, tracked, native), idx in self._partition(params, positions).items():
+            anchors, omegas = _state_lists(reg, positions, params, idx, tracked)
+            run = torch.ops.mas_kernels.adam_penalty_step_ if native else adam_penalty_step_torch
+            value = run(_pick(params, idx, n), _pick(grads, idx, n), _pick(exp_avgs, idx, n),
+                        _pick(exp_avg_sqs, idx, n), _pick(max_sqs, idx, n) if amsgrad else [],
+                        _pick(steps, idx, n), anchors, omegas, lam if tracked else 0.0, *scalars)
+            if tracked:
+                total = _sum(total, value)
+        return total
 
 
 class Adam(_AdamStep, torch.optim.Adam):
@@ -284,45 +298,31 @@ class SGD(_PenaltyStep, torch.optim.SGD):
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize, foreach=foreach)
         self._init_mas(mas)
 
-    @torch.compiler.disable
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None):
-        """One step (see the module docstring); returns the closure's loss, if any."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        reg, positions, lam = self._penalty_lists()
+    def _group_step(self, gi: int, group: dict, reg, positions: dict, lam: float):
+        params, grads, bufs = [], [], []
+        if self._init_group(group, params, grads, bufs):
+            raise ValueError(f"mk.optim.SGD: param_groups[{gi}] has sparse gradients, which the fused step "
+                             "does not support; use torch.optim.SGD")
+        momentum = _scalar(group["momentum"])
+        scalars = (_scalar(group["lr"]), _scalar(group["weight_decay"]), momentum, _scalar(group["dampening"]),
+                   bool(group["nesterov"]), bool(group["maximize"]))
         total = None
-        for gi, group in enumerate(self.param_groups):
-            self._check_group(gi, group)
-            if reg is not None:
-                self._give_zero_grads(group, positions)
-            params, grads, bufs = [], [], []
-            if self._init_group(group, params, grads, bufs):
-                raise ValueError(f"mk.optim.SGD: param_groups[{gi}] has sparse gradients, which the fused step "
-                                 "does not support; use torch.optim.SGD")
-            momentum = _scalar(group["momentum"])
-            scalars = (_scalar(group["lr"]), _scalar(group["weight_decay"]), momentum, _scalar(group["dampening"]),
-                       bool(group["nesterov"]), bool(group["maximize"]))
-            for (_, tracked, native), idx in self._partition(params, positions).items():
-                run = torch.ops.mas_kernels.sgd_penalty_step_ if native else sgd_penalty_step_torch
-                # torch.optim.SGD starts a momentum buffer as a copy of the first gradient: those
-                # parameters get a buffer (written whole by the step) and a call of their own.
-                calls = [(idx, False)]
-                if momentum != 0:
-                    first = [i for i in idx if bufs[i] is None]
-                    for i in first:
-                        bufs[i] = self.state[params[i]]["momentum_buffer"] = torch.empty_like(params[i])
-                    calls = [(part, flag) for part, flag in ((first, True), ([i for i in idx if i not in set(first)],
-                                                                               False)) if part]
-                for part, first_step in calls:
-                    anchors = [reg.anchors[positions[params[i]]] for i in part] if tracked else []
-                    omegas = [reg.omegas[positions[params[i]]] for i in part] if tracked else []
-                    value = run([params[i] for i in part], [grads[i] for i in part],
-                                [bufs[i] for i in part] if momentum != 0 else [], anchors, omegas,
-                                lam if tracked else 0.0, *scalars, first_step)
-                    if tracked:
-                        total = _sum(total, value)
-        self._add_value(total, reg)
-        return loss
+        for (_, tracked, native), idx in self._partition(params, positions).items():
+            run = torch.ops.mas_kernels.sgd_penalty_step_ if native else sgd_penalty_step_torch
+            # torch.optim.SGD starts a momentum buffer as a copy of the first gradient: those
+            # parameters get a buffer (written whole by the step) and a call of their own.
+            calls = [(idx, False)]
+            if momentum != 0:
+                first = [i for i in idx if bufs[i] is None]
+                for i in first:
+                    bufs[i] = self.state[params[i]]["momentum_buffer"] = torch.empty_like(params[i])
+                calls = [(part, flag) for part, flag in ((first, True), ([i for i in idx if i not in set(first)],
+                                                                           False)) if part]
+            for part, first_step in calls:
+                anchors, omegas = _state_lists(reg, positions, params, part, tracked)
+                value = run([params[i] for i in part], [grads[i] for i in part],
+                            [bufs[i] for i in part] if momentum != 0 else [], anchors, omegas,
+                            lam if tracked else 0.0, *scalars, first_step)
+                if tracked:
+                    total = _sum(total, value)
+        return total

@@ -2,14 +2,13 @@
 
 :func:`capture` runs the model once with forward hooks on the layers that
 have rules; each call of a layer is a :class:`Call` (its positional and keyword
-arguments and its output). A tensor hook on each output, registered before
-anything downstream can overwrite it in place (``ReLU(inplace=True)`` after a
-Linear), receives the gradient of the loss w.r.t. that output as it was when
-the layer returned it. :func:`backward` then runs one backward pass of the
-loss that reaches every recorded layer and computes no parameter gradient it
-does not have to: it asks for the gradients w.r.t. the layers' inputs (or,
-for a layer whose inputs need no gradient, w.r.t. its output, or one of its
-parameters when that output was overwritten in place).
+arguments and its output). Each output's gradient edge (``get_gradient_edge``:
+the graph node that made it) is kept as the layer returned it, before anything
+downstream can overwrite the output in place (``ReLU(inplace=True)`` after a
+Linear). :func:`backward` then runs one backward pass of the loss that asks
+for the gradients at those edges, which are the gradients w.r.t. the outputs
+as the layers returned them, and computes nothing the engine does not need to
+reach them: no parameter gradient, no gradient below the first recorded layer.
 
 The per-layer rules turn ``(call.args, call.delta)`` into per-sample
 gradients; the whole model's per-sample gradients are never formed.
@@ -24,7 +23,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 from torch.utils._pytree import tree_flatten
+
+from .layout import Flat, UNKNOWN, expand_call
 
 
 @dataclasses.dataclass
@@ -35,7 +37,7 @@ class Call:
     kwargs: dict
     output: Any
     deltas: list  # per output tensor (in tree_flatten order): the gradient, None until backward gives one
-    versions: list  # the output tensors' version counters when the layer returned them
+    edges: list  # per output tensor: its gradient edge as the layer returned it (None: needs no gradient)
     replay: Any = None  # what a rule's own forward left for it (an RNN's step-by-step replay)
     targets: list = dataclasses.field(default_factory=list)  # more tensors the backward must reach
     dims: Any = None  # where its tensors keep the batch's samples (a layout.CallDims, as observed)
@@ -81,8 +83,6 @@ class Recorder:
         self.handles: list = []
 
     def _hook(self, module, args, kwargs, output):
-        from .layout import expand_call
-
         if threading.get_ident() != self._thread:
             return None  # another thread's forward of the same model: not this pass
         calls = self.calls[module]
@@ -92,21 +92,17 @@ class Recorder:
             args, new = expand_call(args, output, dims.expand, self.n)
             output = new
         outs = _tensors(output)
-        call = Call(args, kwargs, output, [None] * len(outs), [t._version for t in outs], dims=dims, outs=outs)
-        replay = self._pending.pop(module, None)
-        if replay is not None:
-            call.replay, call.targets = replay, replay.targets()
-        if self.grads:
-            for i, t in enumerate(outs):
-                if t.requires_grad:
-                    t.register_hook(_store(call.deltas, i))
+        edges = [_edge(t) if t.requires_grad else None for t in outs] if self.grads else []
+        call = Call(args, kwargs, output, [None] * len(outs), edges, dims=dims, outs=outs)
+        if self._pending:
+            replay = self._pending.pop(module, None)
+            if replay is not None:
+                call.replay, call.targets = replay, replay.targets()
         calls.append(call)
         return new
 
     def check(self, n: int) -> None:
         """Raise :class:`LayoutChanged` when the calls do not match the layout they were recorded with."""
-        from .layout import Flat, UNKNOWN
-
         if self.layout is None:
             return
         for module, calls in self.calls.items():
@@ -158,6 +154,27 @@ class Recorder:
         self._forwards.clear()
 
 
+class _ViewEdge:
+    """An output that is a whole-tensor view of its base (a Linear's on a sequence: ``addmm(...).view(N, T, J)``):
+    an in-place op on it later (``ReLU(inplace=True)``) takes the view's own node out of the graph (the base
+    gets a ``CopySlices``), so the gradient is then read at the base's edge as it was, in the view's shape."""
+
+    __slots__ = ("edge", "base", "version")
+
+    def __init__(self, edge, base, version):
+        self.edge, self.base, self.version = edge, base, version
+
+
+def _edge(t: torch.Tensor):
+    """``t``'s gradient edge as it is now (a :class:`_ViewEdge` for a whole-tensor view of its base)."""
+    e = get_gradient_edge(t)
+    b = t._base
+    if (b is not None and b.requires_grad and b.numel() == t.numel() and b.data_ptr() == t.data_ptr()
+            and t.is_contiguous() and b.is_contiguous()):
+        return _ViewEdge(e, get_gradient_edge(b), t._version)
+    return e
+
+
 def _tensors(tree) -> list[torch.Tensor]:
     """The tensors of ``tree`` in ``tree_flatten`` order (a bare tensor, the usual output, without the walk)."""
     if isinstance(tree, torch.Tensor):
@@ -187,31 +204,27 @@ def capture(modules: list[nn.Module], grads: bool = True, layout=None, n: int = 
 
 
 def backward(loss: torch.Tensor, rec: Recorder, retain_graph: bool = False) -> None:
-    """One backward pass of ``loss`` that fills the recorded calls' ``deltas``, writing no ``.grad``."""
-    targets: dict[int, torch.Tensor] = {}
-    for module, calls in rec.calls.items():
+    """One backward pass of ``loss`` that fills the recorded calls' ``deltas``, writing no ``.grad``: the
+    gradients at the outputs' edges (and at the tensors a replay's hooks wait on, ``call.targets``)."""
+    inputs: list = []
+    slots: list = []  # (call, output index, index in inputs)
+    for calls in rec.calls.values():
         for call in calls:
-            for t in call.targets:
-                targets[id(t)] = t
-            ins = [t for t in _inputs(call.args, call.kwargs) if isinstance(t, torch.Tensor) and t.requires_grad]
-            if ins:
-                for t in ins:
-                    targets[id(t)] = t
-                continue
-            outs = call.outputs
-            if any(t.requires_grad and t._version == v for t, v in zip(outs, call.versions)):
-                for t, v in zip(outs, call.versions):
-                    if t.requires_grad and t._version == v:
-                        targets[id(t)] = t
-            else:
-                # Every output was overwritten in place downstream: asking for its gradient would give
-                # that of the overwriting op. A parameter of the layer sits behind the original output.
-                ps = [p for p in module.parameters() if p.requires_grad]
-                if ps:
-                    p = min(ps, key=lambda q: q.numel())
-                    targets[id(p)] = p
-    if targets and loss.requires_grad:
-        grad(loss, list(targets.values()), allow_unused=True, retain_graph=retain_graph)
+            inputs.extend(call.targets)
+            for i, e in enumerate(call.edges):
+                if e is None:
+                    continue
+                shape = None
+                if isinstance(e, _ViewEdge):
+                    t = call.outputs[i]
+                    e, shape = (e.edge, None) if t._version == e.version else (e.base, t.shape)
+                slots.append((call, i, len(inputs), shape))
+                inputs.append(e)
+    if inputs and loss.requires_grad:
+        grads = grad(loss, inputs, allow_unused=True, retain_graph=retain_graph)
+        for call, i, j, shape in slots:
+            g = grads[j]
+            call.deltas[i] = g if shape is None or g is None else g.view(shape)
 
 
 def grad(outputs, inputs, *args, **kwargs):

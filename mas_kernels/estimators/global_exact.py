@@ -242,11 +242,18 @@ class ExactEstimator:
         a = cat_uses([f[0].to(acc.dtype) for f in factors])
         b = cat_uses([f[1].to(acc.dtype) for f in factors])
         red.bmm_(acc, a, b, ctx.budget)
-        for k in torch.unique(sample).tolist():
-            sel = (sample == k).nonzero()[:, 0]
-            r = row[sel]
-            dense = a[k][:, r].T @ b[k]  # (rows, D): L_k at the sample's rows
-            acc.index_add_(0, r, red.apply(dense + e[sel]) - red.apply(dense.clone()))
+        # L_k at each sample's rows, all samples in one batched product: the rows of sample k (uniq is sorted,
+        # so grouped by sample) padded to the most any sample has, gathered from a_k, times b_k.
+        counts = torch.bincount(sample, minlength=a.shape[0])
+        pos = torch.arange(sample.numel(), device=acc.device) - (counts.cumsum(0) - counts)[sample]
+        width = int(counts.max()) if sample.numel() else 0
+        if width == 0:
+            return
+        idx = torch.zeros(a.shape[0], width, dtype=torch.long, device=acc.device)
+        idx[sample, pos] = row
+        picked = torch.gather(a, 2, idx.unsqueeze(1).expand(-1, a.shape[1], -1))  # (N, T, width)
+        dense = torch.bmm(picked.transpose(1, 2), b)[sample, pos]  # (rows, D)
+        acc.index_add_(0, row, red.apply(dense + e) - red.apply(dense))
 
     # ----------------------------------------------------------- fallback
     def _per_sample(self, slow: dict[str, str], out: torch.Tensor, layout, n: int, staging,
@@ -346,4 +353,4 @@ def _slice(call, idx: torch.Tensor, n: int):
     it = iter(outs)
     output = tree_unflatten([next(it) if isinstance(t, torch.Tensor) else t for t in out_leaves], out_spec)
     deltas = [None if g is None else take(g, dd, idx, n) for g, dd in zip(call.deltas, d.outs)]
-    return Call(args, kwargs, output, deltas, call.versions, dims=d, outs=outs)
+    return Call(args, kwargs, output, deltas, call.edges, dims=d, outs=outs)

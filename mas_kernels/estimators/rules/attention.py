@@ -1,22 +1,58 @@
 r"""``nn.MultiheadAttention``: its projections (in_proj/q/k/v, out_proj, bias_k/v), all through its own call.
 
-Exact: the attention replayed around its own projections (``F.multi_head_attention_forward``
-with identity projection weights), so the masks and the attention are PyTorch's own; then one
-fused per-sample product per projection weight. ``bias_k``/``bias_v`` (one key/value row for the
-whole batch): the module-local per-sample vjp. Local: each projection as a Linear.
-Where the samples are comes from the module's API (``batch_first``).
+Exact: in the recorded pass the layer runs :meth:`MultiheadAttentionRule.inline_forward`, the
+steps of ``F.multi_head_attention_forward`` written out, so the one backward gives the gradients
+at the in-projections' and the out-projection's outputs (no second attention); then one fused
+per-sample product per projection weight. Where it cannot stand in for the module (``bias_k``/
+``bias_v``, ``add_zero_attn``, dropout in train mode, a subclass's own forward), the attention is
+replayed around its own projections after the pass (``F.multi_head_attention_forward`` with identity
+projection weights). ``bias_k``/``bias_v`` (one key/value row for the whole batch): the module-local
+per-sample vjp. Local: each projection as a Linear. Where the samples are comes from the module's
+API (``batch_first``).
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from ..capture import _store
 from .base import abs_outer_, cat_uses
 from .generic import GenericRule
+
+F = torch.nn.functional
+
+
+class _Taps:
+    """What :meth:`MultiheadAttentionRule.inline_forward` left on a call: per projection its input and the
+    slot its output's gradient lands in (a tensor hook), as ``(key, x, rows, out, slot)``; ``x`` and ``out``
+    (L, N, .), ``rows`` the projection's rows of its weight (None: all)."""
+
+    def __init__(self):
+        self.taps: list = []
+        self.grads: list = []
+
+    def tap(self, key: str, x: torch.Tensor, rows, out: torch.Tensor) -> None:
+        i = len(self.grads)
+        self.grads.append(None)
+        if out.requires_grad:
+            out.register_hook(_store(self.grads, i))
+        self.taps.append((key, x.detach(), rows, out))
+
+    def targets(self) -> list:
+        return [t[3] for t in self.taps if t[3].requires_grad]
+
+    def uses(self, dt):
+        """``(key, rows, a, b)`` per projection: ``a`` (N, L, J) its output gradient, ``b`` (N, L, I) its input."""
+        out = []
+        for (key, x, rows, y), g in zip(self.taps, self.grads):
+            g = torch.zeros_like(y) if g is None else g
+            out.append((key, rows, g.to(dt).transpose(0, 1), x.to(dt).transpose(0, 1)))
+        return out
 
 
 class MultiheadAttentionRule(GenericRule):
@@ -80,8 +116,20 @@ class MultiheadAttentionRule(GenericRule):
             dims.append((qd if i == 0 else 0) if qd is not None else None)
         return dims
 
+    def inline_forward(self, layer, args: tuple, kwargs: dict):
+        """The layer's forward in the exact rule's recorded pass: ``nn.MultiheadAttention.forward`` and
+        ``F.multi_head_attention_forward``'s steps (its slow path: the fast path never runs while a tracked
+        parameter requires grad), with a tensor hook on each projection's output; ``(outputs, taps)``. The
+        module's own forward (and no taps: the replay after the pass) where the steps would not be its own."""
+        m = layer.module
+        if not _inlinable(m):
+            return type(m).forward(m, *args, **kwargs), None
+        a = _mha_arguments(m, Call_(args, kwargs))
+        return _attention(m, a, _Taps())
+
     def exact(self, layer, calls, ctx, accs):
-        """The attention replayed around its projections, then one abs_bmm per projection weight.
+        """The gradients at the projections' outputs (recorded by :meth:`inline_forward`, else from the
+        attention replayed around its projections), then one abs_bmm per projection weight.
 
         ``F.multi_head_attention_forward`` runs on our own projections ``q = query
         W_q^T + b_q`` (and k, v) with identity projection weights, so the masks
@@ -99,8 +147,12 @@ class MultiheadAttentionRule(GenericRule):
         eye = torch.eye(E, dtype=dt, device=accs[next(iter(accs))].device)
         zero = torch.zeros(3 * E, dtype=dt, device=eye.device)
         f = torch.nn.functional
-        uses: dict[str, list] = {}  # attr (or attr[rows]) -> [(a, b)] factors per call
+        uses: dict = {}  # (key, rows) -> [(a, b)] factors per call
         for call in calls:
+            if isinstance(call.replay, _Taps):
+                for key, rows, a_, b_ in call.replay.uses(dt):
+                    uses.setdefault((key, rows), []).append((a_, b_))
+                continue
             if call.deltas[0] is None:
                 continue
             a = _mha_arguments(m, call)
@@ -132,27 +184,28 @@ class MultiheadAttentionRule(GenericRule):
             to_nte = lambda t: t.transpose(0, 1)  # noqa: E731  (L, N, E) -> (N, L, E)
             names = ("q", "k", "v")
             for i, (d, x) in enumerate(zip((dq, dk, dv), (q, k, v))):
-                uses.setdefault(names[i], []).append((to_nte(d), to_nte(x)))
-            uses.setdefault("out", []).append((to_nte(delta), to_nte(pre.detach())))
-        for key, pairs in uses.items():
+                uses.setdefault((names[i], None), []).append((to_nte(d), to_nte(x)))
+            uses.setdefault(("out", None), []).append((to_nte(delta), to_nte(pre.detach())))
+        for (key, rows), pairs in uses.items():
             a_ = cat_uses([p[0] for p in pairs])
             b_ = cat_uses([p[1] for p in pairs])
-            i = "qkv".find(key)
             if key == "out":
                 if "out_proj.weight" in accs:
                     ctx.reduce.bmm_(accs["out_proj.weight"], a_, b_, ctx.budget)
                 if "out_proj.bias" in accs:
                     ctx.reduce.dense_(accs["out_proj.bias"], a_.sum(1))
                 continue
+            # rows of the packed in_proj_weight / in_proj_bias: q, k, v (or several, "in")
+            lo, hi = rows if rows is not None else ("qkv".find(key) * E, ("qkv".find(key) + 1) * E)
             if m._qkv_same_embed_dim:
                 if "in_proj_weight" in accs:
-                    ctx.reduce.bmm_(accs["in_proj_weight"][i * E:(i + 1) * E], a_, b_, ctx.budget)
+                    ctx.reduce.bmm_(accs["in_proj_weight"][lo:hi], a_, b_, ctx.budget)
             else:
                 wname = f"{key}_proj_weight"
                 if wname in accs:
                     ctx.reduce.bmm_(accs[wname], a_, b_, ctx.budget)
             if "in_proj_bias" in accs:
-                ctx.reduce.dense_(accs["in_proj_bias"][i * E:(i + 1) * E], a_.sum(1))
+                ctx.reduce.dense_(accs["in_proj_bias"][lo:hi], a_.sum(1))
 
     def local(self, layer, call, accs):
         """Hebbian numerators of nn.MultiheadAttention (the Linear convention per projection).
@@ -220,3 +273,147 @@ def _mha_arguments(module: nn.MultiheadAttention, call) -> dict:
     bound = inspect.signature(type(module).forward).bind(module, *call.args, **call.kwargs)
     bound.apply_defaults()
     return dict(bound.arguments)
+
+
+class Call_:
+    """The arguments of a call, for :func:`_mha_arguments` (the forward has not returned yet)."""
+
+    def __init__(self, args, kwargs):
+        self.args, self.kwargs = args, kwargs
+
+
+def _inlinable(m: nn.Module) -> bool:
+    """Whether :func:`_attention` computes what ``m``'s own forward does."""
+    return (type(m).forward is nn.MultiheadAttention.forward and m.bias_k is None and m.bias_v is None
+            and not m.add_zero_attn and not (m.training and m.dropout > 0))
+
+
+def _attention(m: nn.MultiheadAttention, a: dict, taps: _Taps):
+    """``m(**a)`` as ``nn.MultiheadAttention.forward`` and ``F.multi_head_attention_forward`` (torch 2.x slow
+    path) compute it, without ``bias_k``/``bias_v``, ``add_zero_attn`` or dropout; each projection's input and
+    output recorded in ``taps`` (keys ``"q"``, ``"k"``, ``"v"``, ``"in"`` (packed rows), ``"out"``)."""
+    query, key, value = a["query"], a["key"], a["value"]
+    need_weights, average, is_causal = a["need_weights"], a["average_attn_weights"], a.get("is_causal", False)
+    key_padding_mask = F._canonical_mask(mask=a["key_padding_mask"], mask_name="key_padding_mask",
+                                         other_type=F._none_or_dtype(a["attn_mask"]), other_name="attn_mask",
+                                         target_type=query.dtype)
+    attn_mask = F._canonical_mask(mask=a["attn_mask"], mask_name="attn_mask", other_type=None, other_name="",
+                                  target_type=query.dtype, check_other=False)
+    batched = query.dim() == 3
+    if m.batch_first and batched:
+        if key is value:
+            if query is key:
+                query = key = value = query.transpose(1, 0)
+            else:
+                query, key = (x.transpose(1, 0) for x in (query, key))
+                value = key
+        else:
+            query, key, value = (x.transpose(1, 0) for x in (query, key, value))
+    # F.multi_head_attention_forward from here.
+    H = m.num_heads
+    batched = F._mha_shape_check(query, key, value, key_padding_mask, attn_mask, H)
+    if not batched:
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+    L, N, E = query.shape
+    S = key.shape[0]
+    key_padding_mask = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
+                                         other_type=F._none_or_dtype(attn_mask), other_name="attn_mask",
+                                         target_type=query.dtype)
+    if is_causal and attn_mask is None:
+        raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer module "
+                           "method `generate_square_subsequent_mask` to create this mask.")
+    if is_causal and key_padding_mask is None and not need_weights:
+        attn_mask = None
+    else:
+        attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
+                                      target_type=query.dtype, check_other=False)
+        if key_padding_mask is not None:
+            is_causal = False
+    if E != m.embed_dim:
+        raise AssertionError(f"was expecting embedding dimension of {m.embed_dim}, but got {E}")
+    hd = E // H
+    w, b = m.in_proj_weight, m.in_proj_bias
+    if m._qkv_same_embed_dim:
+        if key.shape != value.shape:
+            raise AssertionError(f"key shape {key.shape} does not match value shape {value.shape}")
+        if key is value and query is key:  # self-attention: one packed projection
+            proj = F.linear(query, w, b)
+            taps.tap("in", query, (0, 3 * E), proj)
+            proj = proj.unflatten(-1, (3, E)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
+            q, k, v = proj[0], proj[1], proj[2]
+        elif key is value:  # encoder-decoder attention: q, then k and v packed
+            w_q, w_kv = w.split([E, E * 2])
+            b_q, b_kv = (None, None) if b is None else b.split([E, E * 2])
+            q = F.linear(query, w_q, b_q)
+            taps.tap("in", query, (0, E), q)
+            kv = F.linear(key, w_kv, b_kv)
+            taps.tap("in", key, (E, 3 * E), kv)
+            kv = kv.unflatten(-1, (2, E)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
+            k, v = kv[0], kv[1]
+        else:
+            ws = w.chunk(3)
+            bs = (None,) * 3 if b is None else b.chunk(3)
+            q, k, v = (F.linear(x, wi, bi) for x, wi, bi in zip((query, key, value), ws, bs))
+            for i, (x, y) in enumerate(zip((query, key, value), (q, k, v))):
+                taps.tap("in", x, (i * E, (i + 1) * E), y)
+    else:
+        if key.shape[:2] != value.shape[:2]:
+            raise AssertionError(f"key's sequence and batch dims {key.shape[:2]} do not match value's "
+                                 f"{value.shape[:2]}")
+        bs = (None,) * 3 if b is None else b.chunk(3)
+        ws = (m.q_proj_weight, m.k_proj_weight, m.v_proj_weight)
+        q, k, v = (F.linear(x, wi, bi) for x, wi, bi in zip((query, key, value), ws, bs))
+        for i, (x, y) in enumerate(zip((query, key, value), (q, k, v))):
+            taps.tap("qkv"[i], x, (i * E, (i + 1) * E), y)
+    if attn_mask is not None:
+        if attn_mask.dim() == 2:
+            if attn_mask.shape != (L, S):
+                raise RuntimeError(f"The shape of the 2D attn_mask is {attn_mask.shape}, but should be {(L, S)}.")
+            attn_mask = attn_mask.unsqueeze(0)
+        elif attn_mask.dim() == 3:
+            if attn_mask.shape != (N * H, L, S):
+                raise RuntimeError(f"The shape of the 3D attn_mask is {attn_mask.shape}, but should be "
+                                   f"{(N * H, L, S)}.")
+        else:
+            raise RuntimeError(f"attn_mask's dimension {attn_mask.dim()} is not supported")
+    q = q.view(L, N * H, hd).transpose(0, 1)
+    k = k.view(k.shape[0], N * H, hd).transpose(0, 1)
+    v = v.view(v.shape[0], N * H, hd).transpose(0, 1)
+    if key_padding_mask is not None:
+        F._check_key_padding_mask(key_padding_mask, S, N)
+        key_padding_mask = key_padding_mask.view(N, 1, 1, S).expand(-1, H, -1, -1).reshape(N * H, 1, S)
+        attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask
+    weights = None
+    if need_weights:
+        q_scaled = q * math.sqrt(1.0 / float(hd))
+        if is_causal and attn_mask is None:
+            raise AssertionError("FIXME: is_causal not implemented for need_weights")
+        if attn_mask is not None:
+            weights = torch.baddbmm(attn_mask, q_scaled, k.transpose(-2, -1))
+        else:
+            weights = torch.bmm(q_scaled, k.transpose(-2, -1))
+        weights = F.softmax(weights, dim=-1)
+        pre = torch.bmm(weights, v).transpose(0, 1).reshape(L * N, E)
+        weights = weights.view(N, H, L, S)
+        if average:
+            weights = weights.mean(dim=1)
+        if not batched:
+            weights = weights.squeeze(0)
+    else:
+        if attn_mask is not None:
+            if attn_mask.size(0) == 1 and attn_mask.dim() == 3:
+                attn_mask = attn_mask.unsqueeze(0)
+            else:
+                attn_mask = attn_mask.view(N, H, -1, S)
+        q, k, v = q.view(N, H, L, hd), k.view(N, H, S, hd), v.view(N, H, S, hd)
+        pre = F.scaled_dot_product_attention(q, k, v, attn_mask, 0.0, is_causal)
+        pre = pre.permute(2, 0, 1, 3).reshape(N * L, E)
+    out = F.linear(pre, m.out_proj.weight, m.out_proj.bias).view(L, N, E)
+    taps.tap("out", pre.view(L, N, E), None, out)
+    if not batched:
+        out = out.squeeze(1)
+    elif m.batch_first:
+        out = out.transpose(1, 0)
+    return (out, weights), taps

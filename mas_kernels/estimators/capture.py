@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
-from torch.autograd.graph import get_gradient_edge
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils._pytree import tree_flatten
 
 from .layout import Flat, UNKNOWN, expand_call
@@ -165,13 +165,21 @@ class _ViewEdge:
         self.edge, self.base, self.version = edge, base, version
 
 
+def _edge_of(t: torch.Tensor) -> GradientEdge:
+    """``get_gradient_edge(t)``, without its Python checks for a tensor made by a C++ node (the usual case)."""
+    fn = t.grad_fn
+    if fn is None or isinstance(fn, torch._C._FunctionBase):  # a leaf, or a Python Function's output
+        return get_gradient_edge(t)
+    return GradientEdge(fn, t.output_nr)
+
+
 def _edge(t: torch.Tensor):
     """``t``'s gradient edge as it is now (a :class:`_ViewEdge` for a whole-tensor view of its base)."""
-    e = get_gradient_edge(t)
+    e = _edge_of(t)
     b = t._base
     if (b is not None and b.requires_grad and b.numel() == t.numel() and b.data_ptr() == t.data_ptr()
             and t.is_contiguous() and b.is_contiguous()):
-        return _ViewEdge(e, get_gradient_edge(b), t._version)
+        return _ViewEdge(e, _edge_of(b), t._version)
     return e
 
 

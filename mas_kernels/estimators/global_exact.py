@@ -81,10 +81,13 @@ class ExactEstimator:
 
     # ------------------------------------------------------------ fallback
     def fallback(self, layout) -> dict[str, str]:
-        """Parameter name -> why it gets the per-sample fallback under ``layout`` (cached on the layout)."""
-        got = layout.notes.get(id(self))
-        if got is not None:
-            return got
+        """Parameter name -> why it gets the per-sample fallback under ``layout`` (cached on the layout, for the
+        plan, parameters and forced predicate it was derived from: a wrapper makes a new estimator per
+        ``estimate()``, and the ids of objects the entry keeps alive are not reused)."""
+        key = ("exact fallback", id(self.plan), id(self.params), id(self.forced))
+        got = layout.notes.get(key)
+        if got is not None and got[0] is self.plan and got[1] is self.params and got[2] is self.forced:
+            return got[3]
         why: dict[str, str] = {}
         for name, ops in layout.stray.items():
             if name in self.params:
@@ -114,7 +117,9 @@ class ExactEstimator:
             for name in self.params:
                 if name not in why and self.forced(name):
                     why[name] = "per_sample_fallback= asks for it"
-        layout.notes[id(self)] = why
+        for k in [k for k, v in layout.notes.items() if k[0] == "exact fallback" and v[0] is self.plan]:
+            del layout.notes[k]  # what an earlier estimator of this plan derived (another predicate, parameters)
+        layout.notes[key] = (self.plan, self.params, self.forced, why)
         return why
 
     # ----------------------------------------------------------------- run

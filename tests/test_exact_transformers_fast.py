@@ -265,3 +265,41 @@ def test_sparse_and_dense_is_the_per_sample_loop():
     ctx = global_exact.Context(n)
     global_exact.ExactEstimator._sparse_and_dense([(Emb, "weight")], [(a, b)], {"embedding": []}, ctx, got)
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_vit_embeddings_from_the_output_gradient(masked):
+    # cls_token and position_embeddings read off the embeddings' output gradient; masked positions (the
+    # mask token, a blend) keep the module-local per-sample vjp. Either way: the oracle.
+    from transformers import ViTConfig, ViTModel
+
+    from mas_kernels.estimators.rules import hf
+    from tests import models
+    from tests import reference as ref
+
+    torch.manual_seed(0)
+    model = models.randomize_norms(ViTModel(ViTConfig(
+        image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=20), use_mask_token=masked)).eval()
+    with torch.no_grad():
+        model.embeddings.cls_token.normal_()
+        model.embeddings.position_embeddings.normal_()
+        if masked:
+            model.embeddings.mask_token.normal_()
+    batch = {"pixel_values": torch.randn(3, 3, 8, 8)}
+    if masked:
+        batch["bool_masked_pos"] = torch.tensor([[1, 0, 0, 1], [0, 0, 0, 0], [0, 1, 1, 0]], dtype=torch.bool)
+    direct = []
+    real = hf.ViTEmbeddingsRule.exact
+
+    def spy(self, layer, calls, ctx, accs):
+        direct.append(all(hf._adds_only(layer.module, c, ctx.n) for c in calls) and "mask_token" not in accs)
+        return real(self, layer, calls, ctx, accs)
+
+    hf.ViTEmbeddingsRule.exact = spy
+    try:
+        mas = mk.MAS(model, importance="global", output_fn=lambda o: o.last_hidden_state).estimate([batch])
+    finally:
+        hf.ViTEmbeddingsRule.exact = real
+    close(mas.consolidate().omega, ref.global_exact(model, [batch], lambda o: o.last_hidden_state))
+    assert direct and all(d == (not masked) for d in direct)

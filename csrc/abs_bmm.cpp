@@ -166,7 +166,12 @@ BmmTiles bmm_tiles(int64_t J, int64_t I) {
 // dst rows (stride ld, unit column stride) += alpha * |src| of ns samples' (jn, in) products, sample after
 // sample: the same float operations in the same order as the strided loop, vectorised (the strided loop ran
 // scalar, ~1 float per cycle: at T = 32 it took as long as the GEMM's tail).
-MAS_KERNELS_CLONES void abs_add_products(const float* src, int64_t ns, int64_t jn, int64_t in, float alpha, float* dst,
+#ifdef MAS_KERNELS_ABS_BMM_X86
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+MAS_KERNELS_CLONES
+#endif
+void abs_add_products(const float* src, int64_t ns, int64_t jn, int64_t in, float alpha, float* dst,
                                          int64_t ld) {
   for (int64_t s = 0; s < ns; ++s)
     for (int64_t j = 0; j < jn; ++j) {

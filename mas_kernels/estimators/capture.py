@@ -24,7 +24,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
+
+from .layout import call_leaves, tensor_leaves
 
 
 @dataclasses.dataclass
@@ -44,7 +45,7 @@ class Call:
     @property
     def outputs(self) -> list[torch.Tensor]:
         if self.outs is None:
-            self.outs = _tensors(self.output)
+            self.outs = tensor_leaves(self.output)
         return self.outs
 
     @property
@@ -91,7 +92,7 @@ class Recorder:
         if dims is not None and dims.expand is not None:
             args, new = expand_call(args, output, dims.expand, self.n)
             output = new
-        outs = _tensors(output)
+        outs = tensor_leaves(output)
         call = Call(args, kwargs, output, [None] * len(outs), [t._version for t in outs], dims=dims, outs=outs)
         replay = self._pending.pop(module, None)
         if replay is not None:
@@ -114,7 +115,7 @@ class Recorder:
             if len(calls) != len(seen):
                 raise LayoutChanged(f"{type(module).__name__} called {len(calls)} times, {len(seen)} when observed")
             for call in calls:
-                leaves = _inputs(call.args, call.kwargs) + call.outputs
+                leaves = call_leaves(call.args, call.kwargs) + call.outputs
                 for t, d in zip(leaves, call.dims.ins + call.dims.outs):
                     if not isinstance(t, torch.Tensor) or d is None or d is UNKNOWN or call.dims.rows:
                         continue
@@ -158,20 +159,6 @@ class Recorder:
         self._forwards.clear()
 
 
-def _tensors(tree) -> list[torch.Tensor]:
-    """The tensors of ``tree`` in ``tree_flatten`` order (a bare tensor, the usual output, without the walk)."""
-    if isinstance(tree, torch.Tensor):
-        return [tree]
-    return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
-
-
-def _inputs(args: tuple, kwargs: dict) -> list:
-    """The leaves of ``(args, kwargs)`` (tensors only in the usual case: no walk)."""
-    if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
-        return list(args)
-    return tree_flatten((args, kwargs))[0]
-
-
 def _store(slots: list, i: int) -> Callable:
     def hook(grad):
         slots[i] = grad
@@ -193,7 +180,7 @@ def backward(loss: torch.Tensor, rec: Recorder, retain_graph: bool = False) -> N
         for call in calls:
             for t in call.targets:
                 targets[id(t)] = t
-            ins = [t for t in _inputs(call.args, call.kwargs) if isinstance(t, torch.Tensor) and t.requires_grad]
+            ins = [t for t in call_leaves(call.args, call.kwargs) if isinstance(t, torch.Tensor) and t.requires_grad]
             if ins:
                 for t in ins:
                     targets[id(t)] = t

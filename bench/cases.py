@@ -621,7 +621,7 @@ def plan(quick: bool, device: torch.device, use_compile: bool) -> list[tuple[str
         cases.append(("e2e", lambda k=kind, b=batch: inference_case(k, b, device)))
     for kind in (("resnet18", "cnn-small", "gpt2", "lstm") if quick else KINDS):
         cases.append(("importance", lambda k=kind: importance_case(k, device, quick)))
-    for kind in (("mlp-demo",) if quick else ("mlp-demo", "mlp", "resnet18", "gpt2", "bert", "lstm")):
+    for kind in (("readme", "mlp-demo") if quick else ("readme", "mlp-demo", "mlp", "resnet18", "gpt2", "bert", "lstm")):
         cases.append(("selfcheck", lambda k=kind: selfcheck_case(k, device, quick)))
     if not quick:  # the frameworks' own loops, where they are installed
         from .integrations import plan as integrations

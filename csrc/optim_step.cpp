@@ -90,12 +90,13 @@ MAS_KERNELS_INLINE const float* f32_chunk(const at::Tensor& x, int64_t b, int64_
 constexpr int64_t kSumBlock = 1024;
 
 // Software prefetch, kAhead elements ahead in every stream, once per kLine elements (a
-// cache line of fp32). On the 2-core KVM guest the step is bound by read misses and page
-// walks, not by bytes: each extra input stream costs about what a read-modify-write one
-// does, so theta* and Omega add ~45% to an AdamW step that moves 28 B/element (not the
-// 8/28 = 29% that bytes predict). Prefetching 2 KiB ahead (past the hardware prefetcher's
-// 4 KiB page boundaries, and starting page walks early) took 10-12% off both the plain and
-// the penalty step from memory; 1-4 KiB measured alike, nothing ahead 10% slower.
+// cache line of fp32). On one core of this project's KVM guest (2-core Xeon, 4 KiB pages)
+// the step is bound by read misses and page walks, not by bytes: a read-only stream costs
+// ~0.45 ns per element, a read-modify-write one ~0.6 (a no-arithmetic kernel of the same
+// shape), so theta* and Omega add ~45% to the plain AdamW step (grad + 3 written streams),
+// not the 8/28 = 29% that bytes predict. Prefetching 2 KiB ahead (across the hardware
+// prefetcher's 4 KiB page boundaries, starting the page walks early) took 6-12% off both
+// the plain and the penalty step from memory and costs ~2% in cache; 1-3 KiB measured alike.
 constexpr int64_t kAhead = 512;
 constexpr int64_t kLine = 16;
 

@@ -211,7 +211,43 @@ def backward(loss: torch.Tensor, rec: Recorder, retain_graph: bool = False) -> N
                     p = min(ps, key=lambda q: q.numel())
                     targets[id(p)] = p
     if targets and loss.requires_grad:
-        grad(loss, list(targets.values()), allow_unused=True, retain_graph=retain_graph)
+        grad(loss, _upstream(list(targets.values())), allow_unused=True, retain_graph=retain_graph)
+
+
+def _upstream(targets: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``targets`` less those the backward reaches anyway on its way to another target: a target whose
+    ``grad_fn`` leads (through ``next_functions``) to another target's ``grad_fn`` runs, and so fires its
+    tensor hooks, without being asked for. ``autograd.grad`` holds every gradient it was asked for until it
+    returns: asking only for the upstream ones keeps the others (the layers' input gradients, as large as
+    their activations) from living to the end of the backward."""
+    nodes = {t.grad_fn for t in targets if t.grad_fn is not None}
+    if len(nodes) < 2:
+        return targets
+    reaches: dict = {}  # node -> whether a target's node lies strictly below it
+    for start in nodes:
+        stack = [(start, iter(start.next_functions))]
+        on_path = {start}
+        while stack:
+            node, it = stack[-1]
+            nxt = next(it, None)
+            if nxt is None:
+                stack.pop()
+                on_path.discard(node)
+                if node not in reaches:
+                    reaches[node] = False
+                continue
+            child = nxt[0]
+            if child is None:
+                continue
+            if child in nodes or reaches.get(child):
+                for n, _ in stack:
+                    reaches[n] = True
+                continue
+            if child in reaches or child in on_path:
+                continue
+            on_path.add(child)
+            stack.append((child, iter(child.next_functions)))
+    return [t for t in targets if t.grad_fn is None or not reaches.get(t.grad_fn)]
 
 
 def grad(outputs, inputs, *args, **kwargs):

@@ -22,6 +22,9 @@ float32 rounding; each keeps its scratch within ``budget`` bytes):
   (``csrc/conv_exact.cpp``): each sample's patches gathered into a buffer
   that stays in cache, one BLAS call per chunk of samples, abs while the
   products are in cache. No unfolded batch: it reads the input about once.
+  Where the output rows are wide enough (widened by the kernel's reach at
+  most 1.5x), each sample's padded input is cut into its stride phases and a
+  patch row is one contiguous copy per output plane (no per-row gather).
 
 :func:`choose` picks one from :data:`CROSSOVER`, a table measured on the
 machine named there (``python -m bench --only conv_exact`` measures it

@@ -70,14 +70,18 @@ class Recorder:
     ``layout``: the observed layout; each call gets its :class:`~.layout.CallDims`, and a shared call
     the layout says to broadcast is expanded to the batch's ``n`` samples in place of its output.
     ``inline``: module -> plan layer whose rule's ``inline_forward`` replaces the module's forward.
+    ``then``: ``(module, call) -> callable or None``: for a call with one output, what to run right after its
+    output gradient is stored (inside the backward).
     """
 
-    def __init__(self, modules: list[nn.Module], grads: bool, layout=None, n: int = 1, inline: dict | None = None):
+    def __init__(self, modules: list[nn.Module], grads: bool, layout=None, n: int = 1, inline: dict | None = None,
+                 then: Callable | None = None):
         self.calls: dict[nn.Module, list[Call]] = {m: [] for m in modules}
         self.grads = grads
         self.layout = layout
         self.n = n
         self.inline = inline or {}
+        self.then = then
         self.handles: list = []
 
     def _hook(self, module, args, kwargs, output):
@@ -97,9 +101,10 @@ class Recorder:
         if replay is not None:
             call.replay, call.targets = replay, replay.targets()
         if self.grads:
+            then = self.then(module, call) if self.then is not None and len(outs) == 1 else None
             for i, t in enumerate(outs):
                 if t.requires_grad:
-                    t.register_hook(_store(call.deltas, i))
+                    t.register_hook(_store(call.deltas, i, then))
         calls.append(call)
         return new
 
@@ -172,17 +177,20 @@ def _inputs(args: tuple, kwargs: dict) -> list:
     return tree_flatten((args, kwargs))[0]
 
 
-def _store(slots: list, i: int) -> Callable:
+def _store(slots: list, i: int, then: Callable | None = None) -> Callable:
     def hook(grad):
         slots[i] = grad
+        if then is not None:
+            then()
     return hook
 
 
 @contextlib.contextmanager
 def capture(modules: list[nn.Module], grads: bool = True, layout=None, n: int = 1,
-            inline: dict | None = None) -> Iterator[Recorder]:
-    """Record the calls of ``modules`` during the block (with output gradients when ``grads``)."""
-    with Recorder(modules, grads, layout, n, inline) as rec:
+            inline: dict | None = None, then: Callable | None = None) -> Iterator[Recorder]:
+    """Record the calls of ``modules`` during the block (with output gradients when ``grads``; ``then``: see
+    :class:`Recorder`)."""
+    with Recorder(modules, grads, layout, n, inline, then) as rec:
         yield rec
 
 

@@ -25,8 +25,8 @@
 // Threads: the samples are cut into a fixed number of blocks (at most 8,
 // fewer where their (G, Og, Cg*K) partial sums would exceed a quarter of the
 // budget); each block sums its samples in order into its own partial, and the
-// partials are added in block order, so the result does not depend on the
-// thread count (up to BLAS's own rounding: with one block, for weights too
+// partials are added in block order (with one thread, as each block ends), so
+// the result does not depend on the thread count (up to BLAS's own rounding: with one block, for weights too
 // large for several partials in the budget, the BLAS calls run multi-threaded
 // themselves).
 //
@@ -124,6 +124,10 @@ MAS_KERNELS_CLONES void gather(const Geometry& g, const float* xs, int64_t l0, i
           }
         }
   }
+}
+
+MAS_KERNELS_CLONES void add_run(float* __restrict dst, const float* __restrict src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
 }
 
 MAS_KERNELS_CLONES void abs_add(float* __restrict dst, const float* __restrict src, int64_t n) {
@@ -395,6 +399,20 @@ void conv_weight_abs_sum_(at::Tensor omega, const at::Tensor& x, const at::Tenso
     at::Tensor acc = at::zeros({W}, opts), buf = at::empty({scratch}, opts);
     run(0, g.N, buf.data_ptr<float>(), acc.data_ptr<float>());
     sum_blocks(out, acc.const_data_ptr<float>(), 1, W, 0, g.G, g.Og, g.Cg * g.K, alpha_f);
+    return;
+  }
+  if (threads == 1) {
+    // The blocks one after another: one block's partial and their running sum, the same additions in the same
+    // order as the partials summed below (so the same result), in 2 x the weight instead of blocks x.
+    at::Tensor sums = at::zeros({W}, opts), part = at::empty({W}, opts), buf = at::empty({scratch}, opts);
+    float* const ps = sums.data_ptr<float>();
+    float* const pp = part.data_ptr<float>();
+    for (int64_t b = 0; b < blocks; ++b) {
+      std::fill(pp, pp + W, 0.0f);
+      run(b * g.N / blocks, (b + 1) * g.N / blocks, buf.data_ptr<float>(), pp);
+      add_run(ps, pp, W);
+    }
+    sum_blocks(out, ps, 1, W, 0, g.G, g.Og, g.Cg * g.K, alpha_f);
     return;
   }
   at::Tensor partials = at::zeros({blocks * W}, opts);

@@ -577,8 +577,10 @@ def selfcheck_case(kind: str, device: torch.device, quick: bool, batches: int = 
 
 
 # ----------------------------------------------------------------- the list the CLI runs
-def plan(quick: bool, device: torch.device, use_compile: bool) -> list[tuple[str, Callable[[], Case]]]:
-    """The cases to run, in order, as (section, builder)."""
+def plan(quick: bool, device: torch.device, use_compile: bool,
+         models: list[str] | None = None) -> list[tuple[str, Callable[[], Case]]]:
+    """The cases to run, in order, as (section, builder); ``models``: only these models' importance and
+    selfcheck rows."""
     fp32, bf16 = torch.float32, torch.bfloat16
     if quick:
         penalty = [(fp32, 0.25), (bf16, 0.25)]
@@ -619,9 +621,10 @@ def plan(quick: bool, device: torch.device, use_compile: bool) -> list[tuple[str
         cases.append(("e2e", lambda k=kind, b=batch: train_case(k, b, device)))
     for kind, batch in e2e:
         cases.append(("e2e", lambda k=kind, b=batch: inference_case(k, b, device)))
-    for kind in (("resnet18", "cnn-small", "gpt2", "lstm") if quick else KINDS):
+    for kind in models or (("resnet18", "cnn-small", "gpt2", "lstm") if quick else KINDS):
         cases.append(("importance", lambda k=kind: importance_case(k, device, quick)))
-    for kind in (("readme", "mlp-demo") if quick else ("readme", "mlp-demo", "mlp", "resnet18", "gpt2", "bert", "lstm")):
+    for kind in models or (("readme", "mlp-demo") if quick else
+                           ("readme", "mlp-demo", "mlp", "resnet18", "gpt2", "bert", "lstm")):
         cases.append(("selfcheck", lambda k=kind: selfcheck_case(k, device, quick)))
     if not quick:  # the frameworks' own loops, where they are installed
         from .integrations import plan as integrations

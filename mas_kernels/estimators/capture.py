@@ -71,14 +71,18 @@ class Recorder:
     ``layout``: the observed layout; each call gets its :class:`~.layout.CallDims`, and a shared call
     the layout says to broadcast is expanded to the batch's ``n`` samples in place of its output.
     ``inline``: module -> plan layer whose rule's ``inline_forward`` replaces the module's forward.
+    ``then``: ``(module, call) -> callable or None``: for a call with one output, what to run right after its
+    output gradient is stored (inside the backward).
     """
 
-    def __init__(self, modules: list[nn.Module], grads: bool, layout=None, n: int = 1, inline: dict | None = None):
+    def __init__(self, modules: list[nn.Module], grads: bool, layout=None, n: int = 1, inline: dict | None = None,
+                 then: Callable | None = None):
         self.calls: dict[nn.Module, list[Call]] = {m: [] for m in modules}
         self.grads = grads
         self.layout = layout
         self.n = n
         self.inline = inline or {}
+        self.then = then
         self.handles: list = []
 
     def _hook(self, module, args, kwargs, output):
@@ -98,9 +102,10 @@ class Recorder:
         if replay is not None:
             call.replay, call.targets = replay, replay.targets()
         if self.grads:
+            then = self.then(module, call) if self.then is not None and len(outs) == 1 else None
             for i, t in enumerate(outs):
                 if t.requires_grad:
-                    t.register_hook(_store(call.deltas, i))
+                    t.register_hook(_store(call.deltas, i, then))
         calls.append(call)
         return new
 
@@ -159,17 +164,20 @@ class Recorder:
         self._forwards.clear()
 
 
-def _store(slots: list, i: int) -> Callable:
+def _store(slots: list, i: int, then: Callable | None = None) -> Callable:
     def hook(grad):
         slots[i] = grad
+        if then is not None:
+            then()
     return hook
 
 
 @contextlib.contextmanager
 def capture(modules: list[nn.Module], grads: bool = True, layout=None, n: int = 1,
-            inline: dict | None = None) -> Iterator[Recorder]:
-    """Record the calls of ``modules`` during the block (with output gradients when ``grads``)."""
-    with Recorder(modules, grads, layout, n, inline) as rec:
+            inline: dict | None = None, then: Callable | None = None) -> Iterator[Recorder]:
+    """Record the calls of ``modules`` during the block (with output gradients when ``grads``; ``then``: see
+    :class:`Recorder`)."""
+    with Recorder(modules, grads, layout, n, inline, then) as rec:
         yield rec
 
 
@@ -198,7 +206,43 @@ def backward(loss: torch.Tensor, rec: Recorder, retain_graph: bool = False) -> N
                     p = min(ps, key=lambda q: q.numel())
                     targets[id(p)] = p
     if targets and loss.requires_grad:
-        grad(loss, list(targets.values()), allow_unused=True, retain_graph=retain_graph)
+        grad(loss, _upstream(list(targets.values())), allow_unused=True, retain_graph=retain_graph)
+
+
+def _upstream(targets: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``targets`` less those the backward reaches anyway on its way to another target: a target whose
+    ``grad_fn`` leads (through ``next_functions``) to another target's ``grad_fn`` runs, and so fires its
+    tensor hooks, without being asked for. ``autograd.grad`` holds every gradient it was asked for until it
+    returns: asking only for the upstream ones keeps the others (the layers' input gradients, as large as
+    their activations) from living to the end of the backward."""
+    nodes = {t.grad_fn for t in targets if t.grad_fn is not None}
+    if len(nodes) < 2:
+        return targets
+    reaches: dict = {}  # node -> whether a target's node lies strictly below it
+    for start in nodes:
+        stack = [(start, iter(start.next_functions))]
+        on_path = {start}
+        while stack:
+            node, it = stack[-1]
+            nxt = next(it, None)
+            if nxt is None:
+                stack.pop()
+                on_path.discard(node)
+                if node not in reaches:
+                    reaches[node] = False
+                continue
+            child = nxt[0]
+            if child is None:
+                continue
+            if child in nodes or reaches.get(child):
+                for n, _ in stack:
+                    reaches[n] = True
+                continue
+            if child in reaches or child in on_path:
+                continue
+            on_path.add(child)
+            stack.append((child, iter(child.next_functions)))
+    return [t for t in targets if t.grad_fn is None or not reaches.get(t.grad_fn)]
 
 
 def grad(outputs, inputs, *args, **kwargs):

@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="device to benchmark (default: cuda if available, else cpu)")
     parser.add_argument("--only", metavar="SECTIONS",
                         help=f"comma-separated subset of: {','.join(cases.SECTIONS)}")
+    parser.add_argument("--models", metavar="KINDS",
+                        help="comma-separated subset of the importance/selfcheck rows' models (bench/models.py KINDS)")
     parser.add_argument("--reps", type=int, help="at most this many timed rounds per implementation, as many as "
                         "fit in ~2 s (0.5 s with --quick) (default 20 with --quick, else 200)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
@@ -63,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     failed = 0
     try:
-        for section, build in cases.plan(args.quick, device, use_compile):
+        models = {"models": args.models.split(",")} if args.models else {}
+        for section, build in cases.plan(args.quick, device, use_compile, **models):
             if sections is not None and section not in sections:
                 continue
             t0 = time.perf_counter()

@@ -139,6 +139,12 @@ def build(kind: str, quick: bool = False):
     if kind == "encoder":
         n, t = (8, 16) if quick else (16, 32)
         return Encoder(128, 2), torch.randn(n, t, 128, generator=g), None, f"TransformerEncoder 2x128, {n}x{t}"
+    if kind == "readme":  # the README's first example (its Use section)
+        body = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 5))
+        return body, torch.randn(32, 20, generator=g), None, "README MLP 20-64-5, batch 32"
+    if kind == "mlp-demo":  # the README's main job's model (examples/split_mnist.py) at its estimate() batch size
+        body = nn.Sequential(nn.Linear(784, 400), nn.ReLU(), nn.Linear(400, 400), nn.ReLU(), nn.Linear(400, 2))
+        return body, torch.randn(256, 784, generator=g), None, "demo MLP 784-400-400-2, batch 256"
     if kind == "mlp":
         return (nn.Sequential(nn.Linear(784, 400), nn.ReLU(), nn.Linear(400, 400), nn.ReLU(), nn.Linear(400, 10)),
                 torch.randn(64, 784, generator=g), None, "mlp-400 batch 64")

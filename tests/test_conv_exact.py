@@ -106,3 +106,52 @@ def test_native_refuses_a_budget_below_one_samples_product():
     with pytest.raises(RuntimeError, match="memory_budget"):
         conv_exact.conv_weight_abs_sum_(torch.zeros_like(conv.weight), x, torch.randn(2, 64, 8, 8), conv, 64 << 10,
                                         "native")
+
+
+# The native kernel's shifted-rows layout (csrc/conv_exact.cpp: the padded input cut into stride phases, a patch
+# row one contiguous slice per output plane) serves rows wide enough that widening them by the kernel's reach
+# costs at most half again; narrower rows, and budgets too small for a whole sample, take the per-run gather.
+SHIFTED = [
+    (nn.Conv2d, dict(kernel_size=3, padding=1), (3, 4, 20, 20)),
+    (nn.Conv2d, dict(kernel_size=3, stride=2, padding=1), (3, 4, 21, 20)),
+    (nn.Conv2d, dict(kernel_size=(3, 2), stride=(3, 2), padding=(2, 0), dilation=(1, 2)), (2, 4, 19, 23)),
+    (nn.Conv2d, dict(kernel_size=1, stride=2), (3, 4, 16, 16)),
+    (nn.Conv2d, dict(kernel_size=3, dilation=2, padding=2, groups=2), (2, 4, 18, 18)),
+    (nn.Conv2d, dict(kernel_size=3, padding=1, padding_mode="circular"), (2, 4, 17, 17)),
+    (nn.Conv1d, dict(kernel_size=5, stride=2, padding=2, dilation=2), (3, 4, 40)),
+    (nn.Conv3d, dict(kernel_size=3, stride=(2, 1, 2), padding=1), (2, 3, 5, 7, 20)),
+]
+
+
+@pytest.mark.skipif("native" not in STRATEGIES, reason="the native extension is not built")
+@pytest.mark.parametrize("cls, kw, shape", SHIFTED)
+@pytest.mark.parametrize("budget", [64 << 10, 256 << 20])
+def test_native_layouts_match_the_oracle(cls, kw, shape, budget):
+    conv = cls(shape[1], 6, bias=False, **kw)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        delta = torch.randn_like(conv(x))
+    omega = torch.zeros_like(conv.weight)
+    conv_exact.conv_weight_abs_sum_(omega, x, delta, conv, budget, "native")
+    assert_close(omega, ref.conv_weight_abs_sum(conv, x, delta), atol=1e-5, rtol=1e-4, name=f"{conv} {budget}")
+
+
+@pytest.mark.skipif("native" not in STRATEGIES, reason="the native extension is not built")
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_native_non_finite_inputs_as_the_definition(value, stride):
+    """A sample with an inf or NaN goes through the gather (the shifted rows would multiply the values
+    wrapped into a widened row, by zero: NaN): its inf/NaN reach exactly the weights whose patches see it."""
+    conv = nn.Conv2d(4, 5, 3, stride=stride, padding=1, bias=False)
+    x = torch.randn(4, 4, 20, 20)
+    x[1, 2, 5, 19] = value  # the last column: read by the wrapped positions of the next row
+    with torch.no_grad():
+        delta = torch.randn_like(conv(x.nan_to_num()))
+    native = torch.zeros_like(conv.weight)
+    conv_exact.conv_weight_abs_sum_(native, x, delta, conv, 256 << 20, "native")
+    unfold = torch.zeros_like(conv.weight)
+    conv_exact.conv_weight_abs_sum_(unfold, x, delta, conv, 256 << 20, "unfold")
+    assert torch.equal(native.isnan(), unfold.isnan()) and torch.equal(native.isinf(), unfold.isinf())
+    fin = native.isfinite()
+    assert not fin.all()
+    assert_close(native[fin], unfold[fin], atol=1e-5, rtol=1e-4)

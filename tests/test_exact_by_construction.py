@@ -519,3 +519,26 @@ def test_a_flattened_layer_with_sequences_of_another_length():
     batches = [(torch.randn(4, 3, 4),), (torch.randn(4, 5, 4),), (torch.randn(2, 6, 4),)]
     mas = exact_args(model, batches, [0])
     assert len(mas._layouts.cache) == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.one_of(st.none(), st.integers(), st.booleans(), st.text(max_size=2),
+                          st.builds(torch.zeros, st.integers(0, 3)),
+                          st.lists(st.builds(torch.ones, st.integers(0, 2)), max_size=2),
+                          st.dictionaries(st.text(max_size=2), st.builds(torch.ones, st.integers(0, 2)), max_size=2)),
+                max_size=4),
+       st.dictionaries(st.text(min_size=1, max_size=3), st.one_of(st.none(), st.floats(allow_nan=False),
+                                                                 st.builds(torch.ones, st.integers(0, 2)),
+                                                                 st.tuples(st.integers())), max_size=3))
+def test_call_leaves_is_tree_flatten(args, kwargs):
+    """The hooks' leaves of a call (no walk for tensors and plain values) are ``tree_flatten``'s, in order."""
+    from torch.utils._pytree import tree_flatten
+
+    from mas_kernels.estimators.layout import call_leaves, tensor_leaves
+
+    args = tuple(args)
+    want = tree_flatten((args, kwargs))[0]
+    got = call_leaves(args, kwargs)
+    assert len(got) == len(want) and all(a is b for a, b in zip(got, want))
+    tensors = [t for t in want if isinstance(t, torch.Tensor)]
+    assert [id(t) for t in tensor_leaves((args, kwargs))] == [id(t) for t in tensors]

@@ -57,3 +57,23 @@ def test_a_squared_reduction_on_gpt2_with_tied_weights():
     ids = torch.randint(0, 40, (3, 5))
     out = lambda o: o.logits  # noqa: E731
     close(squared(model, ids, out), ref.per_sample_sum(model, [ids], lambda g: g * g, out))
+
+
+@pytest.mark.parametrize("reduction, r", [(Square(), lambda g: g * g), (None, torch.abs)], ids=["square", "abs"])
+def test_the_self_checks_literal_definition_with_any_reduction(reduction, r):
+    """The self-check's reference (one forward and backward per sample, ``Reduction.accumulate_`` from the
+    second sample on) against the oracle on those samples alone; a ViT-style block's q/k/v gradients come
+    from autograd as views of one buffer."""
+    from mas_kernels.estimators.reduction import ABS
+    from mas_kernels.estimators.verify import literal
+
+    torch.manual_seed(0)
+    model = models.Encoder().eval()
+    x = torch.randn(4, 5, 8)
+    params = dict(model.named_parameters())
+    plan = Plan(model, params)
+    batch = Batch(model, lambda m: m(x))
+    Layouts(model, plan, params, lambda o: o, exact=True).resolve(batch)
+    got, outputs = literal(batch, [1, 3], params, lambda o: o, reduction or ABS)
+    close(got, {k: 2 * v for k, v in ref.per_sample_sum(model, [x[[1, 3]]], r).items()})  # a sum, not a mean
+    assert len(outputs) == 2 and torch.allclose(outputs[1], model(x[3:4]), atol=1e-6)

@@ -2,13 +2,14 @@
 
 :func:`capture` runs the model once with forward hooks on the layers that
 have rules; each call of a layer is a :class:`Call` (its positional and keyword
-arguments and its output). Each output's gradient edge (``get_gradient_edge``:
-the graph node that made it) is kept as the layer returned it, before anything
-downstream can overwrite the output in place (``ReLU(inplace=True)`` after a
-Linear). :func:`backward` then runs one backward pass of the loss that asks
-for the gradients at those edges, which are the gradients w.r.t. the outputs
-as the layers returned them, and computes nothing the engine does not need to
-reach them: no parameter gradient, no gradient below the first recorded layer.
+arguments and its output). A tensor hook on each output, registered before
+anything downstream can overwrite it in place (``ReLU(inplace=True)`` after a
+Linear), receives the gradient of the loss w.r.t. that output as it was when
+the layer returned it. :func:`backward` then runs one backward pass of the
+loss that reaches every recorded layer and computes no parameter gradient it
+does not have to: it asks for the gradients w.r.t. the layers' inputs (or,
+for a layer whose inputs need no gradient, w.r.t. its output, or one of its
+parameters when that output was overwritten in place).
 
 The per-layer rules turn ``(call.args, call.delta)`` into per-sample
 gradients; the whole model's per-sample gradients are never formed.
@@ -23,10 +24,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
-from torch.autograd.graph import GradientEdge, get_gradient_edge
-from torch.utils._pytree import tree_flatten
 
-from .layout import Flat, UNKNOWN, expand_call
+from .layout import call_leaves, tensor_leaves
 
 
 @dataclasses.dataclass
@@ -37,7 +36,7 @@ class Call:
     kwargs: dict
     output: Any
     deltas: list  # per output tensor (in tree_flatten order): the gradient, None until backward gives one
-    edges: list  # per output tensor: its gradient edge as the layer returned it (None: needs no gradient)
+    versions: list  # the output tensors' version counters when the layer returned them
     replay: Any = None  # what a rule's own forward left for it (an RNN's step-by-step replay)
     targets: list = dataclasses.field(default_factory=list)  # more tensors the backward must reach
     dims: Any = None  # where its tensors keep the batch's samples (a layout.CallDims, as observed)
@@ -46,7 +45,7 @@ class Call:
     @property
     def outputs(self) -> list[torch.Tensor]:
         if self.outs is None:
-            self.outs = _tensors(self.output)
+            self.outs = tensor_leaves(self.output)
         return self.outs
 
     @property
@@ -72,17 +71,23 @@ class Recorder:
     ``layout``: the observed layout; each call gets its :class:`~.layout.CallDims`, and a shared call
     the layout says to broadcast is expanded to the batch's ``n`` samples in place of its output.
     ``inline``: module -> plan layer whose rule's ``inline_forward`` replaces the module's forward.
+    ``then``: ``(module, call) -> callable or None``: for a call with one output, what to run right after its
+    output gradient is stored (inside the backward).
     """
 
-    def __init__(self, modules: list[nn.Module], grads: bool, layout=None, n: int = 1, inline: dict | None = None):
+    def __init__(self, modules: list[nn.Module], grads: bool, layout=None, n: int = 1, inline: dict | None = None,
+                 then: Callable | None = None):
         self.calls: dict[nn.Module, list[Call]] = {m: [] for m in modules}
         self.grads = grads
         self.layout = layout
         self.n = n
         self.inline = inline or {}
+        self.then = then
         self.handles: list = []
 
     def _hook(self, module, args, kwargs, output):
+        from .layout import expand_call
+
         if threading.get_ident() != self._thread:
             return None  # another thread's forward of the same model: not this pass
         calls = self.calls[module]
@@ -91,18 +96,23 @@ class Recorder:
         if dims is not None and dims.expand is not None:
             args, new = expand_call(args, output, dims.expand, self.n)
             output = new
-        outs = _tensors(output)
-        edges = [_edge(t) if t.requires_grad else None for t in outs] if self.grads else []
-        call = Call(args, kwargs, output, [None] * len(outs), edges, dims=dims, outs=outs)
-        if self._pending:
-            replay = self._pending.pop(module, None)
-            if replay is not None:
-                call.replay, call.targets = replay, replay.targets()
+        outs = tensor_leaves(output)
+        call = Call(args, kwargs, output, [None] * len(outs), [t._version for t in outs], dims=dims, outs=outs)
+        replay = self._pending.pop(module, None)
+        if replay is not None:
+            call.replay, call.targets = replay, replay.targets()
+        if self.grads:
+            then = self.then(module, call) if self.then is not None and len(outs) == 1 else None
+            for i, t in enumerate(outs):
+                if t.requires_grad:
+                    t.register_hook(_store(call.deltas, i, then))
         calls.append(call)
         return new
 
     def check(self, n: int) -> None:
         """Raise :class:`LayoutChanged` when the calls do not match the layout they were recorded with."""
+        from .layout import Flat, UNKNOWN
+
         if self.layout is None:
             return
         for module, calls in self.calls.items():
@@ -110,7 +120,7 @@ class Recorder:
             if len(calls) != len(seen):
                 raise LayoutChanged(f"{type(module).__name__} called {len(calls)} times, {len(seen)} when observed")
             for call in calls:
-                leaves = _inputs(call.args, call.kwargs) + call.outputs
+                leaves = call_leaves(call.args, call.kwargs) + call.outputs
                 for t, d in zip(leaves, call.dims.ins + call.dims.outs):
                     if not isinstance(t, torch.Tensor) or d is None or d is UNKNOWN or call.dims.rows:
                         continue
@@ -154,85 +164,85 @@ class Recorder:
         self._forwards.clear()
 
 
-class _ViewEdge:
-    """An output that is a whole-tensor view of its base (a Linear's on a sequence: ``addmm(...).view(N, T, J)``):
-    an in-place op on it later (``ReLU(inplace=True)``) takes the view's own node out of the graph (the base
-    gets a ``CopySlices``), so the gradient is then read at the base's edge as it was, in the view's shape."""
-
-    __slots__ = ("edge", "base", "version")
-
-    def __init__(self, edge, base, version):
-        self.edge, self.base, self.version = edge, base, version
-
-
-def _edge_of(t: torch.Tensor) -> GradientEdge:
-    """``get_gradient_edge(t)``, without its Python checks for a tensor made by a C++ node (the usual case)."""
-    fn = t.grad_fn
-    if fn is None or isinstance(fn, torch._C._FunctionBase):  # a leaf, or a Python Function's output
-        return get_gradient_edge(t)
-    return GradientEdge(fn, t.output_nr)
-
-
-def _edge(t: torch.Tensor):
-    """``t``'s gradient edge as it is now (a :class:`_ViewEdge` for a whole-tensor view of its base)."""
-    e = _edge_of(t)
-    b = t._base
-    if (b is not None and b.requires_grad and b.numel() == t.numel() and b.data_ptr() == t.data_ptr()
-            and t.is_contiguous() and b.is_contiguous()):
-        return _ViewEdge(e, _edge_of(b), t._version)
-    return e
-
-
-def _tensors(tree) -> list[torch.Tensor]:
-    """The tensors of ``tree`` in ``tree_flatten`` order (a bare tensor, the usual output, without the walk)."""
-    if isinstance(tree, torch.Tensor):
-        return [tree]
-    return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
-
-
-def _inputs(args: tuple, kwargs: dict) -> list:
-    """The leaves of ``(args, kwargs)`` (tensors only in the usual case: no walk)."""
-    if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
-        return list(args)
-    return tree_flatten((args, kwargs))[0]
-
-
-def _store(slots: list, i: int) -> Callable:
+def _store(slots: list, i: int, then: Callable | None = None) -> Callable:
     def hook(grad):
         slots[i] = grad
+        if then is not None:
+            then()
     return hook
 
 
 @contextlib.contextmanager
 def capture(modules: list[nn.Module], grads: bool = True, layout=None, n: int = 1,
-            inline: dict | None = None) -> Iterator[Recorder]:
-    """Record the calls of ``modules`` during the block (with output gradients when ``grads``)."""
-    with Recorder(modules, grads, layout, n, inline) as rec:
+            inline: dict | None = None, then: Callable | None = None) -> Iterator[Recorder]:
+    """Record the calls of ``modules`` during the block (with output gradients when ``grads``; ``then``: see
+    :class:`Recorder`)."""
+    with Recorder(modules, grads, layout, n, inline, then) as rec:
         yield rec
 
 
 def backward(loss: torch.Tensor, rec: Recorder, retain_graph: bool = False) -> None:
-    """One backward pass of ``loss`` that fills the recorded calls' ``deltas``, writing no ``.grad``: the
-    gradients at the outputs' edges (and at the tensors a replay's hooks wait on, ``call.targets``)."""
-    inputs: list = []
-    slots: list = []  # (call, output index, index in inputs)
-    for calls in rec.calls.values():
+    """One backward pass of ``loss`` that fills the recorded calls' ``deltas``, writing no ``.grad``."""
+    targets: dict[int, torch.Tensor] = {}
+    for module, calls in rec.calls.items():
         for call in calls:
-            inputs.extend(call.targets)
-            for i, e in enumerate(call.edges):
-                if e is None:
-                    continue
-                shape = None
-                if isinstance(e, _ViewEdge):
-                    t = call.outputs[i]
-                    e, shape = (e.edge, None) if t._version == e.version else (e.base, t.shape)
-                slots.append((call, i, len(inputs), shape))
-                inputs.append(e)
-    if inputs and loss.requires_grad:
-        grads = grad(loss, inputs, allow_unused=True, retain_graph=retain_graph)
-        for call, i, j, shape in slots:
-            g = grads[j]
-            call.deltas[i] = g if shape is None or g is None else g.view(shape)
+            for t in call.targets:
+                targets[id(t)] = t
+            ins = [t for t in call_leaves(call.args, call.kwargs) if isinstance(t, torch.Tensor) and t.requires_grad]
+            if ins:
+                for t in ins:
+                    targets[id(t)] = t
+                continue
+            outs = call.outputs
+            if any(t.requires_grad and t._version == v for t, v in zip(outs, call.versions)):
+                for t, v in zip(outs, call.versions):
+                    if t.requires_grad and t._version == v:
+                        targets[id(t)] = t
+            else:
+                # Every output was overwritten in place downstream: asking for its gradient would give
+                # that of the overwriting op. A parameter of the layer sits behind the original output.
+                ps = [p for p in module.parameters() if p.requires_grad]
+                if ps:
+                    p = min(ps, key=lambda q: q.numel())
+                    targets[id(p)] = p
+    if targets and loss.requires_grad:
+        grad(loss, _upstream(list(targets.values())), allow_unused=True, retain_graph=retain_graph)
+
+
+def _upstream(targets: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``targets`` less those the backward reaches anyway on its way to another target: a target whose
+    ``grad_fn`` leads (through ``next_functions``) to another target's ``grad_fn`` runs, and so fires its
+    tensor hooks, without being asked for. ``autograd.grad`` holds every gradient it was asked for until it
+    returns: asking only for the upstream ones keeps the others (the layers' input gradients, as large as
+    their activations) from living to the end of the backward."""
+    nodes = {t.grad_fn for t in targets if t.grad_fn is not None}
+    if len(nodes) < 2:
+        return targets
+    reaches: dict = {}  # node -> whether a target's node lies strictly below it
+    for start in nodes:
+        stack = [(start, iter(start.next_functions))]
+        on_path = {start}
+        while stack:
+            node, it = stack[-1]
+            nxt = next(it, None)
+            if nxt is None:
+                stack.pop()
+                on_path.discard(node)
+                if node not in reaches:
+                    reaches[node] = False
+                continue
+            child = nxt[0]
+            if child is None:
+                continue
+            if child in nodes or reaches.get(child):
+                for n, _ in stack:
+                    reaches[n] = True
+                continue
+            if child in reaches or child in on_path:
+                continue
+            on_path.add(child)
+            stack.append((child, iter(child.next_functions)))
+    return [t for t in targets if t.grad_fn is None or not reaches.get(t.grad_fn)]
 
 
 def grad(outputs, inputs, *args, **kwargs):

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..ops.abs_bmm import DEFAULT_MEMORY_BUDGET
+from ..state import FlatBuffers
 from .batch import Batch
 from .capture import backward, capture, grad
 from .layout import UNKNOWN, rows, take
@@ -147,16 +148,39 @@ class ExactEstimator:
         layers = [layer for layer in self.plan.layers if fast & set(layer.names())]
         modules = list({id(layer.module): layer.module for layer in layers}.values())
         inline = {layer.module: layer for layer in layers if layer.rule.inline_forward is not None}
+        ctx = Context(n, self.budget, self.max_chunk, self.reduction)
+        # Inside the backward only where the numerators are plain views (a sharded staging reduce-scatters per
+        # scope) and no self-check reads the recorded gradients after it.
+        eager = self._eager(layers, layout, fast) if check is None and isinstance(staging, FlatBuffers) else {}
+        done: set = set()
+
+        def then(module, call):
+            """The rule of a layer called once, run as soon as its output gradient is complete (its output
+            gradient still in cache, and dropped after: the gradients do not all live to the end of the
+            backward)."""
+            layer = eager.get(module)
+            if layer is None:
+                return None
+
+            def run():
+                with torch.no_grad():
+                    layer.rule.exact(layer, [call], ctx, {a: staging[name] for a, name in layer.attrs.items()
+                                                          if name in fast})
+                call.deltas[0] = None
+                done.add(module)
+            return run
+
         with torch.enable_grad():
-            with capture(modules, layout=layout, n=n, inline=inline) as rec:
+            with capture(modules, layout=layout, n=n, inline=inline, then=then if eager else None) as rec:
                 out = self.output_fn(batch.forward())
             rec.check(n)
             loss = squared_norm(out)
             backward(loss, rec, retain_graph=bool(slow))
-        ctx = Context(n, self.budget, self.max_chunk, self.reduction)
         with torch.no_grad():
             del loss
             for layer in layers:
+                if layer.module in done:
+                    continue
                 calls = rec.calls[layer.module]
                 names_ = [name for name in layer.attrs.values() if name in fast and name not in self.plan.shared]
                 with _scope(staging, [layer], names_):  # a sharded state reduce-scatters the layer's numerators
@@ -193,6 +217,18 @@ class ExactEstimator:
                 if check is not None and check.done:
                     self._per_sample(slow, out, layout, n, check.fast, only=check.idx)
         return out.detach()
+
+    def _eager(self, layers, layout, fast: set) -> dict:
+        """module -> layer, for the layers whose rule may run inside the backward (``Rule.eager``): called once
+        in the observed layout on all the samples, no parameter shared with another layer."""
+        eager = {}
+        for layer in layers:
+            seen = layout.calls.get(id(layer.module), [])
+            names = list(layer.attrs.values())
+            if (layer.rule.eager and len(seen) == 1 and not seen[0].rows
+                    and not any(name in self.plan.shared for name in names) and any(name in fast for name in names)):
+                eager[layer.module] = layer
+        return eager
 
     def _shared(self, name: str, calls: dict, ctx: Context, acc: torch.Tensor) -> None:
         """One parameter, several layers: their per-sample contributions summed, then the reduction."""
@@ -358,4 +394,4 @@ def _slice(call, idx: torch.Tensor, n: int):
     it = iter(outs)
     output = tree_unflatten([next(it) if isinstance(t, torch.Tensor) else t for t in out_leaves], out_spec)
     deltas = [None if g is None else take(g, dd, idx, n) for g, dd in zip(call.deltas, d.outs)]
-    return Call(args, kwargs, output, deltas, call.edges, dims=d, outs=outs)
+    return Call(args, kwargs, output, deltas, call.versions, dims=d, outs=outs)

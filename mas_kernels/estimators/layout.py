@@ -157,8 +157,7 @@ class Layout:
 
     def n(self, args: tuple, kwargs: dict) -> int:
         """N of a call with this layout: the size of the first batched input's sample dim (1: unbatched)."""
-        leaves = tree_flatten((args, kwargs))[0]
-        for t, d in zip(leaves, self.inputs):
+        for t, d in zip(call_leaves(args, kwargs), self.inputs):
             if isinstance(t, torch.Tensor) and d is not None:
                 size = t.shape[d.dim if isinstance(d, Flat) else d]
                 return size // d.per if isinstance(d, Flat) else int(size)
@@ -173,6 +172,28 @@ class Layout:
     def dims_of(self, module: nn.Module, i: int) -> CallDims | None:
         got = self.calls.get(id(module))
         return got[i] if got is not None and i < len(got) else None
+
+
+def tensor_leaves(tree) -> list[torch.Tensor]:
+    """The tensors of ``tree`` in ``tree_flatten`` order (a bare tensor, the usual output, without the walk)."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
+
+
+_PLAIN = (type(None), bool, int, float, str)  # leaves of a pytree, as tensors are
+
+
+def _plain(values) -> bool:
+    return all(isinstance(v, torch.Tensor) or type(v) in _PLAIN for v in values)
+
+
+def call_leaves(args: tuple, kwargs: dict) -> list:
+    """The leaves of ``(args, kwargs)`` in ``tree_flatten`` order (no walk in the usual case: tensors and plain
+    values, no containers)."""
+    if type(args) is tuple and _plain(args) and (not kwargs or (type(kwargs) is dict and _plain(kwargs.values()))):
+        return [*args, *kwargs.values()] if kwargs else list(args)
+    return tree_flatten((args, kwargs))[0]
 
 
 def signature(args: tuple, kwargs: dict) -> tuple:
@@ -214,11 +235,13 @@ def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.numel() == 0:
         return True
     tol = _tol(a.dtype)
-    a, b = a.detach().double(), b.detach().double()
-    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+    wide = torch.promote_types(a.dtype, torch.float32)  # tol is far above float32's round-off
+    a, b = a.detach().to(wide), b.detach().to(wide)
+    finite, scale, diff = torch.stack([torch.isfinite(a).all() & torch.isfinite(b).all(), b.abs().max(),
+                                       (a - b).abs().max()]).tolist()  # one host synchronization
+    if not finite:
         return bool(torch.equal(a.nan_to_num(), b.nan_to_num()))
-    scale = max(b.abs().max().item(), 1e-30)
-    return bool((a - b).abs().max().item() <= tol * scale)
+    return diff <= tol * max(scale, 1e-30)
 
 
 def dim_between(full: tuple, sub: tuple, n: int, s: int):
@@ -260,9 +283,8 @@ class _Record:
         if d is not None:
             args, output = expand_call(args, output, d, self.n)
             new = output
-        ins = tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else None
-                    for t in tree_flatten((args, kwargs))[0])
-        outs = tuple(tuple(t.shape) for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor))
+        ins = tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in call_leaves(args, kwargs))
+        outs = tuple(tuple(t.shape) for t in tensor_leaves(output))
         calls.append((ins, outs))
         return new
 

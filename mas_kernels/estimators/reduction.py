@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops import abs_bmm_accumulate_  # noqa: F401  (defines the op)
+from ..ops import abs_accumulate_, abs_bmm_accumulate_  # noqa: F401  (abs_bmm_accumulate_: defines the op)
 
 _ABS_BMM = torch.ops.mas_kernels.abs_bmm_accumulate_.default
 
@@ -34,6 +34,11 @@ class Reduction:
         """``acc += sum_s r(g_s)`` for per-sample gradients ``g`` of shape ``(S, *acc.shape)``."""
         acc.add_(self.apply(g.to(acc.dtype)).sum(0))
 
+    def accumulate_(self, accs: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        """``accs[i] += r(grads[i])`` for one sample's gradients (``grads``: owned by the caller, may be
+        overwritten)."""
+        torch._foreach_add_(accs, [self.apply(g.to(a.dtype)) for a, g in zip(accs, grads)])
+
     def bmm_(self, acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, budget: int) -> None:
         """``acc += sum_s r(a_s^T b_s)`` with ``a`` (S, T, J), ``b`` (S, T, I): per-sample products in chunks of
         samples within ``budget`` bytes."""
@@ -51,6 +56,9 @@ class AbsReduction(Reduction):
 
     def apply(self, g):
         return g.abs_() if not g.requires_grad else g.abs()
+
+    def accumulate_(self, accs, grads):
+        abs_accumulate_(accs, grads)  # one fused pass over every pair
 
     def bmm_(self, acc, a, b, budget):
         if acc.dtype == torch.float32:

@@ -28,9 +28,11 @@ from typing import Iterable
 
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
+
+from .layout import call_leaves, tensor_leaves
 
 
 def _op_name(func) -> str:
@@ -86,10 +88,10 @@ class UseTracker(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        names, data = self._sources(tree_flatten((args, kwargs))[0])
+        names, data = self._sources(call_leaves(args, kwargs))
         if not names and not data:
             return out
-        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        outs = tensor_leaves(out)
         if data:
             for t in outs:
                 self.data[t] = True
@@ -113,9 +115,10 @@ class UseTracker(TorchFunctionMode):
 
     # ---------------------------------------------------------- module stack
     def __enter__(self):
-        for m in self.model.modules():
-            self._handles.append(m.register_forward_pre_hook(self._push))
-            self._handles.append(m.register_forward_hook(self._pop, always_call=True))
+        # Two global module hooks (filtered to the model's modules) instead of two per module: a large
+        # model's hundreds of registrations cost more than the sub-batch's run.
+        self._handles.append(register_module_forward_pre_hook(self._push))
+        self._handles.append(register_module_forward_hook(self._pop, always_call=True))
         return super().__enter__()
 
     def __exit__(self, *exc):
@@ -127,7 +130,8 @@ class UseTracker(TorchFunctionMode):
             self._handles.clear()
 
     def _push(self, module, args):
-        if threading.get_ident() == self._thread:  # another thread's forward is not this run
+        # another thread's forward is not this run
+        if id(module) in self.names and threading.get_ident() == self._thread:
             self.stack.append(id(module))
 
     def _pop(self, module, args, output):

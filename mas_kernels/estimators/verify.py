@@ -48,7 +48,8 @@ def literal(batch, idx: list[int], params: dict[str, torch.Tensor], output_fn, r
     """``sum_{k in idx} r(d ||F(x_k)||^2 / d theta)``, one sample at a time (in float32, float64 for a float64
     parameter), and each sample's output ``F(x_k)``."""
     names = list(params)
-    out = {k: torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for k, p in params.items()}
+    wide = {k: torch.promote_types(p.dtype, torch.float32) for k, p in params.items()}
+    out: dict[str, torch.Tensor | None] = dict.fromkeys(names)
     outputs = []
     for k in idx:
         one = batch if k is None else batch.subset([k])
@@ -56,29 +57,41 @@ def literal(batch, idx: list[int], params: dict[str, torch.Tensor], output_fn, r
             y = output_fn(one.forward())
             grads = grad(squared_norm(y), [params[n] for n in names], allow_unused=True)
         outputs.append(y.detach())
-        with torch.no_grad():
-            for n, g in zip(names, grads):
-                if g is not None:
-                    out[n] += reduction.apply(g.detach().to(out[n].dtype))
-    return out, outputs
+        with torch.no_grad():  # the gradients are ours: r may work in place on them
+            got = [(n, g.detach().to(wide[n])) for n, g in zip(names, grads) if g is not None]
+            more = [(out[n], g) for n, g in got if out[n] is not None]
+            storages = [g.untyped_storage().data_ptr() for _, g in got]
+            for (n, g), ptr in zip(got, storages):
+                if out[n] is None:  # a gradient autograd gave as a view of a buffer it shares is copied
+                    out[n] = reduction.apply(g.clone() if storages.count(ptr) > 1 else g)
+            if more:
+                reduction.accumulate_([a for a, _ in more], [g for _, g in more])
+    return {n: torch.zeros_like(params[n], dtype=wide[n]) if t is None else t for n, t in out.items()}, outputs
 
 
 def mismatches(fast: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], dtypes: dict) -> list[tuple[str, float]]:
     """``(name, relative error)`` of each parameter whose fast numerators are not the reference's.
 
     The error is measured in L1 on the parameter's own scale, floored at 1e-3 of the model's largest mean
-    importance (a parameter whose true importance is 0 holds only round-off in both). Two reductions per
-    parameter (``sum |r|``, ``sum |f - r|``, accumulated in float64); a non-finite one is skipped (a
+    importance (a parameter whose true importance is 0 holds only round-off in both). Two sums per
+    parameter (``sum |r|``, ``sum |f - r|``, one host synchronization), computed in place: both
+    dicts are the self-check's own and are spent by it; a non-finite one is skipped (a
     non-finite batch: the commit's finite check rejects it, by name)."""
     stats = {}
-    with torch.no_grad():
-        for n, r in ref.items():
-            if not r.numel():
-                continue
-            size = torch.linalg.vector_norm(r, 1).double().item()
-            diff = torch.dist(fast[n].to(r.dtype), r, 1).double().item()
+    names = [n for n, r in ref.items() if r.numel()]
+    if names:
+        with torch.no_grad():  # in place: both sides are the self-check's own buffers, dropped after it
+            refs = [ref[n] for n in names]
+            diffs = [fast[n] if fast[n].dtype == r.dtype else fast[n].to(r.dtype) for n, r in zip(names, refs)]
+            torch._foreach_sub_(diffs, refs)
+            torch._foreach_abs_(diffs)
+            torch._foreach_abs_(refs)
+            sums = [t.sum().double() for t in refs + diffs]
+            values = torch.stack(sums).tolist()  # one host synchronization
+        for j, n in enumerate(names):
+            size, diff = values[j], values[len(names) + j]
             if math.isfinite(size) and math.isfinite(diff):
-                stats[n] = (diff / r.numel(), size / r.numel())
+                stats[n] = (diff / ref[n].numel(), size / ref[n].numel())
     top = max((s for _, s in stats.values()), default=0.0)
     bad = []
     for n, (diff, size) in stats.items():

@@ -61,7 +61,9 @@ class Rule:
     * ``inline_forward(layer, args, kwargs) -> (outputs, replay)`` (optional): the layer's forward during
       the exact rule's recorded pass (an RNN's step replay), its ``replay`` kept on the call;
     * ``own_layout``: the rule reads its layer's layout from the layer's API (``batch_first``), not from
-      the observed dims (MultiheadAttention, the RNNs).
+      the observed dims (MultiheadAttention, the RNNs);
+    * ``eager``: :meth:`exact` of a layer called once may run inside the backward pass, as soon as its call's
+      output gradient is complete (it reads nothing but that call's input and output gradient).
     """
 
     attrs: tuple[str, ...] = ("weight", "bias")
@@ -71,6 +73,8 @@ class Rule:
     own_layout: bool = False
     #: the layer's forward during the exact rule's recorded pass, or None (see the class docstring)
     inline_forward: Callable | None = None
+    #: whether exact() of a layer called once may run inside the backward (see the class docstring)
+    eager: bool = False
 
     def unbatched(self, layer, x: torch.Tensor) -> bool:
         """Whether ``layer`` takes ``x`` as one unbatched sample (a 1-D input of a Linear)."""

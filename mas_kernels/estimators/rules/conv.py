@@ -39,6 +39,8 @@ def _batched(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
 class ConvRule(Rule):
     """``nn.Conv1d/2d/3d``: weight (O, C/groups, *kernel), bias (O)."""
 
+    eager = True
+
     def unbatched(self, layer, x):
         return x.dim() == len(layer.module.kernel_size) + 1
 

@@ -22,6 +22,9 @@ float32 rounding; each keeps its scratch within ``budget`` bytes):
   (``csrc/conv_exact.cpp``): each sample's patches gathered into a buffer
   that stays in cache, one BLAS call per chunk of samples, abs while the
   products are in cache. No unfolded batch: it reads the input about once.
+  Where the output rows are wide enough (widened by the kernel's reach at
+  most 1.5x), each sample's padded input is cut into its stride phases and a
+  patch row is one contiguous copy per output plane (no per-row gather).
 
 :func:`choose` picks one from :data:`CROSSOVER`, a table measured on the
 machine named there (``python -m bench --only conv_exact`` measures it
@@ -46,24 +49,26 @@ STRATEGIES = ("unfold", "grouped", "native")
 #: Which strategy the exact rule runs for a CPU convolution, by shape: the first row whose bounds hold wins
 #: (a bound left out: none). Keys: ``groups``, ``cg`` input channels per group, ``k`` kernel elements, ``l``
 #: output positions per sample. Made by ``python -m bench --only conv_exact`` (``OMP_NUM_THREADS=1``, 2-core
-#: Xeon with AVX-512, torch 2.13, the machine shared: load average 7-8), time over the batch weight gradient
-#: of the same layer, unfold / grouped / native:
+#: Xeon with AVX-512, torch 2.13, the machine shared: load average 3-4; ``--timer cpu``;
+#: ``bench/results/importance_cnn_cpu_t1.txt``), time over the batch weight gradient of the same layer,
+#: unfold / grouped / native (the native kernel with its shifted-rows layout; before it, native was
+#: 0.73 / 1.97 / 3.03 / 1.44 / 1.27 / 2.02 / 6.48 / 4.63 on these rows, load 7-8):
 #:
 #: ====================================  =====  =====  =====
-#: N=32 20->20 32x32 k3                  2.53   1.61   0.73
-#: N=32 80->80 8x8 k3                    2.83   2.45   1.97
-#: N=32 160->160 4x4 k3                  2.41   17.6   3.03
-#: N=16 16->16 32x32 k3                  11.9   1.91   1.44
-#: N=16 64->64 32x32 k3                  4.36   1.25   1.27
-#: N=16 256->256 8x8 k3                  2.10   6.23   2.02
-#: N=32 64->64 16x16 k3 depthwise        20.9   1.86   6.48
-#: N=32 64->64 16x16 k3 groups 4         12.6   3.18   4.63
+#: N=32 20->20 32x32 k3                  2.64   1.50   0.60
+#: N=32 80->80 8x8 k3                    3.32   3.44   1.49
+#: N=32 160->160 4x4 k3                  2.41   17.8   2.68
+#: N=16 16->16 32x32 k3                  6.39   1.58   1.21
+#: N=16 64->64 32x32 k3                  3.90   1.33   1.08
+#: N=16 256->256 8x8 k3                  2.28   8.10   2.26
+#: N=32 64->64 16x16 k3 depthwise        12.3   1.87   1.51
+#: N=32 64->64 16x16 k3 groups 4         7.58   1.85   1.56
 #: ====================================  =====  =====  =====
 #:
-#: (the native kernel is the fastest of the three on 18 of the 20 ungrouped shapes measured; with 2 threads
-#: on the loaded machine on all 23, at 0.2-0.9x the weight gradient, the others' thread teams waiting on
-#: descheduled threads). Grouped convolutions: a tiny GEMM per sample and group loses to the one grouped
-#: convolution.
+#: (the native kernel is the fastest of the three on 18 of the 20 ungrouped shapes measured, 0.5-2.3x the
+#: weight gradient; unfold at 4x4 outputs and on one 8x8 stride-2 row, within 2%). Grouped convolutions: in
+#: this run native also beat grouped on all three grouped rows (by 7-20%, one run), where the gather's tiny
+#: GEMM per sample and group lost 2.5-3.5x before; the table keeps grouped for them until measured again.
 CROSSOVER: tuple[dict, ...] = (
     dict(strategy="grouped", groups_min=2),
     dict(strategy="unfold", l_max=16),  # 4x4 outputs and fewer: abs_bmm's register tiles on long products

@@ -151,6 +151,8 @@ class RMSNormRule(LayerNormRule):
 class _ChannelNorm(_Norm):
     """Norms with one weight per channel (dim 1 of an (N, C, *) input)."""
 
+    eager = True
+
     def feature_dims(self, layer, x):
         return x.dim() - 1
 

@@ -1,0 +1,110 @@
+"""The exact rule's per-layer rules run inside the backward (``Rule.eager``: convolutions and channel norms called
+once, as soon as their output gradient is complete), against the one-sample oracle and against the same pass
+with every rule after the backward; and what it is for, the peak memory of the pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import mas_kernels as mk
+from bench.harness import peak_memory
+from mas_kernels.estimators import global_exact
+from tests import models
+from tests import reference as ref
+from tests.test_exact_layers import close
+
+
+def _eager_layers(monkeypatch) -> list:
+    """The layer names each pass ran inside the backward (one list per pass)."""
+    seen = []
+    real = global_exact.ExactEstimator._eager
+
+    def spy(self, layers, layout, fast):
+        got = real(self, layers, layout, fast)
+        seen.append(sorted(layer.name for layer in got.values()))
+        return got
+
+    monkeypatch.setattr(global_exact.ExactEstimator, "_eager", spy)
+    return seen
+
+
+class Twice(nn.Module):
+    """One convolution called twice (its rule sums both calls per sample: not eager), a norm called once."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.norm = nn.GroupNorm(1, 3)
+        self.head = nn.Linear(3 * 6 * 6, 2)
+
+    def forward(self, x):
+        return self.head(self.norm(self.conv(torch.relu(self.conv(x)))).flatten(1))
+
+
+class Unused(nn.Module):
+    """A convolution whose output never reaches the loss (no output gradient: its hook never fires)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv1d(2, 4, 3, stride=2, padding=1)
+        self.b = nn.Conv1d(2, 4, 3, dilation=2)
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        self.b(x)
+        return torch.tanh(self.bn(self.a(x)))
+
+
+CASES = {
+    "resnetish": (lambda: models.randomize_norms(models.ResNetish()), (5, 3, 8, 8)),
+    "conv3d_bn": (lambda: models.randomize_norms(nn.Sequential(
+        nn.Conv3d(2, 4, 3, stride=(1, 2, 1), padding=1), nn.BatchNorm3d(4), nn.ReLU(inplace=True),
+        nn.Conv3d(4, 3, (2, 3, 3), dilation=(1, 2, 1), padding="same", padding_mode="reflect"))), (3, 2, 5, 6, 7)),
+    "twice": (Twice, (4, 3, 6, 6)),
+    "unused": (lambda: models.randomize_norms(Unused()), (3, 2, 9)),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_rules_inside_the_backward_match_the_oracle(name, monkeypatch):
+    make, shape = CASES[name]
+    model = make().eval()
+    xs = [torch.randn(shape), torch.randn(shape)]
+    seen = _eager_layers(monkeypatch)
+    mas = mk.MAS(model, importance="global", verify=False).estimate(xs).consolidate()
+    close(mas.omega, ref.global_exact(model, [torch.cat(xs)]))
+    assert seen and all(seen), seen  # some layers did run inside the backward
+    if name == "twice":
+        assert seen[0] == ["norm"], seen  # the convolution called twice waits for the backward to end
+    # the same numbers as every rule after the backward
+    monkeypatch.setattr(global_exact.ExactEstimator, "_eager", lambda self, *a: {})
+    after = mk.MAS(model, importance="global", verify=False).estimate(xs).consolidate()
+    for k, v in after.omega.items():
+        torch.testing.assert_close(mas.omega[k], v, rtol=1e-6, atol=0, msg=k)
+
+
+def test_the_self_checked_batch_runs_every_rule_after_the_backward(monkeypatch):
+    model = models.randomize_norms(models.ResNetish()).eval()
+    seen = _eager_layers(monkeypatch)
+    x = torch.randn(4, 3, 8, 8)
+    mk.MAS(model, importance="global").estimate([x, x])  # the first batch self-checked, the second not
+    assert len(seen) == 1 and seen[0], seen  # only the second batch's pass ran rules inside its backward
+
+
+def test_rules_inside_the_backward_cut_the_peak_memory(monkeypatch):
+    """The output gradients are consumed as the backward makes them, not all kept to its end."""
+    model = models.randomize_norms(nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
+        nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
+        nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))).eval()
+    x = torch.randn(16, 3, 16, 16)
+    mas = mk.MAS(model, importance="global", verify=False)
+    mas.estimate([x])
+    eager = peak_memory(lambda: mas.estimate([x]))
+    monkeypatch.setattr(global_exact.ExactEstimator, "_eager", lambda self, *a: {})
+    after = peak_memory(lambda: mas.estimate([x]))
+    gradient = 4 * 16 * 16 * 16 * 16  # one layer's output gradient
+    assert eager <= after - 2 * gradient, (eager, after)

@@ -179,7 +179,7 @@ def oracle_plain(model, x):
     m = model.double()
     exp = {name: torch.zeros_like(p) for name, p in m.named_parameters()}
     for k in range(x.shape[0]):
-        gs = torch.autograd.grad(m(x[k:k + 1].double()).pow(2).sum(), list(m.parameters()))
+        gs = torch.autograd.grad(m(x[k:k + 1].double()).pow(2).sum(), list(m.parameters()), materialize_grads=True)
         for (name, _), g in zip(m.named_parameters(), gs):
             exp[name] += g.abs() / x.shape[0]
     model.float()
@@ -307,3 +307,49 @@ def test_vit_embeddings_from_the_output_gradient(masked):
         hf.ViTEmbeddingsRule.exact = real
     close(mas.consolidate().omega, ref.global_exact(model, [batch], lambda o: o.last_hidden_state))
     assert direct and all(d == (not masked) for d in direct)
+
+
+@pytest.mark.parametrize("layer", ["mha", "lstm"])
+def test_another_threads_forward_inside_an_inline_forward_pass(layer):
+    # A forward of the same model in another thread, in the middle of the recorded pass, runs the layers'
+    # own forwards: it leaves no replay for the estimating thread's calls to pick up.
+    import threading
+
+    torch.manual_seed(0)
+    if layer == "mha":
+        model = Attn(8, 2, True, "self").eval()
+    else:
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.rnn = nn.LSTM(8, 5, batch_first=True)
+                self.head = nn.Linear(5, 3)
+
+            def forward(self, x):
+                return self.head(self.rnn(x)[0])
+
+        model = Net().eval()
+    x = torch.randn(3, 4, 8)
+    main, errors, runs = threading.get_ident(), [], [0]
+
+    def other():
+        try:
+            with torch.no_grad():
+                model(torch.randn(5, 4, 8))
+            runs[0] += 1
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    def meanwhile(module, args):
+        if threading.get_ident() == main:
+            t = threading.Thread(target=other)
+            t.start()
+            t.join()
+
+    handle = model.head.register_forward_pre_hook(meanwhile)
+    try:
+        omega = mk.MAS(model, importance="global").estimate([x]).consolidate().omega
+    finally:
+        handle.remove()
+    assert not errors and runs[0] >= 1
+    close(omega, oracle_plain(model, x))

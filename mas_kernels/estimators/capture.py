@@ -146,9 +146,13 @@ class Recorder:
         self._forwards.append((module, had, module.__dict__.get("forward")))
 
         def forward(*args, **kwargs):
+            if threading.get_ident() != self._thread:  # another thread's forward of the same model: its own
+                return own(*args, **kwargs)
             out, replay = layer.rule.inline_forward(layer, args, kwargs)
             self._pending[module] = replay
             return out
+
+        own = module.forward  # bound before the replacement: the module's own forward
 
         module.forward = forward
 

@@ -57,7 +57,27 @@ class Unused(nn.Module):
         return torch.tanh(self.bn(self.a(x)))
 
 
+class Towers(nn.Module):
+    """Two convolution towers side by side (neither below the other: each tower's lowest output gradient is
+    asked for), and a Linear between two convolutions (the lower one below the Linear's asked-for output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.b = nn.Conv2d(3, 2, 3, stride=2)
+        self.mid = nn.Linear(4 * 6 * 6, 4 * 6 * 6)
+        self.c = nn.Conv2d(4, 2, 3)
+        self.head = nn.Linear(2 * 4 * 4 + 2 * 2 * 2, 3)
+
+    def forward(self, x):
+        a = torch.relu(self.bn(self.a(x)))
+        a = self.c(torch.tanh(self.mid(a.flatten(1))).view(-1, 4, 6, 6))
+        b = torch.relu(self.b(x))
+        return self.head(torch.cat([a.flatten(1), b.flatten(1)], 1))
+
+
 CASES = {
+    "towers": (lambda: models.randomize_norms(Towers()), (3, 3, 6, 6)),
     "resnetish": (lambda: models.randomize_norms(models.ResNetish()), (5, 3, 8, 8)),
     "conv3d_bn": (lambda: models.randomize_norms(nn.Sequential(
         nn.Conv3d(2, 4, 3, stride=(1, 2, 1), padding=1), nn.BatchNorm3d(4), nn.ReLU(inplace=True),

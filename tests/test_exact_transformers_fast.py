@@ -21,7 +21,6 @@ from torch import nn
 import mas_kernels as mk
 from mas_kernels.estimators import global_exact
 from mas_kernels.estimators.rules import attention
-from mas_kernels.estimators.verify import VerificationError
 from tests.helpers import HYPOTHESIS
 from tests.test_exact_layers import close
 
@@ -186,11 +185,7 @@ def oracle_plain(model, x):
     return exp
 
 
-@pytest.mark.parametrize("inplace", [pytest.param(True, marks=pytest.mark.xfail(
-    raises=VerificationError, strict=True, reason="a sequence Linear's output is a view of its base: an "
-    "in-place op on it takes the view's node (and its tensor hook) out of the graph, so the hook never fires and "
-    "the self-check refuses the model (read at the base's gradient edge on the tfm branch before its merge with "
-    "main's eager rules, which run from the tensor hooks)")), False])
+@pytest.mark.parametrize("inplace", [True, False])
 def test_outputs_overwritten_in_place_twice(inplace):
     # The gradient at a layer's output as the layer returned it, though two in-place ops overwrite it.
     class Net(nn.Module):

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from .layout import call_leaves, tensor_leaves
 
@@ -36,11 +37,12 @@ class Call:
     kwargs: dict
     output: Any
     deltas: list  # per output tensor (in tree_flatten order): the gradient, None until backward gives one
-    versions: list  # the output tensors' version counters when the layer returned them
+    edges: list  # per output tensor: its gradient edge as the layer returned it (None: needs no gradient)
     replay: Any = None  # what a rule's own forward left for it (an RNN's step-by-step replay)
     targets: list = dataclasses.field(default_factory=list)  # more tensors the backward must reach
     dims: Any = None  # where its tensors keep the batch's samples (a layout.CallDims, as observed)
     outs: list | None = None  # the output's tensors (tree_flatten order), once found
+    eager: bool = False  # its rule runs inside the backward, from a tensor hook on its output (Recorder's then)
 
     @property
     def outputs(self) -> list[torch.Tensor]:
@@ -97,15 +99,17 @@ class Recorder:
             args, new = expand_call(args, output, dims.expand, self.n)
             output = new
         outs = tensor_leaves(output)
-        call = Call(args, kwargs, output, [None] * len(outs), [t._version for t in outs], dims=dims, outs=outs)
-        replay = self._pending.pop(module, None)
-        if replay is not None:
-            call.replay, call.targets = replay, replay.targets()
-        if self.grads:
-            then = self.then(module, call) if self.then is not None and len(outs) == 1 else None
-            for i, t in enumerate(outs):
-                if t.requires_grad:
-                    t.register_hook(_store(call.deltas, i, then))
+        edges = [_edge(t) if t.requires_grad else None for t in outs] if self.grads else []
+        call = Call(args, kwargs, output, [None] * len(outs), edges, dims=dims, outs=outs)
+        if self._pending:
+            replay = self._pending.pop(module, None)
+            if replay is not None:
+                call.replay, call.targets = replay, replay.targets()
+        if self.then is not None and len(edges) == 1 and isinstance(edges[0], GradientEdge):
+            then = self.then(module, call)
+            if then is not None:  # not a view (an in-place op on a view takes its node, and a hook, away)
+                outs[0].register_hook(_store(call.deltas, 0, then))
+                call.eager = True
         calls.append(call)
         return new
 
@@ -168,6 +172,35 @@ class Recorder:
         self._forwards.clear()
 
 
+class _ViewEdge:
+    """An output that is a whole-tensor view of its base (a Linear's on a sequence: ``addmm(...).view(N, T, J)``):
+    an in-place op on it later (``ReLU(inplace=True)``) takes the view's own node out of the graph (the base
+    gets a ``CopySlices``), so the gradient is then read at the base's edge as it was, in the view's shape."""
+
+    __slots__ = ("edge", "base", "version")
+
+    def __init__(self, edge, base, version):
+        self.edge, self.base, self.version = edge, base, version
+
+
+def _edge_of(t: torch.Tensor) -> GradientEdge:
+    """``get_gradient_edge(t)``, without its Python checks for a tensor made by a C++ node (the usual case)."""
+    fn = t.grad_fn
+    if fn is None or isinstance(fn, torch._C._FunctionBase):  # a leaf, or a Python Function's output
+        return get_gradient_edge(t)
+    return GradientEdge(fn, t.output_nr)
+
+
+def _edge(t: torch.Tensor):
+    """``t``'s gradient edge as it is now (a :class:`_ViewEdge` for a whole-tensor view of its base)."""
+    e = _edge_of(t)
+    b = t._base
+    if (b is not None and b.requires_grad and b.numel() == t.numel() and b.data_ptr() == t.data_ptr()
+            and t.is_contiguous() and b.is_contiguous()):
+        return _ViewEdge(e, _edge_of(b), t._version)
+    return e
+
+
 def _store(slots: list, i: int, then: Callable | None = None) -> Callable:
     def hook(grad):
         slots[i] = grad
@@ -186,67 +219,68 @@ def capture(modules: list[nn.Module], grads: bool = True, layout=None, n: int = 
 
 
 def backward(loss: torch.Tensor, rec: Recorder, retain_graph: bool = False) -> None:
-    """One backward pass of ``loss`` that fills the recorded calls' ``deltas``, writing no ``.grad``."""
-    targets: dict[int, torch.Tensor] = {}
-    for module, calls in rec.calls.items():
+    """One backward pass of ``loss`` that fills the recorded calls' ``deltas``, writing no ``.grad``: the
+    gradients at the outputs' edges (and at the tensors a replay's hooks wait on, ``call.targets``).
+
+    An eager call's output (``Call.eager``) is not asked for: its tensor hook runs the rule as the backward
+    passes and drops the gradient (``autograd.grad`` would hold every gradient it was asked for until it
+    returns). Only the lowest of those the backward would not reach on its way to the others is asked for."""
+    inputs: list = []
+    slots: list = []  # (call, output index, index in inputs, shape to view the gradient as)
+    eager: dict = {}  # an eager call's output node -> its edge
+    for calls in rec.calls.values():
         for call in calls:
-            for t in call.targets:
-                targets[id(t)] = t
-            ins = [t for t in call_leaves(call.args, call.kwargs) if isinstance(t, torch.Tensor) and t.requires_grad]
-            if ins:
-                for t in ins:
-                    targets[id(t)] = t
-                continue
-            outs = call.outputs
-            if any(t.requires_grad and t._version == v for t, v in zip(outs, call.versions)):
-                for t, v in zip(outs, call.versions):
-                    if t.requires_grad and t._version == v:
-                        targets[id(t)] = t
-            else:
-                # Every output was overwritten in place downstream: asking for its gradient would give
-                # that of the overwriting op. A parameter of the layer sits behind the original output.
-                ps = [p for p in module.parameters() if p.requires_grad]
-                if ps:
-                    p = min(ps, key=lambda q: q.numel())
-                    targets[id(p)] = p
-    if targets and loss.requires_grad:
-        grad(loss, _upstream(list(targets.values())), allow_unused=True, retain_graph=retain_graph)
+            inputs.extend(call.targets)
+            for i, e in enumerate(call.edges):
+                if e is None:
+                    continue
+                if call.eager:
+                    eager[e.node] = e
+                    continue
+                shape = None
+                if isinstance(e, _ViewEdge):
+                    t = call.outputs[i]
+                    e, shape = (e.edge, None) if t._version == e.version else (e.base, t.shape)
+                slots.append((call, i, len(inputs), shape))
+                inputs.append(e)
+    if not loss.requires_grad:
+        return
+    if eager and loss.grad_fn is not None:
+        inputs.extend(_lowest_unreached(loss.grad_fn, inputs, eager))
+    if inputs:
+        grads = grad(loss, inputs, allow_unused=True, retain_graph=retain_graph)
+        for call, i, j, shape in slots:
+            g = grads[j]
+            call.deltas[i] = g if shape is None or g is None else g.view(shape)
 
 
-def _upstream(targets: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``targets`` less those the backward reaches anyway on its way to another target: a target whose
-    ``grad_fn`` leads (through ``next_functions``) to another target's ``grad_fn`` runs, and so fires its
-    tensor hooks, without being asked for. ``autograd.grad`` holds every gradient it was asked for until it
-    returns: asking only for the upstream ones keeps the others (the layers' input gradients, as large as
-    their activations) from living to the end of the backward."""
-    nodes = {t.grad_fn for t in targets if t.grad_fn is not None}
-    if len(nodes) < 2:
-        return targets
-    reaches: dict = {}  # node -> whether a target's node lies strictly below it
-    for start in nodes:
-        stack = [(start, iter(start.next_functions))]
-        on_path = {start}
-        while stack:
-            node, it = stack[-1]
-            nxt = next(it, None)
-            if nxt is None:
-                stack.pop()
-                on_path.discard(node)
-                if node not in reaches:
-                    reaches[node] = False
-                continue
+def _lowest_unreached(root, inputs: list, eager: dict) -> list:
+    """The edges of the eager outputs that a backward asked only for ``inputs`` would not run (autograd runs
+    the nodes with something asked for below them): the lowest of them, those with no other such output
+    below; asked for too, they make the rest run. One walk of the graph from ``root``."""
+    asked = {e.node if isinstance(e, GradientEdge) else _edge_of(e).node for e in inputs}
+    below: dict = {}  # node -> (something asked for at or below it, an unreached eager node strictly below it)
+    stack = [(root, iter(root.next_functions))]
+    seen = {root}
+    while stack:
+        node, it = stack[-1]
+        nxt = next(it, None)
+        if nxt is not None:
             child = nxt[0]
+            if child is not None and child not in seen:
+                seen.add(child)
+                stack.append((child, iter(child.next_functions)))
+            continue
+        stack.pop()
+        hit, lost = node in asked, False
+        for child, _ in node.next_functions:
             if child is None:
                 continue
-            if child in nodes or reaches.get(child):
-                for n, _ in stack:
-                    reaches[n] = True
-                continue
-            if child in reaches or child in on_path:
-                continue
-            on_path.add(child)
-            stack.append((child, iter(child.next_functions)))
-    return [t for t in targets if t.grad_fn is None or not reaches.get(t.grad_fn)]
+            c_hit, c_lost = below[child]
+            hit = hit or c_hit
+            lost = lost or c_lost or (child in eager and not c_hit)
+        below[node] = (hit, lost)
+    return [e for node, e in eager.items() if node in below and below[node] == (False, False)]
 
 
 def grad(outputs, inputs, *args, **kwargs):

@@ -394,4 +394,4 @@ def _slice(call, idx: torch.Tensor, n: int):
     it = iter(outs)
     output = tree_unflatten([next(it) if isinstance(t, torch.Tensor) else t for t in out_leaves], out_spec)
     deltas = [None if g is None else take(g, dd, idx, n) for g, dd in zip(call.deltas, d.outs)]
-    return Call(args, kwargs, output, deltas, call.versions, dims=d, outs=outs)
+    return Call(args, kwargs, output, deltas, call.edges, dims=d, outs=outs)

@@ -93,7 +93,7 @@ class LocalEstimator:
                         y = act(y)
                 else:  # RNNs, MultiheadAttention: (output, state) tuples
                     y = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, output)
-                call = Call(args, kwargs, y, [None], [0], dims=dims)
+                call = Call(args, kwargs, y, [None], [], dims=dims)
                 with stage.scope([layer], layer.attrs.values()):  # a sharded state reduce-scatters after
                     accs = {a: stage[name] for a, name in layer.attrs.items()}
                     if times == 1:

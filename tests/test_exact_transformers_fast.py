@@ -137,7 +137,10 @@ def test_mha_inline_forward_against_the_oracle(kind, batch_first, need, bias, kd
     # the importance, by the one backward
     dim = 0 if batch_first else 1
     omega = estimate(model, x, kpm, am, dim, **kw)
-    close(omega, oracle(model, x, kpm, am, dim, **kw))
+    # float32 round-off of the softmax's backward reaches ~3e-6 of a parameter's scale here (cross-attention,
+    # kdim 5, one sample, a padded key: seed 306; the same pass in float64 agrees to 1e-16), above close()'s
+    # default atol of 1e-6; a wrong rule is off by percents
+    close(omega, oracle(model, x, kpm, am, dim, **kw), tol=dict(rtol=2e-5, atol=1e-5))
     assert inlined(model, x, kpm, am, dim, **kw)
 
 

@@ -5,6 +5,7 @@ Each test failed on the main branch before the fix it guards.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import pytest
@@ -47,21 +48,17 @@ def test_a_forward_that_raises_does_not_stop_the_counting(importance):
     assert mas.num_samples == 8
 
 
-@pytest.mark.parametrize("importance", ["local", "global", "global_batch"])
-def test_forwards_of_other_threads_are_not_counted(importance):
-    """A training step in another thread runs a forward of the same model in the middle of each of the
-    estimating thread's own passes (a hook on the model's last layer makes it so, deterministically): it
-    is neither counted nor recorded."""
-    model = mlp()
-    mas = mk.MAS(model, importance=importance)
-    x = torch.randn(4, 4)
-    errors, runs = [], [0]
-    main = threading.get_ident()
+@contextlib.contextmanager
+def forward_in_another_thread(model, layer, make_input):
+    """Inside the block, each call of ``layer`` by this thread first runs (and waits for) a no-grad forward of
+    ``model`` on ``make_input()`` in another thread; yields ``[how many ran]``, and re-raises the other
+    thread's error after the block."""
+    main, errors, runs = threading.get_ident(), [], [0]
 
     def other():
         try:
             with torch.no_grad():
-                model(torch.randn(8, 4))
+                model(make_input())
             runs[0] += 1
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)
@@ -72,12 +69,26 @@ def test_forwards_of_other_threads_are_not_counted(importance):
             t.start()
             t.join()
 
-    handle = model[2].register_forward_pre_hook(meanwhile)
+    handle = layer.register_forward_pre_hook(meanwhile)
     try:
-        mas.estimate([x, x, x])
+        yield runs
     finally:
         handle.remove()
-    assert not errors and runs[0] >= 3
+    if errors:
+        raise errors[0]
+
+
+@pytest.mark.parametrize("importance", ["local", "global", "global_batch"])
+def test_forwards_of_other_threads_are_not_counted(importance):
+    """A training step in another thread runs a forward of the same model in the middle of each of the
+    estimating thread's own passes (a hook on the model's last layer makes it so, deterministically): it
+    is neither counted nor recorded."""
+    model = mlp()
+    mas = mk.MAS(model, importance=importance)
+    x = torch.randn(4, 4)
+    with forward_in_another_thread(model, model[2], lambda: torch.randn(8, 4)) as runs:
+        mas.estimate([x, x, x])
+    assert runs[0] >= 3
     assert mas.num_samples == 12
     expected = (ref.global_exact if importance == "global" else ref.global_batch if importance == "global_batch"
                 else None)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .layout import Layout, Prober, _substitute, signature
+from .layout import Layout, Prober, _substitute, signature, tensor_leaves
 from .uses import UseTracker
 
 
@@ -93,7 +93,7 @@ def pick_outputs(output_fn: Callable | None) -> Callable:
             return [output_fn(out)]
         if isinstance(out, torch.Tensor):
             return [out]
-        return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        return tensor_leaves(out)
     return pick
 
 

@@ -19,6 +19,7 @@ layers nobody foresaw: a rule that is wrong for a model cannot stay silent.
 
 from __future__ import annotations
 
+import collections
 import math
 
 import torch
@@ -61,9 +62,10 @@ def literal(batch, idx: list[int], params: dict[str, torch.Tensor], output_fn, r
             got = [(n, g.detach().to(wide[n])) for n, g in zip(names, grads) if g is not None]
             more = [(out[n], g) for n, g in got if out[n] is not None]
             storages = [g.untyped_storage().data_ptr() for _, g in got]
+            shared = {ptr for ptr, k in collections.Counter(storages).items() if k > 1}
             for (n, g), ptr in zip(got, storages):
                 if out[n] is None:  # a gradient autograd gave as a view of a buffer it shares is copied
-                    out[n] = reduction.apply(g.clone() if storages.count(ptr) > 1 else g)
+                    out[n] = reduction.apply(g.clone() if ptr in shared else g)
             if more:
                 reduction.accumulate_([a for a, _ in more], [g for _, g in more])
     return {n: torch.zeros_like(params[n], dtype=wide[n]) if t is None else t for n, t in out.items()}, outputs

@@ -388,8 +388,6 @@ def _attention(m: nn.MultiheadAttention, a: dict, taps: _Taps):
     weights = None
     if need_weights:
         q_scaled = q * math.sqrt(1.0 / float(hd))
-        if is_causal and attn_mask is None:
-            raise AssertionError("FIXME: is_causal not implemented for need_weights")
         if attn_mask is not None:
             weights = torch.baddbmm(attn_mask, q_scaled, k.transpose(-2, -1))
         else:

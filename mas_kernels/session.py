@@ -130,6 +130,11 @@ class Session:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @property
+    def _checked(self) -> bool:
+        """Whether the self-check runs on a batch whose layout is new (the exact rule's, with ``verify``)."""
+        return bool(self.verify) and (isinstance(self.estimator, ExactEstimator) or self.extra is not None)
+
     def _mine(self) -> bool:
         """Whether a forward happening now is this session's to count (this thread, not a rule's own pass)."""
         return not _quiet() and threading.get_ident() == self._thread
@@ -148,7 +153,7 @@ class Session:
         self.check()
         batch = Batch.of_call(self.module, args, kwargs)
         with own_passes():
-            self.layouts.resolve(batch)
+            self.layouts.resolve(batch, self._checked)
         self._root = (args, batch)
         if self.local:
             self.state.begin_batch()
@@ -188,7 +193,7 @@ class Session:
                 # control flow): observe this batch's, then run it again.
                 self.layouts.forget(batch)
                 self.state.begin_batch()
-                self.layouts.resolve(batch)
+                self.layouts.resolve(batch, self._checked)
                 if check is not None:
                     check = Request(batch, check.names, self.params)
                 estimator.run(batch, self.state.staging, names, **({"check": check} if check else {}))
@@ -245,14 +250,14 @@ class Session:
             # The layout observed before the forward (not from inside its pre-hook, where a sharded model's
             # own hooks are half-way through theirs); the forward then finds it known.
             with own_passes():
-                self.layouts.resolve(Batch(self.module, call))
+                self.layouts.resolve(Batch(self.module, call), self._checked)
             with torch.no_grad():
                 call(self.module)
             return
         self.check()
         batch = Batch(self.module, call)
         with own_passes():
-            self.layouts.resolve(batch)
+            self.layouts.resolve(batch, self._checked)
         if not batch.n:
             return  # an empty batch: nothing to add, and not counted as a batch
         self.state.begin_batch()

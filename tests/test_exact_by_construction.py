@@ -263,10 +263,17 @@ def test_expert_choice_routing_is_refused_by_the_exact_rule_and_counted_by_the_o
     torch.manual_seed(4)
     model = ExpertChoice().eval()
     x = torch.randn(4, 4, 4)  # capacity == N == T
-    mas = mk.MAS(model, importance="global")
+    # Without the self-check the probe's second sub-batch finds the coupling (the first agrees by chance here).
+    mas = mk.MAS(model, importance="global", verify=False)
     with pytest.warns(RuntimeWarning, match="not independent"):
         with pytest.raises(ValueError, match="per-sample gradient is not defined.*global_batch"):
             mas.estimate([x])
+    assert mas.num_samples == 0
+    # With it (the default), the self-check's samples run alone find it, before anything is committed.
+    mas = mk.MAS(model, importance="global")
+    with pytest.raises(VerificationError, match="not independent and a per-sample gradient is not defined.*"
+                                                   "global_batch"):
+        mas.estimate([x])
     assert mas.num_samples == 0
     with pytest.warns(RuntimeWarning, match="not independent"):
         batch_args(model, [(x,)], [0])
@@ -531,10 +538,11 @@ def test_a_flattened_layer_with_sequences_of_another_length():
                                                                  st.builds(torch.ones, st.integers(0, 2)),
                                                                  st.tuples(st.integers())), max_size=3))
 def test_call_leaves_is_tree_flatten(args, kwargs):
-    """The hooks' leaves of a call (no walk for tensors and plain values) are ``tree_flatten``'s, in order."""
-    from torch.utils._pytree import tree_flatten
+    """The hooks' leaves of a call (no walk for tensors and plain values) are ``tree_flatten``'s, in order, and
+    ``with_leaves`` puts replacements back where ``tree_unflatten`` does."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
 
-    from mas_kernels.estimators.layout import call_leaves, tensor_leaves
+    from mas_kernels.estimators.layout import call_leaves, tensor_leaves, with_leaves
 
     args = tuple(args)
     want = tree_flatten((args, kwargs))[0]
@@ -542,3 +550,8 @@ def test_call_leaves_is_tree_flatten(args, kwargs):
     assert len(got) == len(want) and all(a is b for a, b in zip(got, want))
     tensors = [t for t in want if isinstance(t, torch.Tensor)]
     assert [id(t) for t in tensor_leaves((args, kwargs))] == [id(t) for t in tensors]
+    marks = [object() for _ in want]
+    rebuilt = with_leaves(args, kwargs, marks)
+    expected = tree_unflatten(marks, tree_flatten((args, kwargs))[1])
+    assert tree_flatten(rebuilt)[1] == tree_flatten(expected)[1]
+    assert all(a is b for a, b in zip(tree_flatten(rebuilt)[0], marks))

@@ -124,9 +124,9 @@ class Layouts:
         self.agree = agree
         self.cache: dict[tuple, Layout] = {}
 
-    def resolve(self, batch: Batch) -> Layout | None:
+    def resolve(self, batch: Batch, checked: bool = False) -> Layout | None:
         """``batch.layout`` and ``batch.n``, observed if its signature is new in this session (an empty batch:
-        no layout, N = 0)."""
+        no layout, N = 0). ``checked``: the self-check runs on this batch next (see ``Prober``)."""
         args, kwargs = batch.arguments()
         first = next((t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)), None)
         if first is not None and first.numel() == 0:  # an empty batch: nothing to observe, nothing to count
@@ -135,7 +135,7 @@ class Layouts:
         key = signature(args, kwargs)
         layout = self.cache.get(key)
         if layout is None or (layout.single and layout.n(args, kwargs) > 1):
-            layout = self.cache[key] = self.observe(batch)
+            layout = self.cache[key] = self.observe(batch, checked)
         batch.layout, batch.n = layout, layout.n(args, kwargs)
         return layout
 
@@ -143,7 +143,7 @@ class Layouts:
         """Drop the layout of ``batch``'s signature (the model's calls no longer match it)."""
         self.cache.pop(signature(*batch.arguments()), None)
 
-    def observe(self, batch: Batch) -> Layout:
+    def observe(self, batch: Batch, checked: bool = False) -> Layout:
         from .._model import modes
 
         plan = self.plan
@@ -162,7 +162,7 @@ class Layouts:
 
         prober = Prober(self.module, lambda: batch.call(self.module), pick_outputs(self.output_fn), modules,
                         self.sample_dim, api, tracker if self.exact else None,
-                        expandable if self.exact else None, self.agree)
+                        expandable if self.exact else None, self.agree, checked=checked and self.exact)
         with self.quiet(), modes(self.module, False), torch.no_grad():
             return prober.observe(batch.args, batch.kwargs)
 

@@ -36,7 +36,7 @@ from ..ops.abs_bmm import DEFAULT_MEMORY_BUDGET
 from ..state import FlatBuffers
 from .batch import Batch
 from .capture import backward, capture, grad
-from .layout import UNKNOWN, rows, take
+from .layout import UNKNOWN, call_leaves, rows, take, with_leaves
 from .plan import Plan
 from .reduction import ABS, Reduction
 from .rules.base import Context, cat_uses
@@ -387,11 +387,14 @@ def _slice(call, idx: torch.Tensor, n: int):
     from .capture import Call
 
     d = call.dims
-    leaves, spec = tree_flatten((call.args, call.kwargs))
-    args, kwargs = tree_unflatten([take(t, dd, idx, n) for t, dd in zip(leaves, d.ins)], spec)
+    args, kwargs = with_leaves(call.args, call.kwargs, [take(t, dd, idx, n) for t, dd in
+                                                        zip(call_leaves(call.args, call.kwargs), d.ins)])
     outs = [take(t, dd, idx, n) for t, dd in zip(call.outputs, d.outs)]
-    out_leaves, out_spec = tree_flatten(call.output)
-    it = iter(outs)
-    output = tree_unflatten([next(it) if isinstance(t, torch.Tensor) else t for t in out_leaves], out_spec)
+    if isinstance(call.output, torch.Tensor):
+        output = outs[0]
+    else:
+        out_leaves, out_spec = tree_flatten(call.output)
+        it = iter(outs)
+        output = tree_unflatten([next(it) if isinstance(t, torch.Tensor) else t for t in out_leaves], out_spec)
     deltas = [None if g is None else take(g, dd, idx, n) for g, dd in zip(call.deltas, d.outs)]
     return Call(args, kwargs, output, deltas, call.edges, dims=d, outs=outs)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import threading
 import warnings
 from typing import Any, Callable
@@ -165,9 +166,8 @@ class Layout:
 
     def subset(self, args: tuple, kwargs: dict, idx) -> tuple[tuple, dict]:
         """The call's arguments restricted to the samples ``idx``."""
-        leaves, spec = tree_flatten((args, kwargs))
         idx = torch.as_tensor(idx, dtype=torch.long)
-        return tree_unflatten([take(t, d, idx) for t, d in zip(leaves, self.inputs)], spec)
+        return with_leaves(args, kwargs, [take(t, d, idx) for t, d in zip(call_leaves(args, kwargs), self.inputs)])
 
     def dims_of(self, module: nn.Module, i: int) -> CallDims | None:
         got = self.calls.get(id(module))
@@ -194,6 +194,15 @@ def call_leaves(args: tuple, kwargs: dict) -> list:
     if type(args) is tuple and _plain(args) and (not kwargs or (type(kwargs) is dict and _plain(kwargs.values()))):
         return [*args, *kwargs.values()] if kwargs else list(args)
     return tree_flatten((args, kwargs))[0]
+
+
+def with_leaves(args: tuple, kwargs: dict, leaves: list) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` with their leaves (in :func:`call_leaves` order) replaced by ``leaves``: the inverse
+    of :func:`call_leaves` (no walk in the usual case)."""
+    if type(args) is tuple and _plain(args) and (not kwargs or (type(kwargs) is dict and _plain(kwargs.values()))):
+        k = len(args)
+        return tuple(leaves[:k]), (dict(zip(kwargs, leaves[k:])) if kwargs else kwargs)
+    return tree_unflatten(list(leaves), tree_flatten((args, kwargs))[1])
 
 
 def signature(args: tuple, kwargs: dict) -> tuple:
@@ -237,9 +246,10 @@ def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     tol = _tol(a.dtype)
     wide = torch.promote_types(a.dtype, torch.float32)  # tol is far above float32's round-off
     a, b = a.detach().to(wide), b.detach().to(wide)
-    finite, scale, diff = torch.stack([torch.isfinite(a).all() & torch.isfinite(b).all(), b.abs().max(),
-                                       (a - b).abs().max()]).tolist()  # one host synchronization
-    if not finite:
+    # Both maxima finite exactly when every value of both is (a NaN or an infinity anywhere reaches one of
+    # them, through a - b or |b|); one host synchronization.
+    diff, scale = torch.stack([(a - b).abs().max(), b.abs().max()]).tolist()
+    if not (math.isfinite(diff) and math.isfinite(scale)):
         return bool(torch.equal(a.nan_to_num(), b.nan_to_num()))
     return diff <= tol * max(scale, 1e-30)
 
@@ -356,12 +366,16 @@ class Prober:
         agree: ``agree(flag) -> flag`` makes a decision the same on every rank of a sharded model (whose
             forward passes are collectives, so every rank must run the same probe): the flag AND-ed over
             the ranks. Default: this process's own.
+        checked: whether the self-check runs on this batch right after (``verify.py``): its single-sample
+            runs are then the second look at whether the samples are independent.
     """
 
     def __init__(self, module: nn.Module, run: Callable[[], Any], pick: Callable, modules: list[nn.Module],
                  sample_dim=None, api: Callable | None = None, tracker: Callable | None = None,
-                 expandable: Callable | None = None, agree: Callable[[bool], bool] | None = None):
+                 expandable: Callable | None = None, agree: Callable[[bool], bool] | None = None,
+                 checked: bool = False):
         self.agree = agree or (lambda flag: flag)
+        self.checked = checked
         self.module = module
         self.run = run
         self.pick = pick
@@ -383,10 +397,9 @@ class Prober:
         return out, rec
 
     def _sub(self, args, kwargs, dims: list, idx: list[int], expand=None, track=False):
-        leaves, spec = tree_flatten((args, kwargs))
         t = torch.as_tensor(idx, dtype=torch.long)
-        sliced = [take(v, d, t) for v, d in zip(leaves, dims)]
-        sub_args, sub_kwargs = tree_unflatten(sliced, spec)
+        sliced = [take(v, d, t) for v, d in zip(call_leaves(args, kwargs), dims)]
+        sub_args, sub_kwargs = with_leaves(args, kwargs, sliced)
         tracker = None
         if track and self.tracker is not None:
             tracker = self.tracker([v for v, d in zip(sliced, dims) if isinstance(v, torch.Tensor)])
@@ -550,9 +563,12 @@ class Prober:
                 continue
             out_dim, consistent = _agree(full, sub, n, idx)
             consistent = self.agree(consistent)
-            if consistent and n > 2:
+            if consistent and n > 2 and not (self.checked and out_dim is not None and out_dim is not UNKNOWN):
                 # A second sub-batch, with sample 0 and of another size: routing that couples samples can
-                # leave one sub-batch's outputs unchanged by chance, rarely two.
+                # leave one sub-batch's outputs unchanged by chance, rarely two. Not when the self-check
+                # runs on this batch next (``checked``) and the output's sample dim is known: it runs two of
+                # the samples alone (sub-batches of one) and compares their outputs with the batch's, which
+                # refuses coupled samples by name as this would.
                 other = sorted({0, n // 2})
                 try:
                     sub2, _, _ = self._sub(args, kwargs, dims, other)

@@ -18,6 +18,7 @@ import torch
 from ..ops import abs_accumulate_, abs_bmm_accumulate_  # noqa: F401  (abs_bmm_accumulate_: defines the op)
 
 _ABS_BMM = torch.ops.mas_kernels.abs_bmm_accumulate_.default
+_ABS_ACCUMULATE = torch.ops.mas_kernels.abs_accumulate_.default
 
 
 class Reduction:
@@ -58,7 +59,7 @@ class AbsReduction(Reduction):
         return g.abs_() if not g.requires_grad else g.abs()
 
     def accumulate_(self, accs, grads):
-        abs_accumulate_(accs, grads)  # one fused pass over every pair
+        _ABS_ACCUMULATE(accs, grads, 1.0)  # one fused pass over every pair (the op: see bmm_)
 
     def bmm_(self, acc, a, b, budget):
         if acc.dtype == torch.float32:

@@ -227,6 +227,7 @@ class MAS(Copyable):
                                 else params, o.output_fn if o.importance == "local" else
                                 self.output_fn, o.sample_dim, own_passes,
                                 exact=o.importance == "global" or (o.importance == "local" and o.uncovered == "global"),
+                                track=o.importance == "local",
                                 agree=fsdp.agreement(self._group) if self._sharded else None)
 
     @property
@@ -349,7 +350,7 @@ class MAS(Copyable):
         # gradients w.r.t. sharded parameters: verify the rules on an unsharded replica instead.
         return Session(self.module, self._params, state, estimator, extra, self._handles, self._layouts,
                        per_batch_mean=self.normalization == "avalanche", verify=o.verify and not self._sharded,
-                       output_fn=self.output_fn)
+                       output_fn=self.output_fn, uncovered=o.uncovered)
 
     @contextlib.contextmanager
     def accumulating(self):

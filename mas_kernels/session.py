@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -78,7 +79,8 @@ class Session:
 
     def __init__(self, module: nn.Module, params: dict[str, nn.Parameter], state: ImportanceState, estimator,
                  extra: tuple[ExactEstimator, list[str]] | None, handles: list, layouts: Layouts,
-                 per_batch_mean: bool = False, verify: bool | str = True, output_fn: Callable | None = None):
+                 per_batch_mean: bool = False, verify: bool | str = True, output_fn: Callable | None = None,
+                 uncovered: str = "global"):
         self.module = module
         self.params = params
         self.state = state
@@ -89,6 +91,8 @@ class Session:
         self.per_batch_mean = per_batch_mean
         self.verify = verify
         self.output_fn = output_fn
+        self.uncovered = uncovered  # the local rule's policy for parameters its layers do not cover
+        self._stray_warned: list[str] = []
         self._stack = contextlib.ExitStack()
         self._root: tuple[tuple, Batch] | None = None  # the model's call being seen (its args, its batch)
         self._verified: set[int] = set()  # the layouts the self-check passed on in this session
@@ -133,7 +137,8 @@ class Session:
     @property
     def _checked(self) -> bool:
         """Whether the self-check runs on a batch whose layout is new (the exact rule's, with ``verify``)."""
-        return bool(self.verify) and (isinstance(self.estimator, ExactEstimator) or self.extra is not None)
+        return bool(self.verify) and (isinstance(self.estimator, ExactEstimator)
+                                      or (self.extra is not None and bool(self.extra[1])))
 
     def _mine(self) -> bool:
         """Whether a forward happening now is this session's to count (this thread, not a rule's own pass)."""
@@ -144,7 +149,7 @@ class Session:
         """The estimators' worded refusals of layers they cannot serve, before any forward pass."""
         if not self.local:
             self.estimator.check()
-        elif self.extra is not None:
+        elif self.extra is not None and self.extra[1]:
             self.extra[0].check()
 
     def _pre(self, module, args, kwargs) -> None:
@@ -199,15 +204,39 @@ class Session:
                 estimator.run(batch, self.state.staging, names, **({"check": check} if check else {}))
             if check is not None:
                 with modes(self.module, False):
-                    self_check(estimator, batch, check.names, self.params, self.output_fn, estimator.plan, check)
+                    self_check(estimator, batch, check.names, self.params, self.output_fn, estimator.plan, check,
+                               observe=self.layouts.observe)
                 self._verified.add(id(batch.layout))
 
     def _finish_local(self, batch: Batch) -> None:
-        """End a batch of the local rule: the uncovered parameters' exact rule, then the commit."""
+        """End a batch of the local rule: the uncovered parameters' exact rule, then the commit.
+
+        A parameter used outside the layer whose local rule covers it (``emb.weight[ids]``, ``F.conv1d(x,
+        conv.weight)``: ``layout.stray``) is uncovered too: that rule sees none of those uses (its
+        numerators are dropped), and the ``uncovered=`` policy decides."""
+        stray = sorted(n for n in (batch.layout.stray if batch.layout is not None else {}) if n in self.params)
+        if stray:
+            for n in stray:
+                self.state.staging[n].zero_()
+            if self.uncovered == "error":
+                raise ValueError(
+                    f"MAS(importance='local', uncovered='error'): parameters {stray} are used outside the layers "
+                    f"whose local rules cover them ({ {n: batch.layout.stray[n][:2] for n in stray} }), so those "
+                    "rules cannot see their use; pass uncovered='global' (exact per-sample rule for them) or "
+                    "'skip' (zero importance)")
+            if stray != self._stray_warned:
+                self._stray_warned = stray
+                warnings.warn(
+                    f"MAS(importance='local'): parameters {stray} are used outside the layers whose local rules "
+                    f"cover them ({ {n: batch.layout.stray[n][:2] for n in stray} }); as uncovered={self.uncovered!r} "
+                    f"says, they get {'the exact per-sample rule' if self.uncovered == 'global' else 'zero importance'}",
+                    RuntimeWarning, stacklevel=2)
         if self.extra is not None:
             exact, names = self.extra
-            # Per-sample gradients need sample independence: eval mode, like the global rules.
-            self._run(exact, batch, eval_mode=True, names=names)
+            names = list(names) + [n for n in stray if n not in names]
+            if names:
+                # Per-sample gradients need sample independence: eval mode, like the global rules.
+                self._run(exact, batch, eval_mode=True, names=names)
         self.commit(batch.n)
 
     def commit(self, n: int) -> None:
@@ -278,7 +307,11 @@ def estimators_for(module: nn.Module, params: dict[str, nn.Parameter], plan: Pla
     if options.importance == "global":
         return exact(), None
     estimator = LocalEstimator(plan, options.post_activation)
-    if not plan.uncovered or options.uncovered == "skip":
+    if options.uncovered == "skip":
+        return estimator, None
+    if options.uncovered == "global":  # also for parameters used outside their layers (seen by the probe)
+        return estimator, (exact(), plan.uncovered)
+    if not plan.uncovered:
         return estimator, None
     if options.uncovered == "error":
         raise ValueError(

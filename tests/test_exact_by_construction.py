@@ -555,3 +555,25 @@ def test_call_leaves_is_tree_flatten(args, kwargs):
     expected = tree_unflatten(marks, tree_flatten((args, kwargs))[1])
     assert tree_flatten(rebuilt)[1] == tree_flatten(expected)[1]
     assert all(a is b for a, b in zip(tree_flatten(rebuilt)[0], marks))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["same", "near", "far", "nan", "inf", "int", "shape", "f64"]),
+                          st.integers(1, 5)), min_size=1, max_size=6), st.integers(0, 2**16))
+def test_same_many_is_same_values_pair_by_pair(kinds, seed):
+    """The probe's batched comparison (one synchronization) agrees with :func:`same_values` on every pair."""
+    from mas_kernels.estimators.layout import same_many, same_values
+
+    g = torch.Generator().manual_seed(seed)
+    pairs = []
+    for kind, m in kinds:
+        b = torch.randn(m, 3, generator=g)
+        a = {"same": b.clone(), "near": b * (1 + 1e-6), "far": b + 1.0, "int": None, "shape": torch.randn(m, 2),
+             "nan": b.clone().index_fill_(0, torch.tensor([0]), float("nan")),
+             "inf": b.clone().index_fill_(0, torch.tensor([0]), float("inf")), "f64": b.double()}[kind]
+        if kind == "int":
+            a = b = torch.randint(0, 3, (m, 3), generator=g)
+        if kind == "f64":
+            b = b.double()
+        pairs.append((a, b))
+    assert same_many(pairs) == [same_values(a, b) for a, b in pairs]

@@ -109,11 +109,14 @@ class Layouts:
         quiet: a context in which the probe's own forward passes run unseen by the session's hooks.
         exact: whether the exact rule will read the layout (then shared calls are tried broadcast, and
             uses are tracked).
+        track: track the uses of parameters without ``exact`` (the local rule: a use outside the layer whose
+            rule covers a parameter is one that rule cannot see).
         agree: for a sharded model, ``agree(flag)``: the flag AND-ed over the ranks (see ``layout.Prober``).
     """
 
     def __init__(self, module: nn.Module, plan, params: dict, output_fn: Callable | None, sample_dim=None,
-                 quiet: Callable = contextlib.nullcontext, exact: bool = False, agree: Callable | None = None):
+                 quiet: Callable = contextlib.nullcontext, exact: bool = False, agree: Callable | None = None,
+                 track: bool = False):
         self.module = module
         self.plan = plan
         self.params = params
@@ -121,6 +124,7 @@ class Layouts:
         self.sample_dim = sample_dim
         self.quiet = quiet
         self.exact = exact
+        self.track = track or exact
         self.agree = agree
         self.cache: dict[tuple, Layout] = {}
 
@@ -161,7 +165,7 @@ class Layouts:
             return any(not layer.rule.own_layout for layer in plan.layers if layer.module is m)
 
         prober = Prober(self.module, lambda: batch.call(self.module), pick_outputs(self.output_fn), modules,
-                        self.sample_dim, api, tracker if self.exact else None,
+                        self.sample_dim, api, tracker if self.track else None,
                         expandable if self.exact else None, self.agree, checked=checked and self.exact)
         with self.quiet(), modes(self.module, False), torch.no_grad():
             return prober.observe(batch.args, batch.kwargs)

@@ -254,6 +254,32 @@ def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     return diff <= tol * max(scale, 1e-30)
 
 
+def same_many(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[bool]:
+    """:func:`same_values` of every pair, with one host synchronization for the floating ones."""
+    result: list = [None] * len(pairs)
+    stats, at = [], []
+    for i, (a, b) in enumerate(pairs):
+        if a.shape != b.shape:
+            result[i] = False
+        elif not (a.dtype.is_floating_point or a.dtype.is_complex) or a.dtype != b.dtype:
+            result[i] = same_values(a, b)
+        else:
+            wide = torch.promote_types(a.dtype, torch.float32)
+            a, b = a.detach().to(wide), b.detach().to(wide)
+            stats += [(a - b).abs().max(), b.abs().max()]
+            at.append(i)
+    if stats:
+        values = torch.stack([v.to(stats[0].device, torch.float64) for v in stats]).tolist()
+        for j, i in enumerate(at):
+            diff, scale = values[2 * j], values[2 * j + 1]
+            a, b = pairs[i]
+            if math.isfinite(diff) and math.isfinite(scale):
+                result[i] = diff <= _tol(a.dtype) * max(scale, 1e-30)
+            else:
+                result[i] = same_values(a, b)
+    return result
+
+
 def dim_between(full: tuple, sub: tuple, n: int, s: int):
     """The sample dim of one tensor from its shapes on N samples (``full``) and on s samples (``sub``)."""
     if tuple(full) == tuple(sub):
@@ -279,6 +305,9 @@ class _Record:
     def __init__(self, modules: list[nn.Module], expand: dict | None = None, n: int = 1):
         self.modules = modules
         self.calls: dict[int, list] = {id(m): [] for m in modules}
+        # each call's tensors (its arguments' and outputs', None for other leaves): their values are compared
+        # between the batch and the sub-batch (``Prober._calls``)
+        self.tensors: dict[int, list] = {id(m): [] for m in modules}
         self.first: list = []  # (module, first argument) of the first calls, to find the input's reader
         self.expand = expand or {}  # (module id, call index) -> dim: the output broadcast to n samples
         self.n = n
@@ -293,9 +322,12 @@ class _Record:
         if d is not None:
             args, output = expand_call(args, output, d, self.n)
             new = output
-        ins = tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in call_leaves(args, kwargs))
-        outs = tuple(tuple(t.shape) for t in tensor_leaves(output))
+        leaves = call_leaves(args, kwargs)
+        out_leaves = tensor_leaves(output)
+        ins = tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in leaves)
+        outs = tuple(tuple(t.shape) for t in out_leaves)
         calls.append((ins, outs))
+        self.tensors[id(module)].append(([t if isinstance(t, torch.Tensor) else None for t in leaves], out_leaves))
         return new
 
     def pre(self, module, args):
@@ -537,6 +569,11 @@ class Prober:
                 tracker = self.tracker([v for v in leaves if isinstance(v, torch.Tensor)])
                 self._run(args, kwargs, tracker=tracker)
             layout.stray = tracker.stray
+            for mid, i in tracker.gathered:  # rows the data chose (see UseTracker.selected): not samples in order
+                calls = layout.calls.get(mid)  # (nor one sample each: an expert's rows are tokens)
+                if calls is not None and i < len(calls):
+                    calls[i] = CallDims(tuple(UNKNOWN for _ in calls[i].ins) or (UNKNOWN,),
+                                        tuple(UNKNOWN for _ in calls[i].outs) or (UNKNOWN,))
         return layout
 
     def _inputs_along(self, leaves, args, kwargs, first, d0, n, idx, fixed, full, tried):
@@ -618,7 +655,38 @@ class Prober:
                             for f, g in zip(ins_f, ins_s))
                 outs = tuple(dim_between(f, g, n, s) for f, g in zip(outs_f, outs_s))
                 got.append(CallDims(ins, outs))
+            got = self._rows_checked(got, rec_full.tensors[id(m)], rec_sub.tensors[id(m)], n, idx)
             layout.calls[id(m)] = _subsets(got, a, b, n, s)
+
+    @staticmethod
+    def _rows_checked(got: list[CallDims], full: list, sub: list, n: int, idx: list) -> list[CallDims]:
+        """The dims of each call whose values say otherwise set to UNKNOWN: a tensor's sample dim holds the
+        samples in order only if the sub-batch's tensor is the batch's rows ``idx`` there, and a tensor
+        shared by the batch is the same in both runs. Shapes alone cannot see rows reordered (a batch sorted
+        by length, ``layer(x[perm])``), selected by the data (token-choice experts: ``expert(h[mask])``) or
+        flattened time-major (``out.view(T * N, H)`` of a sequence-first RNN): such a call's parameters get
+        the per-sample fallback, never another sample's rows."""
+        t_idx = torch.as_tensor(idx, dtype=torch.long)
+        pairs, where = [], []
+        for j, c in enumerate(got):
+            if not c.known:
+                continue
+            (ins_f, outs_f), (ins_s, outs_s) = full[j], sub[j]
+            for side, dims, fs, ss in (("ins", c.ins, ins_f, ins_s), ("outs", c.outs, outs_f, outs_s)):
+                for k, (d, f, g) in enumerate(zip(dims, fs, ss)):
+                    if isinstance(f, torch.Tensor) and isinstance(g, torch.Tensor) and f.numel() and g.numel():
+                        pairs.append((g, take(f, d, t_idx, n)))
+                        where.append((j, side, k))
+        bad = {(j, side, k) for (j, side, k), ok in zip(where, same_many(pairs)) if not ok}
+        if not bad:
+            return got
+        out = []
+        for j, c in enumerate(got):
+            if any(w[0] == j for w in bad):
+                c = CallDims(tuple(UNKNOWN if (j, "ins", k) in bad else d for k, d in enumerate(c.ins)),
+                             tuple(UNKNOWN if (j, "outs", k) in bad else d for k, d in enumerate(c.outs)))
+            out.append(c)
+        return out
 
     @staticmethod
     def _expand_map(layout: Layout) -> dict:

@@ -43,6 +43,12 @@ def _op_name(func) -> str:
     return name
 
 
+# Ops that take rows of a tensor at given positions (with a data tensor as the positions: rows the data chose).
+_SELECT = frozenset({torch.Tensor.__getitem__, torch.index_select, torch.Tensor.index_select, torch.masked_select,
+                     torch.Tensor.masked_select, torch.take, torch.Tensor.take, torch.take_along_dim,
+                     torch.Tensor.take_along_dim, torch.gather, torch.Tensor.gather})
+
+
 class UseTracker(TorchFunctionMode):
     """The stray uses of ``params`` during the block (see the module docstring).
 
@@ -66,6 +72,12 @@ class UseTracker(TorchFunctionMode):
         for t in inputs:
             self.data[t] = True
         self.stack: list[int] = []
+        # rows the data chose: results of indexing a data tensor by a data tensor (``h[mask]``,
+        # ``x[x[:, 0].argsort()]``, ``index_select(h, 0, idx)``), and the layer calls that read one
+        # (module id, call index): their rows are not the batch's samples in order, whatever their shapes
+        self.selected = WeakIdKeyDictionary()
+        self.gathered: set[tuple[int, int]] = set()
+        self._calls: dict[int, int] = {}
         self._thread = threading.get_ident()
         self.stray: dict[str, list[str]] = {}
         self.used: set[str] = set()
@@ -95,6 +107,9 @@ class UseTracker(TorchFunctionMode):
         if data:
             for t in outs:
                 self.data[t] = True
+            if func in _SELECT and self._chosen_by_data(args, kwargs):
+                for t in outs:
+                    self.selected[t] = True
             if names:
                 self.used |= names
                 where = self.names.get(self.stack[-1], "?") if self.stack else "the model's caller"
@@ -112,6 +127,12 @@ class UseTracker(TorchFunctionMode):
                 elif t in self.derived:
                     del self.derived[t]
         return out
+
+    def _chosen_by_data(self, args, kwargs) -> bool:
+        """Whether an indexing op takes rows of a data tensor at positions a data tensor says."""
+        if not args or not isinstance(args[0], torch.Tensor) or args[0] not in self.data:
+            return False
+        return any(isinstance(t, torch.Tensor) and t in self.data for t in call_leaves(args[1:], kwargs))
 
     # ---------------------------------------------------------- module stack
     def __enter__(self):
@@ -133,6 +154,10 @@ class UseTracker(TorchFunctionMode):
         # another thread's forward is not this run
         if id(module) in self.names and threading.get_ident() == self._thread:
             self.stack.append(id(module))
+            i = self._calls.get(id(module), 0)
+            self._calls[id(module)] = i + 1
+            if any(isinstance(t, torch.Tensor) and t in self.selected for t in tensor_leaves(args)):
+                self.gathered.add((id(module), i))
 
     def _pop(self, module, args, output):
         if threading.get_ident() == self._thread and self.stack and self.stack[-1] == id(module):

@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from .capture import grad
+from .capture import LayoutChanged, grad
 from .layout import UNKNOWN, Flat, same_values, take
 from .global_exact import squared_norm
 
@@ -124,7 +124,7 @@ class Request:
 
 
 def self_check(estimator, batch, names: list[str], params: dict[str, torch.Tensor], output_fn, plan,
-               request: Request | None = None) -> None:
+               request: Request | None = None, observe=None) -> None:
     """Raise :class:`VerificationError` when ``estimator`` disagrees with :func:`literal` on 2 samples of
     ``batch`` (the fast numerators from the batch's own run when ``request`` was filled there, else from a
     run on the sub-batch); nothing is written anywhere else."""
@@ -138,7 +138,17 @@ def self_check(estimator, batch, names: list[str], params: dict[str, torch.Tenso
         for t in request.fast.values():
             t.zero_()
         sub = batch.subset(idx) if idx != [None] else batch
-        together = estimator.run(sub, request.fast, names)
+        try:
+            together = estimator.run(sub, request.fast, names)
+        except LayoutChanged:
+            if observe is None or sub is batch:
+                raise
+            # The model calls its layers otherwise on these samples alone (control flow that follows the
+            # data): the sub-batch's own layout (``observe(sub)``), then its run again.
+            for t in request.fast.values():
+                t.zero_()
+            sub.layout = observe(sub)
+            together = estimator.run(sub, request.fast, names)
     fast = request.fast
     ref, outputs = literal(batch, idx, {n: params[n] for n in names}, output_fn, estimator.reduction)
     d = layout.output

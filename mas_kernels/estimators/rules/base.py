@@ -164,11 +164,15 @@ def register_rule(layer_type: type, rule: Rule) -> None:
 
 
 def rule_for(module: nn.Module) -> Rule | None:
-    """The rule of the nearest class in ``type(module)``'s MRO that has one."""
-    for cls in type(module).__mro__:
+    """The rule of the nearest class in ``type(module)``'s MRO that has one, if the module runs that class's
+    ``forward``: a subclass that overrides it (a Linear that scales its output, a Conv2d that standardizes
+    its weight) computes something else, and has no rule unless one is registered for it (its parameters
+    then get the per-sample fallback, exact for any forward)."""
+    kind = type(module)
+    for cls in kind.__mro__:
         rule = _RULES.get(cls)
         if rule is not None:
-            return rule
+            return rule if cls is kind or getattr(kind, "forward", None) is getattr(cls, "forward", None) else None
     return None
 
 

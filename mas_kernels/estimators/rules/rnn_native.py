@@ -196,7 +196,8 @@ class NativeReplay:
 def layer_outputs(module, output, h_n, c_n, unbatched: bool, cast=None):
     """An RNN layer's return value from a replay's ``(N, T, dirs * H)`` output and ``(layers * dirs, N, H)``
     states: ``(output, h_n)`` (LSTM: ``(output, (h_n, c_n))``) in the layer's layout (and ``cast``)."""
-    out = output if module.batch_first else output.transpose(0, 1)
+    # contiguous, as the layer's own output is (a model may .view() it: the word_language_model example)
+    out = (output if module.batch_first else output.transpose(0, 1)).contiguous()
     if unbatched:
         out = out.squeeze(0 if module.batch_first else 1)
         h_n = h_n.squeeze(1)

@@ -1162,3 +1162,62 @@ def test_local_on_a_weight_used_outside_its_layer(model, batch):
     assert all(float(mas.omega[n].abs().sum()) == 0.0 for n in stray)
     with pytest.raises(ValueError, match=r"uncovered='error'.*(table|conv\.weight)"):
         mk.MAS(model, importance="local", forward=lambda m, b: m(*b), uncovered="error").estimate([(x,)])
+
+
+class CellNoState(nn.Module):
+    """An RNN cell unrolled from ``hx=None`` (the cell makes its own zero state), batch-first."""
+
+    def __init__(self, cell):
+        super().__init__()
+        self.cell, self.head = getattr(nn, cell)(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):  # (N, T, D)
+        h, outs = None, []
+        for t in range(x.shape[1]):
+            h = self.cell(x[:, t], h)
+            outs.append(h[0] if isinstance(h, tuple) else h)
+        return self.head(torch.stack(outs, 1))
+
+
+@pytest.mark.parametrize("cell", ["GRUCell", "LSTMCell", "RNNCell"])
+def test_rnn_cells_from_no_state(cell):
+    """Was a torch error (the per-sample rule's vmap met the zero state the cell makes for the call's batch);
+    now exact (refused by name is also within the contract for the LSTM cell, whose rule is checked)."""
+    torch.manual_seed(0)
+    model = CellNoState(cell).eval()
+    batches = [(torch.randn(3, 4, 4),)]
+    try:
+        default_exact(model, batches, [0])
+    except VerificationError as exc:
+        assert cell == "LSTMCell" and "cell." in str(exc)
+        default_exact(model, batches, [0], per_sample_fallback=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        local_count(model, batches, 3)
+
+
+@pytest.mark.parametrize("track", [False, True])
+@pytest.mark.parametrize("t", [4, 5], ids=["T==C", "T!=C"])
+def test_instance_norm_local_per_channel(track, t):
+    """``"local"`` on ``nn.InstanceNorm1d(affine=True)``: ``|y * x_hat|`` and ``|y|`` summed per channel (dim 1)
+    over samples and positions, ``x_hat`` by the statistics the layer used. Was refused for T != C (whatever
+    ``uncovered=`` said) and summed along T when T == C."""
+    torch.manual_seed(0)
+    norm = randomize_norm(nn.InstanceNorm1d(4, affine=True, track_running_stats=track))
+    if track:
+        with torch.no_grad():
+            norm.running_mean.uniform_(-0.5, 0.5)
+            norm.running_var.uniform_(0.5, 1.5)
+    model = nn.Sequential(nn.Conv1d(3, 4, 3, padding=1), norm, nn.Flatten(), nn.Linear(4 * t, 2)).eval()
+    x = torch.randn(3, 3, t)
+    mas = mk.MAS(model, importance="local").estimate([x]).consolidate()
+    with torch.no_grad():
+        h = model[0](x).double()
+        if track:
+            mean, var = norm.running_mean.double()[:, None], norm.running_var.double()[:, None]
+        else:
+            var, mean = torch.var_mean(h, -1, unbiased=False, keepdim=True)
+        x_hat = (h - mean) / (var + norm.eps).sqrt()
+        y = x_hat * norm.weight.double()[:, None] + norm.bias.double()[:, None]
+    close({"1.weight": mas.omega["1.weight"], "1.bias": mas.omega["1.bias"]},
+          {"1.weight": (y * x_hat).abs().sum((0, 2)) / 3, "1.bias": y.abs().sum((0, 2)) / 3})

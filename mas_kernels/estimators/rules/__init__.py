@@ -24,6 +24,8 @@ register_rule(nn.LayerNorm, norm.LayerNormRule())
 register_rule(nn.GroupNorm, norm.GroupNormRule())
 for _cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
     register_rule(_cls, norm.BatchNormRule())
+for _cls in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
+    register_rule(_cls, norm.InstanceNormRule())
 if hasattr(nn, "RMSNorm"):
     register_rule(nn.RMSNorm, norm.RMSNormRule())
 register_rule(nn.MultiheadAttention, attention.MultiheadAttentionRule())

@@ -110,7 +110,13 @@ class GenericRule(Rule):
             else:
                 xs = tuple(_samples_first(leaves[i].detach(), a_dims[i], ctx.n)[lo:hi] for i in batched_idx)
                 ds = tuple(_samples_first(call.deltas[i], o_dims[i], ctx.n)[lo:hi] for i in keep)
-                grads = vmap(one, in_dims=(None, 0, 0), randomness="different")(params, xs, ds)
+                try:
+                    grads = vmap(one, in_dims=(None, 0, 0), randomness="different")(params, xs, ds)
+                except RuntimeError:
+                    # A forward vmap cannot batch (an RNN cell that makes its own zero state from the call's
+                    # batch size, hx=None): the same, one sample at a time (a real error raises again here).
+                    rows = [one(params, tuple(x[k] for x in xs), tuple(d[k] for d in ds)) for k in range(len(ds[0]))]
+                    grads = {a: torch.stack([r[a] for r in rows]) for a in attrs}
             for a in attrs:
                 out[a] += grads[a].to(dt)
         return out

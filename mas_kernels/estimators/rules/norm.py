@@ -230,6 +230,24 @@ class BatchNormRule(_ChannelNorm):
         return (x - mean) * torch.rsqrt(var + module.eps)
 
 
+class InstanceNormRule(_ChannelNorm):
+    """``nn.InstanceNorm1d/2d/3d(affine=True)``: weight and bias per channel (dim 1); statistics per sample and
+    channel over the positions (each sample's own: the samples stay independent), or the running ones where
+    the layer uses them (eval mode with ``track_running_stats``)."""
+
+    def x_hat(self, module, x):
+        if x.dim() == module._get_no_batch_dim():
+            raise ValueError(f"MAS: {type(module).__name__} was given an unbatched input of shape {tuple(x.shape)}; "
+                             "call it on a batch (N, C, ...)")
+        if module.running_mean is not None and not module.training:
+            shape = [1, -1] + [1] * (x.dim() - 2)
+            mean = module.running_mean.to(x.dtype).view(shape)
+            var = module.running_var.to(x.dtype).view(shape)
+        else:
+            var, mean = torch.var_mean(x, dim=list(range(2, x.dim())), unbiased=False, keepdim=True)
+        return (x - mean) * torch.rsqrt(var + module.eps)
+
+
 class AffineNormRule(GenericRule):
     """A norm of another library (transformers' ``LlamaRMSNorm``, ``T5LayerNorm``, ``Qwen2RMSNorm``...): a
     module named ``*Norm*`` with a 1-D ``weight`` (and ``bias``) and no submodules.

@@ -313,9 +313,10 @@ class RNNRule(Rule):
         x = call.args[0] if call.args else call.kwargs.get("input")
         if not isinstance(x, torch.Tensor):
             raise ValueError(
-                f"MAS: layer {layer.name!r} got a {type(x).__name__} (e.g. a PackedSequence); the rule of "
-                f"{type(layer.module).__name__} needs padded tensor inputs: pad the batch, or use "
-                "importance='global_batch'"
+                f"MAS: layer {layer.name!r} got a {type(x).__name__}, not a tensor; the rule of "
+                f"{type(layer.module).__name__} needs padded tensor inputs: pad the batch (no "
+                "pack_padded_sequence), or use importance='global' (its layers then get the per-sample "
+                "fallback) or 'global_batch'"
             )
 
     def _factors(self, layer, calls, ctx):

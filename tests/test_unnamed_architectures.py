@@ -1221,3 +1221,23 @@ def test_instance_norm_local_per_channel(track, t):
         y = x_hat * norm.weight.double()[:, None] + norm.bias.double()[:, None]
     close({"1.weight": mas.omega["1.weight"], "1.bias": mas.omega["1.bias"]},
           {"1.weight": (y * x_hat).abs().sum((0, 2)) / 3, "1.bias": y.abs().sum((0, 2)) / 3})
+
+
+class TimeFirstRows(nn.Module):
+    """A sequence-first ``(T, N, D)`` batch flattened time-major, ``x.reshape(T * N, D)``, into a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        t, n, d = x.shape
+        return self.head(torch.tanh(self.fc(x.reshape(t * n, d))).view(t, n, -1))
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 4), (4, 4, 4), (5, 3, 4)], ids=["T<N", "T==N", "T>N"])
+def test_rows_flattened_time_major(shape):
+    """Was refused by the self-check, with ``sample_dim=`` advice that did not help: the probe now sees by value
+    that the rows are not sample-major (``fc`` gets the per-sample fallback)."""
+    torch.manual_seed(0)
+    default_exact(TimeFirstRows().eval(), [(torch.randn(*shape),)], [1], sample_dim=1)

@@ -98,6 +98,13 @@ class Recorder:
         if dims is not None and dims.expand is not None:
             args, new = expand_call(args, output, dims.expand, self.n)
             output = new
+        if (self.grads and type(output) is tuple and len(output) > 1
+                and all(isinstance(t, torch.Tensor) for t in output) and any(t.requires_grad for t in output)):
+            # Several outputs: each handed on as a view of its own, so the gradient read at its edge is what the
+            # rest of the model sends it. An output the module computed from another (an LSTM cell's h from its
+            # c) would otherwise carry, at its own edge, the gradient that flowed back through the other too,
+            # and a rule that pulls both outputs' gradients through the module would count that part twice.
+            output = new = tuple(t.view_as(t) if t.requires_grad else t for t in output)
         outs = tensor_leaves(output)
         edges = [_edge(t) if t.requires_grad else None for t in outs] if self.grads else []
         call = Call(args, kwargs, output, [None] * len(outs), edges, dims=dims, outs=outs)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from .layout import call_leaves, tensor_leaves
+from .layout import UNKNOWN, Flat, call_leaves, expand_call, tensor_leaves
 
 
 @dataclasses.dataclass
@@ -89,8 +89,6 @@ class Recorder:
         self.tensor_hooks: list = []  # the eager calls' output hooks, removed by release()
 
     def _hook(self, module, args, kwargs, output):
-        from .layout import expand_call
-
         if threading.get_ident() != self._thread:
             return None  # another thread's forward of the same model: not this pass
         calls = self.calls[module]
@@ -116,8 +114,6 @@ class Recorder:
 
     def check(self, n: int) -> None:
         """Raise :class:`LayoutChanged` when the calls do not match the layout they were recorded with."""
-        from .layout import Flat, UNKNOWN
-
         if self.layout is None:
             return
         for module, calls in self.calls.items():

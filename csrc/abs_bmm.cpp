@@ -23,8 +23,9 @@
 //   few blocks; their partial sums are added in group order, so the result
 //   does not depend on the thread count.
 //
-// Scratch: per thread, the bmm chunk's products (~1 MiB) and fp32 copies of
-// 16-bit inputs, within memory_budget (else the tiles run); the tiles'
+// Scratch: per thread, the bmm chunk's products (~1 MiB, kept per thread
+// between calls) and fp32 copies of 16-bit inputs, within memory_budget (else
+// the tiles run); the tiles'
 // per-thread panels and accumulators (at most kTC * (kMC + NC) + 2 *
 // kRowTiles * kMC * NC floats, 2.1 MiB with AVX-512; kept per thread between
 // calls, since fresh pages on every call cost ~5%) and the groups' partial
@@ -37,6 +38,7 @@
 
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 
 #include <algorithm>
 #include <cstring>
@@ -182,6 +184,15 @@ void abs_add_products(const float* src, int64_t ns, int64_t jn, int64_t in, floa
     }
 }
 
+// This thread's buffer of the bmm strategy's products, kept between calls: a fresh ~1 MiB each call came from
+// pages the allocator had just given back (one page fault per 4 KiB, as long as the abs pass itself, when the
+// exact rule runs its layers one after another between the model's own allocations).
+float* bmm_scratch(int64_t floats) {
+  thread_local std::vector<float> buffer;
+  if (static_cast<int64_t>(buffer.size()) < floats) buffer.resize(floats);
+  return buffer.data();
+}
+
 // The bmm strategy: one parallel region over blocks of omega; each thread, for
 // its block and a chunk of samples at a time, runs one single-threaded batched
 // GEMM of the samples' a-columns^T and b-columns (fp32 copies of 16-bit
@@ -197,7 +208,7 @@ void abs_bmm_by_bmm(at::Tensor& omega, const at::Tensor& a, const at::Tensor& b,
   float* const out = omega.data_ptr<float>();
   const int64_t so0 = omega.stride(0), so1 = omega.stride(1);
   at::parallel_for(0, tiles, 1, [&](int64_t u0, int64_t u1) {
-    at::Tensor prod = at::empty({samples * rows * cols}, omega.options());
+    at::Tensor prod = at::from_blob(bmm_scratch(samples * rows * cols), {samples * rows * cols}, omega.options());
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t j0 = u / tiles_i * rows, i0 = u % tiles_i * cols;
       const int64_t jn = std::min(rows, J - j0), in = std::min(cols, I - i0);

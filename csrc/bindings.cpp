@@ -61,6 +61,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("layer_norm_sums", &mas_kernels::layer_norm_sums, py::arg("x"), py::arg("d"), py::arg("eps"), py::arg("rms"),
         py::call_guard<py::gil_scoped_release>(),
         "(N, 2, D): per sample, sum_t d * x_hat and sum_t d of a LayerNorm's (RMSNorm's) (N, T, D) input and gradient");
+  m.def("abs_position_sums_", &mas_kernels::abs_position_sums_, py::arg("acc"), py::arg("d"),
+        py::call_guard<py::gil_scoped_release>(), "acc (D) += sum_s |sum_t d[s, t]| for d (S, T, D), in place");
+  m.def("embedding_abs_rows_", &mas_kernels::embedding_abs_rows_, py::arg("acc"), py::arg("ids"), py::arg("d"),
+        py::arg("padding_idx"), py::call_guard<py::gil_scoped_release>(),
+        "acc (V, D) row v += |sum_{t: ids[s, t] = v} d[s, t]| per sample s and distinct id v, in place");
+  m.def("layer_norm_abs_sums_", &mas_kernels::layer_norm_abs_sums_, py::arg("acc_w"), py::arg("acc_b"), py::arg("x"),
+        py::arg("d"), py::arg("eps"), py::arg("rms"), py::call_guard<py::gil_scoped_release>(),
+        "acc_w += sum_s |sum_t d * x_hat|, acc_b += sum_s |sum_t d| of a LayerNorm's (RMSNorm's) (N, T, D) input and "
+        "gradient, in place");
   m.def("register_cpu_kernels", &mas_kernels::register_cpu_kernels,
         "make the C++ kernels the CPU kernels of the mas_kernels:: ops (mas_kernels._backend calls it)");
   m.def("unregister_cpu_kernels", &mas_kernels::unregister_cpu_kernels,

@@ -201,4 +201,22 @@ void check_scalar(double x, double scale, const char* op, const char* arg);
 // Whether the memory ranges of x and y overlap (conservative: interleaved views count).
 bool shares_memory(const at::Tensor& x, const at::Tensor& y);
 
+// ``run(T{})`` with T the C++ type of x's dtype (float32, bfloat16 or float16), else an error naming ``op``.
+template <typename Run>
+void on_16_or_32_bit(const at::Tensor& x, const char* op, Run&& run) {
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      run(float{});
+      break;
+    case at::kBFloat16:
+      run(at::BFloat16{});
+      break;
+    case at::kHalf:
+      run(at::Half{});
+      break;
+    default:
+      TORCH_CHECK(false, op, ": x must be float32/bfloat16/float16, got ", x.scalar_type());
+  }
+}
+
 }  // namespace mas_kernels

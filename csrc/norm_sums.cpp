@@ -89,24 +89,6 @@ MAS_KERNELS_CLONES void layer_norm_rows_of(const at::Half* x, const at::Half* d,
   layer_norm_rows(x, d, rows, D, eps, rms, out_w, out_b);
 }
 
-// ``run(T{})`` with T the C++ type of x's dtype (float32, bfloat16 or float16), else an error naming ``op``.
-template <typename Run>
-void on_16_or_32_bit(const at::Tensor& x, const char* op, Run&& run) {
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      run(float{});
-      break;
-    case at::kBFloat16:
-      run(at::BFloat16{});
-      break;
-    case at::kHalf:
-      run(at::Half{});
-      break;
-    default:
-      TORCH_CHECK(false, op, ": x must be float32/bfloat16/float16, got ", x.scalar_type());
-  }
-}
-
 }  // namespace
 
 at::Tensor layer_norm_sums(const at::Tensor& x, const at::Tensor& d, double eps, bool rms) {

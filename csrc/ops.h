@@ -6,6 +6,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -61,6 +62,17 @@ at::Tensor channel_sums(const at::Tensor& x, const at::Tensor& d, const at::Tens
 // (N, 2, D) float32: per sample, sum_t d * x_hat and sum_t d over its rows of a LayerNorm's (rms: RMSNorm's)
 // input x and output gradient d, (N, T, D) contiguous float32/bfloat16/float16 (see norm_sums.cpp).
 at::Tensor layer_norm_sums(const at::Tensor& x, const at::Tensor& d, double eps, bool rms);
+
+// The exact rule's small sums reduced to numerators in place (see rule_sums.cpp); acc contiguous float32,
+// d (S, T, D) float32/bfloat16/float16 with unit stride along D.
+// acc (D) += sum_s |sum_t d[s, t]|
+void abs_position_sums_(at::Tensor acc, const at::Tensor& d);
+// acc (V, D) row v += |sum_{t: ids[s, t] = v} d[s, t]| per sample s and distinct id v (padding_idx: skipped; -1
+// for none); ids (S, T) int64/int32, any strides.
+void embedding_abs_rows_(at::Tensor acc, const at::Tensor& ids, const at::Tensor& d, int64_t padding_idx);
+// acc_w += sum_s |sum_t d * x_hat|, acc_b += sum_s |sum_t d| (either may be absent); x, d as layer_norm_sums.
+void layer_norm_abs_sums_(const std::optional<at::Tensor>& acc_w, const std::optional<at::Tensor>& acc_b,
+                          const at::Tensor& x, const at::Tensor& d, double eps, bool rms);
 
 // One layer and direction of an RNN/LSTM/GRU step by step (see rnn_steps.cpp): the forward from the input
 // projection zi and W_hh, and the backward through time to dzi and the initial state's gradients.

@@ -4,6 +4,9 @@ with every rule after the backward; and what it is for, the peak memory of the p
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -128,3 +131,32 @@ def test_rules_inside_the_backward_cut_the_peak_memory(monkeypatch):
     after = peak_memory(lambda: mas.estimate([x]))
     gradient = 4 * 16 * 16 * 16 * 16  # one layer's output gradient
     assert eager <= after - 2 * gradient, (eager, after)
+
+
+def test_the_recorded_pass_leaves_nothing_alive():
+    """An eager call's output hook holds its rule's closure, which holds the call and its output: a cycle through
+    the autograd graph the collector cannot see. The hooks are removed after the backward, so the graph of each
+    pass (and every tensor it saved) is freed with it."""
+    model = models.randomize_norms(models.ResNetish()).eval()
+    mas = mk.MAS(model, importance="global", verify=False)
+    x = torch.randn(4, 3, 8, 8)
+    mas.estimate([x])  # the layout observed
+    outs = []
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
+            m.register_forward_hook(lambda m, args, out: outs.append(weakref.ref(out)))
+    mas.estimate([x, x])
+    gc.collect()
+    assert outs and all(o() is None for o in outs), [o() is None for o in outs]
+
+
+def test_rules_inside_the_backward_with_per_sample_fallback_parameters():
+    """The per-sample fallback's backward passes through the retained graph run after the hooks are gone: the
+    eager rules add each batch's numerators once."""
+    model = models.randomize_norms(models.ResNetish()).eval()
+    low = "stem.0.weight"  # below every eager layer: each per-sample backward passes their outputs
+    xs = [torch.randn(3, 3, 8, 8), torch.randn(3, 3, 8, 8)]
+    with pytest.warns(RuntimeWarning, match="one backward pass per sample"):
+        mas = mk.MAS(model, importance="global", verify=False,
+                     per_sample_fallback=lambda name: name == low).estimate(xs).consolidate()
+    close(mas.omega, ref.global_exact(model, [torch.cat(xs)]))

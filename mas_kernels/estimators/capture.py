@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from .layout import call_leaves, tensor_leaves
+from .layout import UNKNOWN, Flat, call_leaves, expand_call, tensor_leaves
 
 
 @dataclasses.dataclass
@@ -86,10 +86,9 @@ class Recorder:
         self.inline = inline or {}
         self.then = then
         self.handles: list = []
+        self.tensor_hooks: list = []  # the eager calls' output hooks, removed by release()
 
     def _hook(self, module, args, kwargs, output):
-        from .layout import expand_call
-
         if threading.get_ident() != self._thread:
             return None  # another thread's forward of the same model: not this pass
         calls = self.calls[module]
@@ -115,15 +114,13 @@ class Recorder:
         if self.then is not None and len(edges) == 1 and isinstance(edges[0], GradientEdge):
             then = self.then(module, call)
             if then is not None:  # not a view (an in-place op on a view takes its node, and a hook, away)
-                outs[0].register_hook(_store(call.deltas, 0, then))
+                self.tensor_hooks.append(outs[0].register_hook(_store(call.deltas, 0, then)))
                 call.eager = True
         calls.append(call)
         return new
 
     def check(self, n: int) -> None:
         """Raise :class:`LayoutChanged` when the calls do not match the layout they were recorded with."""
-        from .layout import Flat, UNKNOWN
-
         if self.layout is None:
             return
         for module, calls in self.calls.items():
@@ -140,6 +137,15 @@ class Recorder:
                     if size != n and not (isinstance(d, Flat) and size > 0 and size % n == 0):
                         raise LayoutChanged(f"a tensor of shape {tuple(t.shape)} of {type(module).__name__} "
                                             f"has no {n} samples in dim {dim}")
+
+    def release(self) -> None:
+        """Remove the eager calls' output hooks (after the backward, or when it will not run). A hook holds its
+        rule's closure, which holds the call and so the output whose graph node holds the hook: a cycle through
+        the autograd graph that Python's collector cannot see, so without this every recorded pass (the whole
+        graph and its saved tensors) would stay alive."""
+        for h in self.tensor_hooks:
+            h.remove()
+        self.tensor_hooks.clear()
 
     def __enter__(self) -> "Recorder":
         self._thread = threading.get_ident()

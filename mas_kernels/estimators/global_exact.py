@@ -171,11 +171,16 @@ class ExactEstimator:
             return run
 
         with torch.enable_grad():
-            with capture(modules, layout=layout, n=n, inline=inline, then=then if eager else None) as rec:
-                out = self.output_fn(batch.forward())
-            rec.check(n)
-            loss = squared_norm(out)
-            backward(loss, rec, retain_graph=bool(slow))
+            rec = None
+            try:
+                with capture(modules, layout=layout, n=n, inline=inline, then=then if eager else None) as rec:
+                    out = self.output_fn(batch.forward())
+                rec.check(n)
+                loss = squared_norm(out)
+                backward(loss, rec, retain_graph=bool(slow))
+            finally:
+                if rec is not None:
+                    rec.release()  # the eager calls' hooks: run, or never to run
         with torch.no_grad():
             del loss
             for layer in layers:

@@ -34,9 +34,10 @@ by the same :func:`check_memory_budget`.
   once, and chunks samples, then output tiles, then positions so that its
   scratch fits (:func:`chunk_plan`; any budget >= 64 KiB works);
 * the native CPU kernel (``csrc/abs_bmm.cpp``) runs a chunked bmm of about
-  1 MiB of products at a time where that is faster and fits the budget, else
-  register tiles that never store per-sample products; their fixed per-thread
-  panels (about 2 MiB with AVX-512) are not counted, the partial sums of
+  1 MiB of products at a time where that is faster and fits the budget (the
+  products' buffer kept per thread between calls), else register tiles that
+  never store per-sample products; their fixed per-thread panels (about 2 MiB
+  with AVX-512) are not counted, the partial sums of
   sample groups are; at T = 1 it is the native ``abs_outer_accumulate_``,
   whose fp32 abs copies of the inputs (``4 * S * (J + I)`` bytes) are not
   chunked;

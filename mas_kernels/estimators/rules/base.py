@@ -26,9 +26,10 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ... import _backend, _native
 from ...ops import abs_outer_accumulate_
 from ..capture import Call
-from ..reduction import ABS, Reduction
+from ..reduction import ABS, AbsReduction, Reduction
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +188,33 @@ def abs_outer_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         abs_outer_accumulate_(acc, a, b)
     else:
         acc.add_(a.to(acc.dtype).abs().T @ b.to(acc.dtype).abs())
+
+
+_SMALL_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def native_sums(ctx: Context, accs, ts):
+    """The native module where its fused small sums (``csrc/rule_sums.cpp``: a bias's, an embedding's rows, a
+    LayerNorm's) can add ``sum_k |g_k|`` straight into ``accs`` from ``ts``: MAS's reduction, contiguous float32
+    numerators and 16/32-bit float inputs on a CPU whose ops run natively; else None (the rule's PyTorch path:
+    another reduction, float64, other devices, a build without them)."""
+    if type(ctx.reduce) is not AbsReduction:
+        return None
+    for acc in accs:
+        if acc.dtype != torch.float32 or acc.device.type != "cpu" or not acc.is_contiguous():
+            return None
+    for t in ts:
+        if t.dtype not in _SMALL_FLOATS or t.device.type != "cpu":
+            return None
+    if _backend.choose(torch.device("cpu")) != "native" or not _native.built():
+        return None
+    lib = _native.lib()
+    return lib if hasattr(lib, "abs_position_sums_") else None
+
+
+def unit_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with unit stride along its last dim (the native sums' rows), copied only when it has not."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
 def cat_uses(ts: list[torch.Tensor]) -> torch.Tensor:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..layout import batched
-from .base import Rule, work_dtype
+from .base import Rule, native_sums, unit_rows, work_dtype
 
 
 def _keyed(layer, calls, ctx, lo: int = 0, hi: int | None = None):
@@ -58,11 +58,21 @@ class EmbeddingRule(Rule):
     def exact(self, layer, calls, ctx, accs):
         if "weight" not in accs:
             return
+        module, acc = layer.module, accs["weight"]
+        live = [c for c in calls if c.deltas[0] is not None]
+        if len(live) == 1 and not module.scale_grad_by_freq:  # the usual: one call, rows summed per (sample, id)
+            call = live[0]
+            delta = batched(call.delta, ctx.n, 1, call.dims.out)
+            lib = native_sums(ctx, (acc,), (delta,))
+            if lib is not None:
+                ids = batched(call.x, ctx.n, 0, call.dims.x)
+                pad = -1 if module.padding_idx is None else module.padding_idx
+                lib.embedding_abs_rows_(acc, ids, unit_rows(delta), pad)
+                return
         keyed = _keyed(layer, calls, ctx)
         if keyed is None:
             return
         keys, rows = keyed
-        acc = accs["weight"]
         uniq, inv = torch.unique(keys, return_inverse=True)
         sums = torch.zeros(uniq.numel(), rows.shape[1], device=rows.device, dtype=acc.dtype).index_add_(
             0, inv, rows.to(acc.dtype))

@@ -16,7 +16,7 @@ import torch
 
 from ..capture import Call
 from ..layout import batched
-from .base import Rule, abs_outer_, cat_uses, work_dtype
+from .base import Rule, abs_outer_, cat_uses, native_sums, unit_rows, work_dtype
 
 
 def _factors(calls: list[Call], ctx) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,15 +37,19 @@ class LinearRule(Rule):
         return x.dim() <= 1
 
     def exact(self, layer, calls, ctx, accs):
-        if not calls:
-            return
+        if all(c.deltas[0] is None for c in calls):
+            return  # no output reached the loss (BERT's pooler under last_hidden_state): every g_k is 0
         delta, x = _factors(calls, ctx)
         if "weight" in accs:
             a, b = (x, delta) if self.transposed else (delta, x)
             ctx.reduce.bmm_(accs["weight"], a, b, ctx.budget)
         if "bias" in accs:
             acc = accs["bias"]
-            ctx.reduce.dense_(acc, delta.to(acc.dtype).sum(1))
+            lib = native_sums(ctx, (acc,), (delta,))
+            if lib is not None:  # sum over positions, abs, sum over samples: one pass, no (N, J) temporary
+                lib.abs_position_sums_(acc, unit_rows(delta))
+            else:
+                ctx.reduce.dense_(acc, delta.to(acc.dtype).sum(1))
 
     def factors(self, layer, calls, ctx, attr):
         if attr != "weight" or not calls:

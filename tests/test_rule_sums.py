@@ -1,0 +1,140 @@
+"""The exact rule's fused small sums (csrc/rule_sums.cpp: a bias's, an embedding's rows, a LayerNorm's, each
+summed per sample, then its abs summed over samples in the same call) against float64 definitions, over shapes,
+dtypes and strides; and the rules that use them against their PyTorch path and the one-sample oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+from transformers.pytorch_utils import Conv1D  # noqa: E402
+
+import mas_kernels as mk
+from mas_kernels import _backend, _native
+from mas_kernels.estimators.rules import base, embedding, linear, norm
+from tests import models
+from tests import reference as ref
+from tests.helpers import HYPOTHESIS
+from tests.test_exact_layers import close
+
+pytestmark = pytest.mark.skipif(not _backend.native_available(), reason="the native extension is not built")
+F64 = torch.float64
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-4, torch.float16: 1e-4}  # on the inputs as rounded to the dtype
+
+
+def _layout(t: torch.Tensor, how: str) -> torch.Tensor:
+    """``t`` (S, T, D) as the rules may see it: contiguous, samples not first in memory, or one row expanded."""
+    if how == "permuted":
+        return t.transpose(0, 1).contiguous().transpose(0, 1)
+    if how == "expanded":
+        return t[:1].expand_as(t)
+    return t
+
+
+@settings(max_examples=40, **HYPOTHESIS)
+@given(s=st.integers(0, 5), t=st.integers(1, 7), d=st.integers(1, 40), dtype=st.sampled_from(DTYPES),
+       how=st.sampled_from(["contiguous", "permuted", "expanded"]))
+def test_abs_position_sums(s, t, d, dtype, how):
+    delta = _layout(torch.randn(s, t, d).to(dtype), how)
+    acc = torch.rand(d)
+    want = acc.double() + delta.to(F64).sum(1).abs().sum(0)
+    _native.lib().abs_position_sums_(acc, delta)
+    torch.testing.assert_close(acc.double(), want, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@settings(max_examples=40, **HYPOTHESIS)
+@given(s=st.integers(0, 5), t=st.integers(1, 9), d=st.integers(1, 40), v=st.integers(1, 6),
+       dtype=st.sampled_from(DTYPES), how=st.sampled_from(["contiguous", "permuted", "expanded"]),
+       pad=st.sampled_from([None, 0, 2]), int32=st.booleans(), shared_ids=st.booleans())
+def test_embedding_abs_rows(s, t, d, v, dtype, how, pad, int32, shared_ids):
+    delta = _layout(torch.randn(s, t, d).to(dtype), how)
+    ids = torch.randint(0, v, (1, t)).expand(s, t) if shared_ids else torch.randint(0, v, (s, t))
+    ids = ids.int() if int32 else ids
+    pad = pad if pad is not None and pad < v else None
+    acc = torch.rand(v, d)
+    want = acc.double().clone()
+    for k in range(s):  # the definition: sample k's gradient rows (padding gets none), then their abs
+        keep = ids[k] != pad if pad is not None else torch.ones(t, dtype=torch.bool)
+        want += torch.zeros(v, d, dtype=F64).index_add_(0, ids[k][keep].long(), delta[k][keep].to(F64)).abs()
+    _native.lib().embedding_abs_rows_(acc, ids, delta, -1 if pad is None else pad)
+    torch.testing.assert_close(acc.double(), want, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_embedding_abs_rows_refuses_an_id_out_of_range():
+    acc = torch.zeros(4, 3)
+    with pytest.raises(RuntimeError, match="out of range"):
+        _native.lib().embedding_abs_rows_(acc, torch.tensor([[1, 4]]), torch.randn(1, 2, 3), -1)
+    assert acc.abs().sum() == 0
+
+
+@settings(max_examples=30, **HYPOTHESIS)
+@given(s=st.integers(1, 5), t=st.integers(1, 7), d=st.integers(1, 40), dtype=st.sampled_from(DTYPES),
+       rms=st.booleans(), which=st.sampled_from(["both", "weight", "bias"]))
+def test_layer_norm_abs_sums(s, t, d, dtype, rms, which):
+    x, delta = (3 * torch.randn(s, t, d) + 1).to(dtype), torch.randn(s, t, d).to(dtype)
+    acc_w, acc_b = torch.rand(d), torch.rand(d)
+    xd, dd = x.to(F64), delta.to(F64)
+    if rms:
+        x_hat = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5)
+    else:
+        var, mean = torch.var_mean(xd, -1, unbiased=False, keepdim=True)
+        x_hat = (xd - mean) * torch.rsqrt(var + 1e-5)
+    want_w = acc_w.double() + ((dd * x_hat).sum(1).abs().sum(0) if which != "bias" else 0)
+    want_b = acc_b.double() + (dd.sum(1).abs().sum(0) if which != "weight" else 0)
+    _native.lib().layer_norm_abs_sums_(acc_w if which != "bias" else None, acc_b if which != "weight" else None,
+                                       x, delta, 1e-5, rms)
+    tol = 1e-4 if dtype == torch.float32 else 1e-3  # x_hat of a whole row in float32
+    torch.testing.assert_close(acc_w.double(), want_w, rtol=tol, atol=tol)
+    torch.testing.assert_close(acc_b.double(), want_b, rtol=tol, atol=tol)
+
+
+class Tokens(nn.Module):
+    """Token and position embeddings (the position ids one row shared by every sample, as BERT's and GPT-2's),
+    LayerNorm and RMSNorm, Linears on sequences with and without bias, a GPT-2 Conv1D."""
+
+    def __init__(self, vocab: int = 11, dim: int = 8, pad: int | None = 0):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, dim, padding_idx=pad)
+        self.pos = nn.Embedding(7, dim)
+        self.ln = nn.LayerNorm(dim)
+        self.up = nn.Linear(dim, 2 * dim)
+        self.rms = nn.RMSNorm(2 * dim)
+        self.down = nn.Linear(2 * dim, dim, bias=False)
+        self.conv1d = Conv1D(3, dim)
+
+    def forward(self, ids):
+        h = self.tok(ids) + self.pos(torch.arange(ids.shape[1]).unsqueeze(0))
+        h = self.down(torch.tanh(self.rms(self.up(self.ln(h)))))
+        return self.conv1d(h)
+
+
+@pytest.mark.parametrize("pad", [None, 0])
+def test_rules_with_the_fused_sums_match_their_pytorch_path_and_the_oracle(pad, monkeypatch):
+    torch.manual_seed(0)
+    model = models.randomize_norms(Tokens(pad=pad)).eval()
+    ids = torch.randint(0, 11, (5, 6))
+    ids[0, :3] = 3  # a repeated id in one sample
+    batches = [ids[:2], ids[2:]]
+    calls = []
+    real = base.native_sums
+
+    def spy(ctx, accs, ts):
+        got = real(ctx, accs, ts)
+        calls.append(got is not None)
+        return got
+
+    for mod in (linear, embedding, norm):
+        monkeypatch.setattr(mod, "native_sums", spy)
+    fused = mk.MAS(model, importance="global", verify=False).estimate(batches).consolidate().omega
+    assert calls and all(calls), calls
+    close(fused, ref.global_exact(model, [torch.cat(batches)]))
+    for mod in (linear, embedding, norm):
+        monkeypatch.setattr(mod, "native_sums", lambda *a: None)
+    plain = mk.MAS(model, importance="global", verify=False).estimate(batches).consolidate().omega
+    for k, v in plain.items():
+        torch.testing.assert_close(fused[k], v, rtol=1e-5, atol=1e-7, msg=k)

@@ -194,8 +194,10 @@ def test_embedding_bag_offsets_is_refused_by_name_by_the_exact_rule():
     mas = mk.MAS(model, importance="global", forward=lambda m, b: m(*b))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the probe's own note, before the refusal
-        with pytest.raises(ValueError, match="did not run on a sub-batch of its samples.*global_batch"):
+        with pytest.raises(ValueError, match=r"did not run on a sub-batch of its samples.*EmbeddingBag.*\(N, L\).*"
+                                             "global_batch") as exc:
             mas.estimate([(flat, offsets)])
+    assert "eval mode" not in str(exc.value) and "sample_dim" not in str(exc.value)  # advice that does not apply
     assert mas.num_samples == 0
 
 

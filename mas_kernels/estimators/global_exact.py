@@ -134,6 +134,13 @@ class ExactEstimator:
         replay, calls on subsets of the samples)."""
         layout = batch.layout
         n = batch.n
+        if layout.coupled and not layout.single and layout.unsliced:
+            raise ValueError(
+                f"MAS(importance='global'): {layout.coupled}. Per-sample importance needs each argument of the "
+                "model's call to keep its samples in one dim (a flat input with offsets, as nn.EmbeddingBag's, "
+                "does not: pass the bags as one (N, L) tensor, padded with padding_idx=), or "
+                "use importance='global_batch' (one gradient per batch)"
+            )
         if layout.coupled and not layout.single:
             raise ValueError(
                 f"MAS(importance='global'): {layout.coupled}, so a per-sample gradient is not defined. Estimate "

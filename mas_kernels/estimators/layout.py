@@ -154,6 +154,7 @@ class Layout:
     stray: dict = dataclasses.field(default_factory=dict)
     check: list = dataclasses.field(default_factory=list)
     single: bool = False  # observed on one sample: it serves batches of one only
+    unsliced: bool = False  # the model ran on no sub-batch: its samples are not slices of its arguments
     notes: dict = dataclasses.field(default_factory=dict)  # what the estimators derived from it (cached)
 
     def n(self, args: tuple, kwargs: dict) -> int:
@@ -556,7 +557,7 @@ class Prober:
                 warnings.warn(f"MAS: {coupled}; N counts along dim {dims[first]} of the input. Pass sample_dim= "
                               "to say where the samples are", RuntimeWarning, stacklevel=2)
         layout = Layout(inputs=dims, output=out_dim if n > 1 else None, coupled=coupled, check=list(idx),
-                        single=n == 1)
+                        single=n == 1, unsliced=unobserved is not None)
         self._calls(layout, n, idx, rec_full, rec_sub if rec_sub is not None or n == 1 else _Record([]))
         if n > 1 and consistent:
             self._expansions(layout, args, kwargs, full, n, idx)

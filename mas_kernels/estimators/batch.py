@@ -166,7 +166,8 @@ class Layouts:
 
         prober = Prober(self.module, lambda: batch.call(self.module), pick_outputs(self.output_fn), modules,
                         self.sample_dim, api, tracker if self.track else None,
-                        expandable if self.exact else None, self.agree, checked=checked and self.exact)
+                        expandable if self.exact else None, self.agree, checked=checked and self.exact,
+                        by_value=self.exact)
         with self.quiet(), modes(self.module, False), torch.no_grad():
             return prober.observe(batch.args, batch.kwargs)
 

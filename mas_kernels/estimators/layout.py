@@ -303,8 +303,9 @@ class _Record:
     """Forward hooks on ``modules`` that keep each call's tensor shapes (nothing else) during one run, and
     which module first read the model's input."""
 
-    def __init__(self, modules: list[nn.Module], expand: dict | None = None, n: int = 1):
+    def __init__(self, modules: list[nn.Module], expand: dict | None = None, n: int = 1, keep: bool = False):
         self.modules = modules
+        self.keep = keep
         self.calls: dict[int, list] = {id(m): [] for m in modules}
         # each call's tensors (its arguments' and outputs', None for other leaves): their values are compared
         # between the batch and the sub-batch (``Prober._calls``)
@@ -328,7 +329,8 @@ class _Record:
         ins = tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in leaves)
         outs = tuple(tuple(t.shape) for t in out_leaves)
         calls.append((ins, outs))
-        self.tensors[id(module)].append(([t if isinstance(t, torch.Tensor) else None for t in leaves], out_leaves))
+        if self.keep:
+            self.tensors[id(module)].append(([t if isinstance(t, torch.Tensor) else None for t in leaves], out_leaves))
         return new
 
     def pre(self, module, args):
@@ -401,14 +403,18 @@ class Prober:
             the ranks. Default: this process's own.
         checked: whether the self-check runs on this batch right after (``verify.py``): its single-sample
             runs are then the second look at whether the samples are independent.
+        by_value: compare each layer call's tensors between the batch and the sub-batch (``_rows_checked``;
+            the exact rule's per-sample rows): the batch's run then keeps them until the comparison (its
+            activations, once per signature), which the local and batch rules, summing over rows, need not.
     """
 
     def __init__(self, module: nn.Module, run: Callable[[], Any], pick: Callable, modules: list[nn.Module],
                  sample_dim=None, api: Callable | None = None, tracker: Callable | None = None,
                  expandable: Callable | None = None, agree: Callable[[bool], bool] | None = None,
-                 checked: bool = False):
+                 checked: bool = False, by_value: bool = False):
         self.agree = agree or (lambda flag: flag)
         self.checked = checked
+        self.by_value = by_value
         self.module = module
         self.run = run
         self.pick = pick
@@ -420,7 +426,7 @@ class Prober:
 
     # ----------------------------------------------------------------- runs
     def _run(self, args, kwargs, expand=None, n=1, tracker=None):
-        rec = _Record(self.modules, expand, n)
+        rec = _Record(self.modules, expand, n, keep=self.by_value)
         handle = _substitute(self.module, args, kwargs)
         try:
             with rec, torch.no_grad(), (tracker if tracker is not None else contextlib.nullcontext()):
@@ -656,7 +662,8 @@ class Prober:
                             for f, g in zip(ins_f, ins_s))
                 outs = tuple(dim_between(f, g, n, s) for f, g in zip(outs_f, outs_s))
                 got.append(CallDims(ins, outs))
-            got = self._rows_checked(got, rec_full.tensors[id(m)], rec_sub.tensors[id(m)], n, idx)
+            if self.by_value:
+                got = self._rows_checked(got, rec_full.tensors[id(m)], rec_sub.tensors[id(m)], n, idx)
             layout.calls[id(m)] = _subsets(got, a, b, n, s)
 
     @staticmethod

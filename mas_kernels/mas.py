@@ -84,7 +84,9 @@ class MAS(Copyable):
             samples (a ``(T, N)`` input of a sequence-first model: dim 1); other arguments are sliced
             along a dim of size N where that keeps the outputs the same, else shared (a ``(T, T)``
             mask). Say it instead with an int (the first tensor argument's dim) or a dict
-            ``{argument name or position: dim, or None for an argument the whole batch shares}``.
+            ``{argument name or position: dim, or None for an argument the whole batch shares}`` (N
+            counted in the first argument not called shared: ``{0: None, 1: 0}`` for an
+            ``nn.EmbeddingBag``'s flat ids with offsets).
         verify: the self-check of the exact rule (``"global"``, and the uncovered parameters of
             ``"local"``): ``True`` (default) compares, on the first batch of each call signature in
             every ``estimate()``/``accumulating()``, the fast per-layer rules on 1-3 of the batch's

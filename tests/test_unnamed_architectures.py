@@ -1263,3 +1263,26 @@ def test_a_layer_whose_outputs_are_computed_from_each_other(verify):
     torch.manual_seed(0)
     b = (torch.randn(3, 4), torch.randn(3, 5), torch.randn(3, 5))
     default_exact(LSTMCellStep().eval(), [b], [0, 0, 0], verify=verify)
+
+
+def test_embedding_bag_offsets_with_sample_dim_on_the_offsets():
+    """``sample_dim={0: None, 1: 0}``: the flat ids shared, the bags along the offsets. N is the bag count for
+    ``global_batch`` and ``local`` (was the token count, and this ``sample_dim`` was rejected); the exact rule
+    still refuses by name (a sub-batch of offsets alone is not those bags)."""
+    torch.manual_seed(0)
+    model = Bag("sum").eval()
+    flat, offsets = torch.randint(0, 10, (7,)), torch.tensor([0, 2, 5])
+    sd = {0: None, 1: 0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mas = mk.MAS(model, importance="global_batch", forward=lambda m, b: m(*b), sample_dim=sd)
+        mas.estimate([(flat, offsets)]).consolidate()
+        close(mas.omega, ref.global_batch_args(model, [(flat, offsets)], [None, 0]))
+        mas = mk.MAS(model, importance="local", forward=lambda m, b: m(*b), sample_dim=sd, uncovered="skip")
+        mas.estimate([(flat, offsets)])
+        assert mas.num_samples == 3
+        with pytest.raises(ValueError, match="global_batch"):
+            mk.MAS(model, importance="global", forward=lambda m, b: m(*b), sample_dim=sd).estimate([(flat, offsets)])
+    with pytest.raises(ValueError, match="every tensor argument of the model is shared"):
+        mk.MAS(model, importance="global_batch", forward=lambda m, b: m(*b),
+               sample_dim={0: None, 1: None}).estimate([(flat, offsets)])

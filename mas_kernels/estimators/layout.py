@@ -507,13 +507,15 @@ class Prober:
                             "counted; pass the input as a tensor (positional or keyword)")
         full, rec_full = self._run(args, kwargs)
         fixed = self._user_dims(args, kwargs, leaves)
-        first = tensors[0]
+        # The first tensor argument the user did not call shared: a flat input with offsets (an EmbeddingBag's)
+        # keeps its samples in the offsets, sample_dim={0: None, 1: 0}.
+        first = next((i for i in tensors if fixed.get(i, 0) is not None), None)
+        if first is None:
+            raise ValueError("MAS: sample_dim says every tensor argument of the model is shared by the batch; "
+                             "name the argument that holds the samples, and its dim")
         x = leaves[first]
         said = self._first_reader(rec_full, x)
         if first in fixed:
-            if fixed[first] is None:
-                raise ValueError("MAS: sample_dim says the model's first tensor argument is shared by the "
-                                 "batch; name the argument that holds the samples instead")
             candidates = [fixed[first]]
         else:
             candidates = list(range(x.dim()))

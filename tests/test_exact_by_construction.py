@@ -577,3 +577,25 @@ def test_same_many_is_same_values_pair_by_pair(kinds, seed):
             b = b.double()
         pairs.append((a, b))
     assert same_many(pairs) == [same_values(a, b) for a, b in pairs]
+
+
+def test_rows_out_of_order_on_another_rank_make_every_rank_refuse_the_same_calls():
+    """A sharded model's probe decides once for every rank: when another rank's value comparison found rows out
+    of order, this rank (whose rows were in order) counts no call's rows as samples either."""
+    import sys
+
+    from mas_kernels.estimators.batch import Batch, Layouts
+    from mas_kernels.estimators.layout import UNKNOWN
+    from mas_kernels.estimators.plan import Plan
+
+    def another_rank_disagrees(flag):  # the AND over ranks, with another rank's "rows out of order"
+        return flag and sys._getframe(1).f_code.co_name != "_calls"
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).eval()
+    params = dict(model.named_parameters())
+    x = torch.randn(5, 3)
+    for agree, unknown in ((None, False), (another_rank_disagrees, True)):
+        layouts = Layouts(model, Plan(model, params), params, lambda o: o, exact=True, agree=agree)
+        layout = layouts.observe(Batch(model, lambda m: m(x), (x,), {}))
+        dims = [c for m in (model[0], model[2]) for c in layout.calls[id(m)]]
+        assert all((c.x is UNKNOWN) == unknown for c in dims), dims

@@ -649,6 +649,7 @@ class Prober:
                                        for ins, outs in rec_full.calls[id(m)]]
             return
         s = len(idx)
+        by_value = []  # the modules whose calls the value comparison changed
         for m in self.modules:
             a, b = rec_full.calls[id(m)], rec_sub.calls.get(id(m))
             if b is None or len(a) != len(b):
@@ -665,8 +666,19 @@ class Prober:
                 outs = tuple(dim_between(f, g, n, s) for f, g in zip(outs_f, outs_s))
                 got.append(CallDims(ins, outs))
             if self.by_value:
-                got = self._rows_checked(got, rec_full.tensors[id(m)], rec_sub.tensors[id(m)], n, idx)
+                checked = self._rows_checked(got, rec_full.tensors[id(m)], rec_sub.tensors[id(m)], n, idx)
+                if checked is not got:
+                    by_value.append(m)
+                got = checked
             layout.calls[id(m)] = _subsets(got, a, b, n, s)
+        if self.by_value and not self.agree(not by_value) and not by_value:
+            # Another rank of a sharded model found rows out of order (its data): the same layout on every
+            # rank, so no call here counts its rows as samples either (one decision, one collective).
+            for m in self.modules:
+                layout.calls[id(m)] = [c if c.shared or not c.known else
+                                       CallDims(tuple(UNKNOWN if d is not None else None for d in c.ins),
+                                                tuple(UNKNOWN if d is not None else None for d in c.outs))
+                                       for c in layout.calls[id(m)]]
 
     @staticmethod
     def _rows_checked(got: list[CallDims], full: list, sub: list, n: int, idx: list) -> list[CallDims]:

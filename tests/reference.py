@@ -196,6 +196,15 @@ def local_conv2d(conv, x, y):
     return w, ya.sum((0, 2))
 
 
+def last_dim_x_hat(x, eps, rms):
+    """A layer norm's (``rms``: an RMS norm's) normalized input over the last dim, in float64, literally."""
+    x = x.double()
+    if rms:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    var, mean = torch.var_mean(x, -1, unbiased=False, keepdim=True)
+    return (x - mean) * torch.rsqrt(var + eps)
+
+
 def local_norm(norm, x, y=None):
     """Hebbian numerators of a norm layer: sum |y * x_hat| (weight), sum |y| (bias), over samples and positions.
 

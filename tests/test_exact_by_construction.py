@@ -561,8 +561,20 @@ def test_call_leaves_is_tree_flatten(args, kwargs):
 @given(st.lists(st.tuples(st.sampled_from(["same", "near", "far", "nan", "inf", "int", "shape", "f64"]),
                           st.integers(1, 5)), min_size=1, max_size=6), st.integers(0, 2**16))
 def test_same_many_is_same_values_pair_by_pair(kinds, seed):
-    """The probe's batched comparison (one synchronization) agrees with :func:`same_values` on every pair."""
-    from mas_kernels.estimators.layout import same_many, same_values
+    """The probe's batched comparison (one synchronization) against the rule written out pair by pair in float64:
+    another shape differs; integers equal exactly; floats within the dtype's tolerance of ``b``'s largest
+    magnitude, or, with a NaN or an infinity, equal once those are replaced."""
+    from mas_kernels.estimators.layout import same_many
+
+    def literal(a, b):
+        if a.shape != b.shape:
+            return False
+        if not a.dtype.is_floating_point:
+            return bool(torch.equal(a, b))
+        a32, b32 = a.float(), b.float()  # a's dtype (float32 here) sets the precision and the tolerance
+        if not (torch.isfinite(a32).all() and torch.isfinite(b32).all()):
+            return bool(torch.equal(a32.nan_to_num(), b32.nan_to_num()))
+        return float((a32.double() - b32.double()).abs().max()) <= 2e-4 * max(float(b32.double().abs().max()), 1e-30)
 
     g = torch.Generator().manual_seed(seed)
     pairs = []
@@ -576,7 +588,7 @@ def test_same_many_is_same_values_pair_by_pair(kinds, seed):
         if kind == "f64":
             b = b.double()
         pairs.append((a, b))
-    assert same_many(pairs) == [same_values(a, b) for a, b in pairs]
+    assert same_many(pairs) == [literal(a, b) for a, b in pairs]
 
 
 def test_rows_out_of_order_on_another_rank_make_every_rank_refuse_the_same_calls():

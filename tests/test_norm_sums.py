@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mas_kernels import _backend, _native
+from tests import reference as ref
 
 pytestmark = pytest.mark.skipif(not _backend.native_available(), reason="the native extension is not built")
 F64 = torch.float64
@@ -29,11 +30,7 @@ def test_channel_sums(dtype):
 def test_layer_norm_sums(dtype, rms):
     x, d = (3 * torch.randn(3, 7, 19) + 1).to(dtype), torch.randn(3, 7, 19).to(dtype)
     got = _native.lib().layer_norm_sums(x, d, 1e-5, rms)
-    xd, dd = x.to(F64), d.to(F64)
-    if rms:
-        x_hat = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5)
-    else:
-        var, mean = torch.var_mean(xd, -1, unbiased=False, keepdim=True)
-        x_hat = (xd - mean) * torch.rsqrt(var + 1e-5)
+    dd = d.to(F64)
+    x_hat = ref.last_dim_x_hat(x, 1e-5, rms)
     torch.testing.assert_close(got[:, 0].double(), (dd * x_hat).sum(1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[:, 1].double(), dd.sum(1), atol=1e-5, rtol=1e-5)

@@ -78,12 +78,8 @@ def test_embedding_abs_rows_refuses_an_id_out_of_range():
 def test_layer_norm_abs_sums(s, t, d, dtype, rms, which):
     x, delta = (3 * torch.randn(s, t, d) + 1).to(dtype), torch.randn(s, t, d).to(dtype)
     acc_w, acc_b = torch.rand(d), torch.rand(d)
-    xd, dd = x.to(F64), delta.to(F64)
-    if rms:
-        x_hat = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5)
-    else:
-        var, mean = torch.var_mean(xd, -1, unbiased=False, keepdim=True)
-        x_hat = (xd - mean) * torch.rsqrt(var + 1e-5)
+    dd = delta.to(F64)
+    x_hat = ref.last_dim_x_hat(x, 1e-5, rms)
     want_w = acc_w.double() + ((dd * x_hat).sum(1).abs().sum(0) if which != "bias" else 0)
     want_b = acc_b.double() + (dd.sum(1).abs().sum(0) if which != "weight" else 0)
     _native.lib().layer_norm_abs_sums_(acc_w if which != "bias" else None, acc_b if which != "weight" else None,

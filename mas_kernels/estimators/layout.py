@@ -238,21 +238,7 @@ def _tol(dtype: torch.dtype) -> float:
 def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     """``a`` equals ``b`` up to the round-off of computing it on another batch size (relative to ``b``'s
     largest magnitude; integer tensors exactly)."""
-    if a.shape != b.shape:
-        return False
-    if not (a.dtype.is_floating_point or a.dtype.is_complex):
-        return bool(torch.equal(a, b))
-    if a.numel() == 0:
-        return True
-    tol = _tol(a.dtype)
-    wide = torch.promote_types(a.dtype, torch.float32)  # tol is far above float32's round-off
-    a, b = a.detach().to(wide), b.detach().to(wide)
-    # Both maxima finite exactly when every value of both is (a NaN or an infinity anywhere reaches one of
-    # them, through a - b or |b|); one host synchronization.
-    diff, scale = torch.stack([(a - b).abs().max(), b.abs().max()]).tolist()
-    if not (math.isfinite(diff) and math.isfinite(scale)):
-        return bool(torch.equal(a.nan_to_num(), b.nan_to_num()))
-    return diff <= tol * max(scale, 1e-30)
+    return same_many([(a, b)])[0]
 
 
 def same_many(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[bool]:
@@ -262,12 +248,15 @@ def same_many(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[bool]:
     for i, (a, b) in enumerate(pairs):
         if a.shape != b.shape:
             result[i] = False
-        elif not (a.dtype.is_floating_point or a.dtype.is_complex) or a.dtype != b.dtype:
-            result[i] = same_values(a, b)
+        elif not (a.dtype.is_floating_point or a.dtype.is_complex):
+            result[i] = bool(torch.equal(a, b))
+        elif a.numel() == 0:
+            result[i] = True
         else:
-            wide = torch.promote_types(a.dtype, torch.float32)
-            a, b = a.detach().to(wide), b.detach().to(wide)
-            stats += [(a - b).abs().max(), b.abs().max()]
+            wide = torch.promote_types(a.dtype, torch.float32)  # the tolerance is far above float32's round-off
+            # Both maxima finite exactly when every value of both is (a NaN or an infinity anywhere reaches
+            # one of them, through a - b or |b|).
+            stats += [(a.detach().to(wide) - b.detach().to(wide)).abs().max(), b.detach().to(wide).abs().max()]
             at.append(i)
     if stats:
         values = torch.stack([v.to(stats[0].device, torch.float64) for v in stats]).tolist()
@@ -277,7 +266,8 @@ def same_many(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[bool]:
             if math.isfinite(diff) and math.isfinite(scale):
                 result[i] = diff <= _tol(a.dtype) * max(scale, 1e-30)
             else:
-                result[i] = same_values(a, b)
+                wide = torch.promote_types(a.dtype, torch.float32)
+                result[i] = bool(torch.equal(a.detach().to(wide).nan_to_num(), b.detach().to(wide).nan_to_num()))
     return result
 
 

@@ -37,6 +37,7 @@ from ._model import modes, own_hook, remove_handles, requiring_grad
 from .estimators import BatchEstimator, ExactEstimator, LocalEstimator, Plan
 from .estimators.batch import Batch, Layouts
 from .estimators.capture import LayoutChanged
+from .estimators.layout import no_mha_fastpath
 from .estimators.verify import Request, self_check
 from .state import ImportanceState
 
@@ -107,12 +108,9 @@ class Session:
             raise RuntimeError("MAS: estimate()/accumulating() is already active on this wrapper")
         self._stack.enter_context(requiring_grad(self.params))
         try:
-            if hasattr(torch.backends, "mha") and hasattr(torch.backends.mha, "set_fastpath_enabled"):
-                # The fast path of nn.TransformerEncoderLayer / MultiheadAttention under no_grad bypasses
-                # the submodules' forwards: their hooks would never see the batch.
-                was = torch.backends.mha.get_fastpath_enabled()
-                torch.backends.mha.set_fastpath_enabled(False)
-                self._stack.callback(torch.backends.mha.set_fastpath_enabled, was)
+            # The fast path of nn.TransformerEncoderLayer / MultiheadAttention under no_grad bypasses the
+            # submodules' forwards: their hooks would never see the batch.
+            self._stack.enter_context(no_mha_fastpath())
             m = self.module
             self.handles.append(m.register_forward_pre_hook(own_hook(m, self._pre), with_kwargs=True))
             if self.local:

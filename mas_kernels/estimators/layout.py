@@ -289,8 +289,57 @@ def dim_between(full: tuple, sub: tuple, n: int, s: int):
     return UNKNOWN
 
 
+_NONE = object()
+
+
+@contextlib.contextmanager
+def no_mha_fastpath():
+    """``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention``'s fast path off during the block: under
+    ``no_grad`` in eval mode it bypasses the submodules' forwards (and so their wrappers and hooks; forward
+    hooks alone would turn it off, wrappers do not)."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    was = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(was)
+
+
+class Forwards:
+    """Wrappers put in place of modules' ``forward`` (an instance attribute over the class's method), removed
+    in reverse order by :meth:`restore`.
+
+    Why not forward hooks: a module with any hook runs ``nn.Module.__call__``'s slow path (~15-20 us per call
+    of a small layer, registering and removing the hooks each pass on top), which a wrapper called from the
+    fast path does not. A wrapper sees what the forward itself gets and returns: the arguments after every
+    forward pre-hook, the output before any forward hook (another library's hook that replaces the output
+    changes what the model computes after the layer, not what the layer's rule reads)."""
+
+    def __init__(self):
+        self._saved: list = []
+
+    def wrap(self, module: nn.Module, make: Callable[[Callable], Callable]) -> None:
+        """``module.forward = make(module.forward)`` until :meth:`restore`."""
+        d = module.__dict__  # "forward" is no parameter, buffer or submodule: nn.Module.__setattr__'s checks skipped
+        old = d.get("forward", _NONE)
+        self._saved.append((d, old))
+        d["forward"] = make(module.forward)
+
+    def restore(self) -> None:
+        for d, old in reversed(self._saved):
+            if old is _NONE:
+                d.pop("forward", None)
+            else:
+                d["forward"] = old
+        self._saved.clear()
+
+
 class _Record:
-    """Forward hooks on ``modules`` that keep each call's tensor shapes (nothing else) during one run, and
+    """Forward wrappers on ``modules`` that keep each call's tensor shapes (nothing else) during one run, and
     which module first read the model's input."""
 
     def __init__(self, modules: list[nn.Module], expand: dict | None = None, n: int = 1, keep: bool = False):
@@ -328,15 +377,26 @@ class _Record:
             self.first.append((module, args[0] if args else None))
 
     def __enter__(self):
-        self.handles = []
+        self.forwards = Forwards()
+        self.fastpath = no_mha_fastpath()
+        self.fastpath.__enter__()
         for m in self.modules:
-            self.handles.append(m.register_forward_pre_hook(self.pre))
-            self.handles.append(m.register_forward_hook(self.hook, with_kwargs=True))
+            self.forwards.wrap(m, self._recording(m))
         return self
 
+    def _recording(self, m: nn.Module) -> Callable:
+        def make(own):
+            def forward(*args, **kwargs):
+                self.pre(m, args)
+                out = own(*args, **kwargs)
+                new = self.hook(m, args, kwargs, out)
+                return out if new is None else new
+            return forward
+        return make
+
     def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
+        self.forwards.restore()
+        self.fastpath.__exit__(None, None, None)
 
 
 def expand_call(args: tuple, output, d: int, n: int):

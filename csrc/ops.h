@@ -73,6 +73,11 @@ void embedding_abs_rows_(at::Tensor acc, const at::Tensor& ids, const at::Tensor
 // acc_w += sum_s |sum_t d * x_hat|, acc_b += sum_s |sum_t d| (either may be absent); x, d as layer_norm_sums.
 void layer_norm_abs_sums_(const std::optional<at::Tensor>& acc_w, const std::optional<at::Tensor>& acc_b,
                           const at::Tensor& x, const at::Tensor& d, double eps, bool rms);
+// acc_w[c] += sum_s |sum_l d (x - mean_c)| / sqrt(var_c + eps), acc_b[c] += sum_s |sum_l d| (either may be
+// absent): a BatchNorm's with running statistics; x, d as channel_sums, running_mean/var (C,) float32.
+void channel_abs_sums_(const std::optional<at::Tensor>& acc_w, const std::optional<at::Tensor>& acc_b,
+                       const at::Tensor& x, const at::Tensor& d, const at::Tensor& running_mean,
+                       const at::Tensor& running_var, double eps);
 
 // One layer and direction of an RNN/LSTM/GRU step by step (see rnn_steps.cpp): the forward from the input
 // projection zi and W_hh, and the backward through time to dzi and the initial state's gradients.

@@ -5,6 +5,8 @@
 // embedding_abs_rows_: acc (V, D) row v += |sum_{t: ids[s, t] = v} d[s, t, :]| for every sample s and distinct
 //   id v of its positions (padding_idx skipped): an embedding's per-sample gradient rows, then their abs.
 // layer_norm_abs_sums_: acc_w += sum_s |sum_t d * x_hat|, acc_b += sum_s |sum_t d| (norm_sums.cpp's sums).
+// channel_abs_sums_: a BatchNorm's with running statistics, per channel c: acc_w[c] += sum_s |invstd_c sum_l
+//   d (x - mean_c)|, acc_b[c] += sum_s |sum_l d| (norm_sums.cpp's channel_sums), invstd_c = 1 / sqrt(var_c + eps).
 //
 // acc is contiguous float32; d float32/bfloat16/float16 with unit stride along its last dim (any strides
 // otherwise: an expanded or permuted batch needs no copy). The threads split the columns, never the
@@ -208,6 +210,35 @@ void layer_norm_abs_sums_(const std::optional<at::Tensor>& acc_w, const std::opt
     TORCH_CHECK(acc.numel() == D, op, ": an accumulator has ", acc.numel(), " elements, the rows ", D);
     float* const pa = acc.data_ptr<float>();
     for (int64_t s = 0; s < N; ++s) add_abs(ps + (s * 2 + which) * D, D, pa);
+  }
+}
+
+void channel_abs_sums_(const std::optional<at::Tensor>& acc_w, const std::optional<at::Tensor>& acc_b,
+                       const at::Tensor& x, const at::Tensor& d, const at::Tensor& running_mean,
+                       const at::Tensor& running_var, double eps) {
+  const char* op = "mas_kernels channel_abs_sums_";
+  TORCH_CHECK(running_var.device().is_cpu() && running_var.scalar_type() == at::kFloat && running_var.dim() == 1 &&
+                  running_var.numel() == x.size(1),
+              op, ": running_var must be a float32 CPU tensor of the ", x.size(1), " channels");
+  const at::Tensor sums = channel_sums(x, d, running_mean.contiguous());  // (N, C, 2), its checks made
+  const int64_t N = sums.size(0), C = sums.size(1);
+  const float* const ps = sums.const_data_ptr<float>();
+  const at::Tensor var = running_var.contiguous();
+  const float* const pv = var.const_data_ptr<float>();
+  const std::optional<at::Tensor>* accs[2] = {&acc_w, &acc_b};
+  for (int64_t which = 0; which < 2; ++which) {
+    if (!accs[which]->has_value()) continue;
+    at::Tensor acc = accs[which]->value();
+    check_acc(acc, op, which == 0 ? "acc_w" : "acc_b");
+    TORCH_CHECK(acc.numel() == C, op, ": an accumulator has ", acc.numel(), " elements, the channels ", C);
+    float* const pa = acc.data_ptr<float>();
+    for (int64_t c = 0; c < C; ++c) {
+      // the invstd as torch.rsqrt(var + eps) in float32; the samples summed in order, then added
+      const float scale = which == 0 ? 1.0f / std::sqrt(pv[c] + static_cast<float>(eps)) : 1.0f;
+      float total = 0.0f;
+      for (int64_t s = 0; s < N; ++s) total += std::fabs(ps[(s * C + c) * 2 + which] * scale);
+      pa[c] += total;
+    }
   }
 }
 

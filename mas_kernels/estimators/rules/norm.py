@@ -236,6 +236,23 @@ class BatchNormRule(_ChannelNorm):
             out["bias"] = sums[..., 1]
         return out
 
+    def exact(self, layer, calls, ctx, accs):
+        """One call with running statistics (the usual), natively: the per-sample sums, the scale by invstd,
+        their abs and the sum over samples in one call (``channel_abs_sums_``): in a CNN's backward, where the
+        rule runs with cold caches, its handful of small ops per layer cost twice the sums themselves."""
+        fast = [c for c in calls if c.deltas[0] is not None]
+        module = layer.module
+        if len(fast) == 1 and not self.uses_batch_stats(module) and module.running_var.dtype == torch.float32:
+            x, d = fast[0].x.detach(), fast[0].delta
+            lib = (native_sums(ctx, accs.values(), (x,))
+                   if x.dtype == d.dtype and x.dim() >= 2 and x.shape[0] == ctx.n and d.shape == x.shape else None)
+            if lib is not None and hasattr(lib, "channel_abs_sums_"):
+                lib.channel_abs_sums_(accs.get("weight"), accs.get("bias"), x.reshape(ctx.n, x.shape[1], -1).contiguous(),
+                                      d.reshape(ctx.n, x.shape[1], -1).contiguous(), module.running_mean.float(),
+                                      module.running_var, module.eps)
+                return
+        super().exact(layer, calls, ctx, accs)
+
     def x_hat(self, module, x):
         shape = [1, -1] + [1] * (x.dim() - 2)
         if self.uses_batch_stats(module):  # what the layer normalized with (the local rule in train mode)

@@ -70,6 +70,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("d"), py::arg("eps"), py::arg("rms"), py::call_guard<py::gil_scoped_release>(),
         "acc_w += sum_s |sum_t d * x_hat|, acc_b += sum_s |sum_t d| of a LayerNorm's (RMSNorm's) (N, T, D) input and "
         "gradient, in place");
+  m.def("linear_abs_sums_", &mas_kernels::linear_abs_sums_, py::arg("accs_w"), py::arg("accs_b"), py::arg("deltas"),
+        py::arg("xs"), py::arg("transposed"), py::arg("memory_budget"), py::call_guard<py::gil_scoped_release>(),
+        "per layer i: accs_w[i] += sum_s |deltas[i]_s^T xs[i]_s| (transposed: |xs^T deltas|), accs_b[i] += "
+        "sum_s |sum_t deltas[i]_s|, in place");
   m.def("channel_abs_sums_", &mas_kernels::channel_abs_sums_, py::arg("acc_w"), py::arg("acc_b"), py::arg("x"),
         py::arg("d"), py::arg("running_mean"), py::arg("running_var"), py::arg("eps"),
         py::call_guard<py::gil_scoped_release>(),

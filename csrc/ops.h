@@ -73,6 +73,11 @@ void embedding_abs_rows_(at::Tensor acc, const at::Tensor& ids, const at::Tensor
 // acc_w += sum_s |sum_t d * x_hat|, acc_b += sum_s |sum_t d| (either may be absent); x, d as layer_norm_sums.
 void layer_norm_abs_sums_(const std::optional<at::Tensor>& acc_w, const std::optional<at::Tensor>& acc_b,
                           const at::Tensor& x, const at::Tensor& d, double eps, bool rms);
+// Per layer i: acc_w[i] += sum_s |d_s^T x_s| (transposed: |x_s^T d_s|), acc_b[i] += sum_s |sum_t d_s[t]| (either may
+// be absent), with d (S, T, J) and x (S, T, I) as abs_bmm_accumulate_ takes them: every Linear of a batch.
+void linear_abs_sums_(const std::vector<std::optional<at::Tensor>>& accs_w,
+                      const std::vector<std::optional<at::Tensor>>& accs_b, const std::vector<at::Tensor>& deltas,
+                      const std::vector<at::Tensor>& xs, bool transposed, int64_t memory_budget);
 // acc_w[c] += sum_s |sum_l d (x - mean_c)| / sqrt(var_c + eps), acc_b[c] += sum_s |sum_l d| (either may be
 // absent): a BatchNorm's with running statistics; x, d as channel_sums, running_mean/var (C,) float32.
 void channel_abs_sums_(const std::optional<at::Tensor>& acc_w, const std::optional<at::Tensor>& acc_b,

@@ -7,6 +7,9 @@
 // layer_norm_abs_sums_: acc_w += sum_s |sum_t d * x_hat|, acc_b += sum_s |sum_t d| (norm_sums.cpp's sums).
 // channel_abs_sums_: a BatchNorm's with running statistics, per channel c: acc_w[c] += sum_s |invstd_c sum_l
 //   d (x - mean_c)|, acc_b[c] += sum_s |sum_l d| (norm_sums.cpp's channel_sums), invstd_c = 1 / sqrt(var_c + eps).
+// linear_abs_sums_: every Linear (Conv1D) of a batch in one call: per layer, abs_bmm_accumulate_ for the weight
+//   and abs_position_sums_ for the bias (on a tiny transformer the Python between those calls, per layer, cost
+//   a third of the calls themselves).
 //
 // acc is contiguous float32; d float32/bfloat16/float16 with unit stride along its last dim (any strides
 // otherwise: an expanded or permuted batch needs no copy). The threads split the columns, never the
@@ -210,6 +213,28 @@ void layer_norm_abs_sums_(const std::optional<at::Tensor>& acc_w, const std::opt
     TORCH_CHECK(acc.numel() == D, op, ": an accumulator has ", acc.numel(), " elements, the rows ", D);
     float* const pa = acc.data_ptr<float>();
     for (int64_t s = 0; s < N; ++s) add_abs(ps + (s * 2 + which) * D, D, pa);
+  }
+}
+
+void linear_abs_sums_(const std::vector<std::optional<at::Tensor>>& accs_w,
+                      const std::vector<std::optional<at::Tensor>>& accs_b, const std::vector<at::Tensor>& deltas,
+                      const std::vector<at::Tensor>& xs, bool transposed, int64_t memory_budget) {
+  const char* op = "mas_kernels linear_abs_sums_";
+  const size_t L = deltas.size();
+  TORCH_CHECK(accs_w.size() == L && accs_b.size() == L && xs.size() == L, op,
+              ": one acc_w, acc_b, delta and x per layer, got ", accs_w.size(), ", ", accs_b.size(), ", ", L, " and ",
+              xs.size());
+  for (size_t i = 0; i < L; ++i) {
+    const at::Tensor& d = deltas[i];
+    if (accs_w[i].has_value()) {
+      // acc (J, I) += sum_s |d_s^T x_s| (Conv1D, transposed: its (I, J) weight, |x_s^T d_s|)
+      if (transposed)
+        abs_bmm_accumulate_(accs_w[i].value(), xs[i], d, 1.0, memory_budget);
+      else
+        abs_bmm_accumulate_(accs_w[i].value(), d, xs[i], 1.0, memory_budget);
+    }
+    if (accs_b[i].has_value())
+      abs_position_sums_(accs_b[i].value(), d.dim() == 3 && d.size(2) > 1 && d.stride(2) != 1 ? d.contiguous() : d);
   }
 }
 

@@ -90,6 +90,70 @@ def test_layer_norm_abs_sums(s, t, d, dtype, rms, which):
 
 
 @settings(max_examples=30, **HYPOTHESIS)
+@given(layers=st.lists(st.tuples(st.integers(0, 4), st.integers(1, 6), st.integers(1, 24), st.integers(1, 24),
+                                 st.sampled_from(["both", "weight", "bias"]),
+                                 st.sampled_from(["contiguous", "permuted", "expanded"])), min_size=1, max_size=4),
+       dtype=st.sampled_from(DTYPES), transposed=st.booleans())
+def test_linear_abs_sums(layers, dtype, transposed):
+    """Several Linears (Conv1Ds) in one call, against the definition in float64 per layer: ``sum_s |d_s^T x_s|``
+    (Conv1D's (I, J) weight: ``|x_s^T d_s|``) and ``sum_s |sum_t d_s[t]|``; either accumulator absent."""
+    accs_w, accs_b, deltas, xs, want = [], [], [], [], []
+    for s, t, j, i, which, how in layers:
+        d = _layout(torch.randn(s, t, j).to(dtype), how)
+        x = _layout(torch.randn(s, t, i).to(dtype), "permuted" if how == "expanded" else "contiguous")
+        w = torch.rand(i, j) if transposed else torch.rand(j, i)
+        b = torch.rand(j)
+        prod = torch.einsum("stj,sti->sji", d.to(F64), x.to(F64)).abs().sum(0)  # sum_s |d_s^T x_s|
+        want.append((w.double() + (prod.T if transposed else prod), b.double() + d.to(F64).sum(1).abs().sum(0)))
+        accs_w.append(w if which != "bias" else None)
+        accs_b.append(b if which != "weight" else None)
+        deltas.append(d)
+        xs.append(x)
+    _native.lib().linear_abs_sums_(accs_w, accs_b, deltas, xs, transposed, 1 << 20)
+    tol = 10 * TOL[dtype]  # a sum over positions and samples of products
+    for (w, b), (want_w, want_b) in zip(zip(accs_w, accs_b), want):
+        if w is not None:
+            torch.testing.assert_close(w.double(), want_w, rtol=tol, atol=tol)
+        if b is not None:
+            torch.testing.assert_close(b.double(), want_b, rtol=tol, atol=tol)
+
+
+def test_linear_abs_sums_refuses_mismatched_lists():
+    with pytest.raises(RuntimeError, match="one acc_w, acc_b, delta and x per layer"):
+        _native.lib().linear_abs_sums_([None], [None, None], [torch.randn(1, 2, 3)], [torch.randn(1, 2, 4)], False, 1 << 20)
+
+
+def test_linears_in_one_native_call_match_their_per_layer_path_and_the_oracle(monkeypatch):
+    """The exact rule serves every Linear of a batch in one ``linear_abs_sums_`` call (a spy), equal to the
+    one-sample oracle and to the same layers one by one."""
+    torch.manual_seed(0)
+    model = models.randomize_norms(Tokens()).eval()
+    ids = torch.randint(0, 11, (5, 6))
+    lib, used = _native.lib(), []
+
+    class Spy:
+        def __getattr__(self, name):
+            got = getattr(lib, name)
+            if name != "linear_abs_sums_":
+                return got
+
+            def call(accs_w, *rest):
+                used.append(len(accs_w))
+                return got(accs_w, *rest)
+            return call
+
+    real = base.native_lib
+    monkeypatch.setattr(linear, "native_lib", lambda ctx: Spy() if real(ctx) is not None else None)
+    together = mk.MAS(model, importance="global", verify=False).estimate([ids[:2], ids[2:]]).consolidate().omega
+    assert used == [2, 2], used  # the two nn.Linears of each batch in one call (the Conv1D has a rule of its own)
+    close(together, ref.global_exact(model, [ids]))
+    monkeypatch.setattr(linear.LinearRule, "exact_many", base.Rule.exact_many)
+    apart = mk.MAS(model, importance="global", verify=False).estimate([ids[:2], ids[2:]]).consolidate().omega
+    for k, v in apart.items():
+        torch.testing.assert_close(together[k], v, rtol=1e-6, atol=0, msg=k)
+
+
+@settings(max_examples=30, **HYPOTHESIS)
 @given(s=st.integers(1, 5), c=st.integers(1, 20), l=st.integers(1, 40), dtype=st.sampled_from(DTYPES),
        which=st.sampled_from(["both", "weight", "bias"]))
 def test_channel_abs_sums(s, c, l, dtype, which):

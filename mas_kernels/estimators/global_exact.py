@@ -190,6 +190,9 @@ class ExactEstimator:
                     rec.release()  # the eager calls' hooks: run, or never to run
         with torch.no_grad():
             del loss
+            # The layers of one rule together (Rule.exact_many: small layers in one native call), where the
+            # numerators are plain views; a sharded staging reduce-scatters each layer's after its rule.
+            together: dict | None = {} if type(staging) is FlatBuffers else None
             for layer in layers:
                 if layer.module in done:
                     continue
@@ -203,8 +206,12 @@ class ExactEstimator:
                         for call in calls:  # calls on disjoint subsets of the samples: each a batch of its own
                             m = int(call.x.shape[0]) if call.x.dim() else 1
                             layer.rule.exact(layer, [call], dataclasses.replace(ctx, n=m), accs)
+                    elif together is not None:
+                        together.setdefault(id(layer.rule), (layer.rule, []))[1].append((layer, calls, accs))
                     else:
                         layer.rule.exact(layer, calls, ctx, accs)
+            for rule, work in (together or {}).values():
+                rule.exact_many(work, ctx)
             for name in self.plan.shared:
                 if name in fast:
                     with _scope(staging, [layer for layer, _ in self.plan.uses[name]], [name]):

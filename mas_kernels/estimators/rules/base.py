@@ -114,6 +114,13 @@ class Rule:
             for attr, acc in accs.items():
                 ctx.reduce.dense_(acc, grads[attr])
 
+    def exact_many(self, work: list[tuple], ctx: Context) -> None:
+        """:meth:`exact` of several layers of this rule in one batch, ``work`` a list of ``(layer, calls, accs)``
+        with numerators of their own (no parameter shared between them). The default runs them one after the
+        other; a rule whose cost per layer is mostly fixed (Python, one native call) serves them at once."""
+        for layer, calls, accs in work:
+            self.exact(layer, calls, ctx, accs)
+
     def per_sample(self, layer, calls: list[Call], ctx: Context, attrs: list[str], lo: int, hi: int
                    ) -> dict[str, torch.Tensor]:
         """Per-sample gradients ``(hi - lo, *param.shape)`` of samples ``lo:hi``, summed over calls (float32, or
@@ -198,18 +205,34 @@ def native_sums(ctx: Context, accs, ts):
     LayerNorm's) can add ``sum_k |g_k|`` straight into ``accs`` from ``ts``: MAS's reduction, contiguous float32
     numerators and 16/32-bit float inputs on a CPU whose ops run natively; else None (the rule's PyTorch path:
     another reduction, float64, other devices, a build without them)."""
+    lib = native_lib(ctx)
+    return lib if lib is not None and native_fits(accs, ts) else None
+
+
+def native_lib(ctx: Context):
+    """The native module where its fused sums serve ``ctx`` on a CPU (MAS's reduction, the native backend, a
+    build that has them), else None; whether they serve given tensors: :func:`native_fits`."""
     if type(ctx.reduce) is not AbsReduction:
         return None
-    for acc in accs:
-        if acc.dtype != torch.float32 or acc.device.type != "cpu" or not acc.is_contiguous():
-            return None
-    for t in ts:
-        if t.dtype not in _SMALL_FLOATS or t.device.type != "cpu":
-            return None
-    if _backend.choose(torch.device("cpu")) != "native" or not _native.built():
+    if _backend.choose(_CPU) != "native" or not _native.built():
         return None
     lib = _native.lib()
     return lib if hasattr(lib, "abs_position_sums_") else None
+
+
+def native_fits(accs, ts) -> bool:
+    """Whether the native sums take ``accs`` (contiguous float32 CPU) and the inputs ``ts`` (16/32-bit float,
+    CPU)."""
+    for acc in accs:
+        if acc.dtype != torch.float32 or acc.device.type != "cpu" or not acc.is_contiguous():
+            return False
+    for t in ts:
+        if t.dtype not in _SMALL_FLOATS or t.device.type != "cpu":
+            return False
+    return True
+
+
+_CPU = torch.device("cpu")
 
 
 def unit_rows(t: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 
 from ..capture import Call
 from ..layout import batched
-from .base import Rule, abs_outer_, cat_uses, native_sums, unit_rows, work_dtype
+from .base import Rule, abs_outer_, cat_uses, native_fits, native_lib, native_sums, unit_rows, work_dtype
 
 
 def _factors(calls: list[Call], ctx) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,6 +50,29 @@ class LinearRule(Rule):
                 lib.abs_position_sums_(acc, unit_rows(delta))
             else:
                 ctx.reduce.dense_(acc, delta.to(acc.dtype).sum(1))
+
+    def exact_many(self, work, ctx):
+        """Every layer of this rule in the batch: where the native sums serve them, in one native call
+        (``linear_abs_sums_``: each layer's ``abs_bmm`` and bias sums, no Python between layers); the others
+        one by one (:meth:`exact`)."""
+        lib = native_lib(ctx) if len(work) > 1 else None
+        if lib is None or not hasattr(lib, "linear_abs_sums_"):
+            return super().exact_many(work, ctx)
+        accs_w, accs_b, deltas, xs = [], [], [], []
+        for layer, calls, accs in work:
+            if all(c.deltas[0] is None for c in calls):
+                continue  # no output reached the loss: every g_k is 0
+            delta, x = _factors(calls, ctx)
+            w, b = accs.get("weight"), accs.get("bias")
+            if not native_fits([a for a in (w, b) if a is not None], (delta, x)):
+                self.exact(layer, calls, ctx, accs)
+                continue
+            accs_w.append(w)
+            accs_b.append(b)
+            deltas.append(delta)
+            xs.append(x)
+        if deltas:
+            lib.linear_abs_sums_(accs_w, accs_b, deltas, xs, self.transposed, ctx.budget)
 
     def factors(self, layer, calls, ctx, attr):
         if attr != "weight" or not calls:

@@ -14,7 +14,7 @@ from bench.harness import peak_memory
 from mas_kernels import _backend
 from mas_kernels.estimators.rules import conv_exact
 from tests import reference as ref
-from tests.helpers import HYPOTHESIS, assert_close
+from tests.helpers import HYPOTHESIS, assert_close, using_backend
 
 STRATEGIES = [s for s in conv_exact.STRATEGIES if s != "native" or _backend.native_available()]
 CLS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -97,6 +97,33 @@ def test_the_table_picks_a_strategy_per_shape(monkeypatch):
     assert conv_exact.choose(big, torch.randn(1, 256, 8, 8), torch.randn(1, 256, 8, 8), budget=1 << 20) == "unfold"
     with pytest.raises(ValueError, match="strategy must be one of"):
         conv_exact.conv_weight_abs_sum_(torch.zeros_like(big.weight), x, d, big, 1 << 20, "im2col")
+
+
+@pytest.mark.skipif("native" not in STRATEGIES, reason="the native extension is not built")
+def test_the_choice_kept_per_layer_follows_the_shape_budget_and_backend(monkeypatch):
+    """conv_weight_abs_sum_ keeps each layer's choice per input shape: the one choose() makes, made again for
+    another shape, budget or backend (a spy on the strategies), and the numbers the oracle's."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+    ran = []
+    for name in ("native", "unfold"):
+        monkeypatch.setitem(conv_exact._RUN, name, lambda *a, name=name, real=conv_exact._RUN[name]: (
+            ran.append(name), real(*a))[1])
+    monkeypatch.setattr(conv_exact, "_by_native", lambda *a, real=conv_exact._by_native: (
+        ran.append("native"), real(*a))[1])
+
+    def once(x, budget=256 << 20):
+        d = torch.randn(x.shape[0], 4, *x.shape[2:])
+        omega = conv_exact.conv_weight_abs_sum_(torch.zeros_like(conv.weight), x, d, conv, budget)
+        assert_close(omega, ref.conv_weight_abs_sum(conv, x, d), atol=1e-5, rtol=1e-4)
+        return ran.pop()
+
+    x, small = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 4, 4)
+    assert [once(x), once(x), once(small), once(x)] == ["native", "native", "unfold", "native"]
+    assert once(torch.randn(1, 4, 8, 8), budget=1 << 10) == "unfold"  # the native kernel's scratch does not fit
+    with using_backend("torch"):
+        assert once(x) == "unfold"
+    assert once(x) == "native"
 
 
 @pytest.mark.skipif("native" not in STRATEGIES, reason="the native extension is not built")

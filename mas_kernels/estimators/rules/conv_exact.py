@@ -36,6 +36,7 @@ per group), the others ``"unfold"`` (the Triton ``abs_bmm``), as before.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -174,25 +175,34 @@ def _by_grouped(omega: torch.Tensor, xp: torch.Tensor, delta: torch.Tensor, modu
         omega.add_(grads.view(m, w).abs_().sum(0).view_as(omega))
 
 
-def _by_native(omega: torch.Tensor, x: torch.Tensor, delta: torch.Tensor, module: nn.Module, budget: int) -> None:
+def _native_args(module: nn.Module) -> tuple:
+    """The native kernel's geometry of ``module`` as 3-D (leading dims of size 1): ``(lead, kernel, stride,
+    dilation, front padding, whether the input is padded first)`` (the kernel pads zeros itself)."""
     nd = len(module.kernel_size)
     lead = (1,) * (3 - nd)
-    pads = module._reversed_padding_repeated_twice  # (last dim's before, after, ...): the kernel pads zeros
-    if module.padding_mode == "zeros":
-        front = tuple(pads[2 * (nd - 1 - i)] for i in range(nd))
-    else:
-        x, front = padded(module, x), (0,) * nd
+    pads = module._reversed_padding_repeated_twice  # (last dim's before, after, ...)
+    zeros = module.padding_mode == "zeros"
+    front = tuple(pads[2 * (nd - 1 - i)] for i in range(nd)) if zeros else (0,) * nd
+    return (lead, lead + tuple(module.kernel_size), lead + tuple(module.stride), lead + tuple(module.dilation),
+            (0,) * len(lead) + front, not zeros)
+
+
+def _by_native(omega: torch.Tensor, x: torch.Tensor, delta: torch.Tensor, module: nn.Module, budget: int,
+               args: tuple | None = None) -> None:
+    lead, kernel, stride, dilation, front, pad_first = args or _native_args(module)
+    if pad_first:
+        x = padded(module, x)
     x5 = x.float().contiguous().reshape(*x.shape[:2], *lead, *x.shape[2:])
     d5 = delta.float().contiguous().reshape(*delta.shape[:2], *lead, *delta.shape[2:])
     out = omega if omega.is_contiguous() else torch.zeros_like(omega, memory_format=torch.contiguous_format)
-    _native.lib().conv_weight_abs_sum_(out, x5, d5, lead + tuple(module.kernel_size), lead + tuple(module.stride),
-                                       lead + tuple(module.dilation), (0,) * len(lead) + front,
-                                       module.groups, 1.0, budget)
+    _native.lib().conv_weight_abs_sum_(out, x5, d5, kernel, stride, dilation, front, module.groups, 1.0, budget)
     if out is not omega:
         omega.add_(out)
 
 
 _RUN = {"unfold": _by_unfold, "grouped": _by_grouped, "native": _by_native}
+#: module -> {(shapes, dtype, device, budget, backend): (strategy, native args)}: conv_weight_abs_sum_'s choices
+_PLANS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 def conv_weight_abs_sum_(omega: torch.Tensor, x: torch.Tensor, delta: torch.Tensor, module: nn.Module,
@@ -210,7 +220,23 @@ def conv_weight_abs_sum_(omega: torch.Tensor, x: torch.Tensor, delta: torch.Tens
         strategy: ``"unfold"``, ``"grouped"`` or ``"native"``; None: :func:`choose`.
     """
     if strategy is None:
-        strategy = choose(module, x, delta, budget)
+        # The layer's choice and the native kernel's geometry, once per input shape (the rule runs per layer
+        # inside the backward, where each Python step costs several times its warm cost: ~60 us per call for
+        # choose() in the small CNN's pass).
+        key = (x.shape, delta.shape, x.dtype, x.device, budget, _backend.current(), _backend.choose(x.device))
+        plans = _PLANS.get(module)
+        if plans is None:
+            plans = _PLANS[module] = {}
+        plan = plans.get(key)
+        if plan is None:
+            if len(plans) > 16:  # shapes that keep changing: the recent ones
+                plans.clear()
+            got = choose(module, x, delta, budget)
+            plan = plans[key] = (got, _native_args(module) if got == "native" else None)
+        strategy, args = plan
+        if strategy == "native" and x.shape[0] and delta[0].numel():
+            _by_native(omega, x, delta, module, int(budget), args)
+            return omega
     if strategy not in _RUN:
         raise ValueError(f"conv_weight_abs_sum_: strategy must be one of {STRATEGIES} or None, got {strategy!r}")
     if strategy == "native" and (x.device.type != "cpu" or not _native.built()):

@@ -78,7 +78,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("d"), py::arg("running_mean"), py::arg("running_var"), py::arg("eps"),
         py::call_guard<py::gil_scoped_release>(),
         "acc_w[c] += sum_s |sum_l d (x - mean_c)| / sqrt(var_c + eps), acc_b[c] += sum_s |sum_l d| of a BatchNorm's "
-        "(N, C, L) input and gradient (running statistics), in place");
+        "(N, C, *) input and gradient (running statistics), in place");
   m.def("register_cpu_kernels", &mas_kernels::register_cpu_kernels,
         "make the C++ kernels the CPU kernels of the mas_kernels:: ops (mas_kernels._backend calls it)");
   m.def("unregister_cpu_kernels", &mas_kernels::unregister_cpu_kernels,

@@ -79,7 +79,8 @@ void linear_abs_sums_(const std::vector<std::optional<at::Tensor>>& accs_w,
                       const std::vector<std::optional<at::Tensor>>& accs_b, const std::vector<at::Tensor>& deltas,
                       const std::vector<at::Tensor>& xs, bool transposed, int64_t memory_budget);
 // acc_w[c] += sum_s |sum_l d (x - mean_c)| / sqrt(var_c + eps), acc_b[c] += sum_s |sum_l d| (either may be
-// absent): a BatchNorm's with running statistics; x, d as channel_sums, running_mean/var (C,) float32.
+// absent): a BatchNorm's with running statistics; x, d (N, C, *) of one shape and dtype (any strides),
+// running_mean (C,) float, running_var (C,) float32.
 void channel_abs_sums_(const std::optional<at::Tensor>& acc_w, const std::optional<at::Tensor>& acc_b,
                        const at::Tensor& x, const at::Tensor& d, const at::Tensor& running_mean,
                        const at::Tensor& running_var, double eps);

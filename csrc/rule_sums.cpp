@@ -242,10 +242,15 @@ void channel_abs_sums_(const std::optional<at::Tensor>& acc_w, const std::option
                        const at::Tensor& x, const at::Tensor& d, const at::Tensor& running_mean,
                        const at::Tensor& running_var, double eps) {
   const char* op = "mas_kernels channel_abs_sums_";
+  TORCH_CHECK(x.dim() >= 2 && d.sizes() == x.sizes(), op, ": expected x and d of one shape (N, C, *), got ",
+              x.sizes(), " and ", d.sizes());
   TORCH_CHECK(running_var.device().is_cpu() && running_var.scalar_type() == at::kFloat && running_var.dim() == 1 &&
                   running_var.numel() == x.size(1),
               op, ": running_var must be a float32 CPU tensor of the ", x.size(1), " channels");
-  const at::Tensor sums = channel_sums(x, d, running_mean.contiguous());  // (N, C, 2), its checks made
+  const int64_t n = x.size(0), c = x.size(1);
+  // (N, C, L) contiguous views (copies only where the layout needs one), then its checks made by channel_sums
+  const at::Tensor sums = channel_sums(x.reshape({n, c, -1}).contiguous(), d.reshape({n, c, -1}).contiguous(),
+                                       running_mean.to(at::kFloat).contiguous());  // (N, C, 2)
   const int64_t N = sums.size(0), C = sums.size(1);
   const float* const ps = sums.const_data_ptr<float>();
   const at::Tensor var = running_var.contiguous();

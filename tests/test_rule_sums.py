@@ -155,19 +155,23 @@ def test_linears_in_one_native_call_match_their_per_layer_path_and_the_oracle(mo
 
 @settings(max_examples=30, **HYPOTHESIS)
 @given(s=st.integers(1, 5), c=st.integers(1, 20), l=st.integers(1, 40), dtype=st.sampled_from(DTYPES),
-       which=st.sampled_from(["both", "weight", "bias"]))
-def test_channel_abs_sums(s, c, l, dtype, which):
+       which=st.sampled_from(["both", "weight", "bias"]), channels_last=st.booleans())
+def test_channel_abs_sums(s, c, l, dtype, which, channels_last):
     """A BatchNorm's with running statistics, against the definition in float64: per sample and channel
-    ``g_w = sum_l d (x - mean) / sqrt(var + eps)``, ``g_b = sum_l d``, their abs summed over the samples."""
+    ``g_w = sum_l d (x - mean) / sqrt(var + eps)``, ``g_b = sum_l d``, their abs summed over the samples; x and
+    d (N, C, L), or (N, C, 1, L) in channels-last memory (a CNN's layout: copied to rows in the call)."""
     x, delta = (3 * torch.randn(s, c, l) + 1).to(dtype), torch.randn(s, c, l).to(dtype)
     mean, var = torch.randn(c), torch.rand(c) + 0.1
+    given_x, given_d = x, delta
+    if channels_last:
+        given_x, given_d = (t.unsqueeze(2).contiguous(memory_format=torch.channels_last) for t in (x, delta))
     acc_w, acc_b = torch.rand(c), torch.rand(c)
     dd, xd = delta.to(F64), x.to(F64)
     g_w = (dd * (xd - mean.double()[:, None])).sum(2) / (var.double() + 1e-5).sqrt()
     want_w = acc_w.double() + (g_w.abs().sum(0) if which != "bias" else 0)
     want_b = acc_b.double() + (dd.sum(2).abs().sum(0) if which != "weight" else 0)
     _native.lib().channel_abs_sums_(acc_w if which != "bias" else None, acc_b if which != "weight" else None,
-                                    x, delta, mean, var, 1e-5)
+                                    given_x, given_d, mean, var, 1e-5)
     tol = 1e-4 if dtype == torch.float32 else 1e-3
     torch.testing.assert_close(acc_w.double(), want_w, rtol=tol, atol=tol)
     torch.testing.assert_close(acc_b.double(), want_b, rtol=tol, atol=tol)
@@ -189,13 +193,11 @@ def test_batchnorm_with_the_fused_sums_matches_its_pytorch_path_and_the_oracle(m
                 used.append(name)
             return getattr(lib, name)
 
-    monkeypatch.setattr(base, "native_sums", lambda ctx, accs, ts, real=base.native_sums: (
-        Spy() if real(ctx, accs, ts) is not None else None))
-    monkeypatch.setattr(norm, "native_sums", base.native_sums)
+    monkeypatch.setattr(norm, "native_lib", lambda ctx, real=base.native_lib: Spy() if real(ctx) is not None else None)
     fused = mk.MAS(model, importance="global", verify=False).estimate([x[:2], x[2:]]).consolidate().omega
     assert len(used) >= 4, used  # two layers, two batches (hasattr and the call each)
     close(fused, ref.global_exact(model, [x]))
-    monkeypatch.setattr(norm, "native_sums", lambda *a: None)
+    monkeypatch.setattr(norm, "native_lib", lambda *a: None)
     plain = mk.MAS(model, importance="global", verify=False).estimate([x[:2], x[2:]]).consolidate().omega
     for k, v in plain.items():
         torch.testing.assert_close(fused[k], v, rtol=1e-5, atol=1e-7, msg=k)

@@ -21,6 +21,7 @@ sample before the absolute value.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import torch
@@ -214,7 +215,13 @@ def native_lib(ctx: Context):
     build that has them), else None; whether they serve given tensors: :func:`native_fits`."""
     if type(ctx.reduce) is not AbsReduction:
         return None
-    if _backend.choose(_CPU) != "native" or not _native.built():
+    return _native_for(_backend.choose(_CPU))
+
+
+@functools.lru_cache(maxsize=None)
+def _native_for(backend: str):
+    """The native module when ``backend`` serves the CPU, it loaded, and it has the fused sums; else None."""
+    if backend != "native" or not _native.built():
         return None
     lib = _native.lib()
     return lib if hasattr(lib, "abs_position_sums_") else None

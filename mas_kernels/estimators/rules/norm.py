@@ -23,7 +23,7 @@ from torch import nn
 
 from ... import _backend, _native
 from ..layout import batched
-from .base import Rule, native_sums, work_dtype
+from .base import Rule, native_fits, native_lib, native_sums, work_dtype
 from .generic import GenericRule
 
 
@@ -240,17 +240,20 @@ class BatchNormRule(_ChannelNorm):
         """One call with running statistics (the usual), natively: the per-sample sums, the scale by invstd,
         their abs and the sum over samples in one call (``channel_abs_sums_``): in a CNN's backward, where the
         rule runs with cold caches, its handful of small ops per layer cost twice the sums themselves."""
-        fast = [c for c in calls if c.deltas[0] is not None]
-        module = layer.module
-        if len(fast) == 1 and not self.uses_batch_stats(module) and module.running_var.dtype == torch.float32:
-            x, d = fast[0].x.detach(), fast[0].delta
-            lib = (native_sums(ctx, accs.values(), (x,))
-                   if x.dtype == d.dtype and x.dim() >= 2 and x.shape[0] == ctx.n and d.shape == x.shape else None)
-            if lib is not None and hasattr(lib, "channel_abs_sums_"):
-                lib.channel_abs_sums_(accs.get("weight"), accs.get("bias"), x.reshape(ctx.n, x.shape[1], -1).contiguous(),
-                                      d.reshape(ctx.n, x.shape[1], -1).contiguous(), module.running_mean.float(),
-                                      module.running_var, module.eps)
-                return
+        if len(calls) == 1:
+            call = calls[0]
+            d = call.deltas[0]
+            if d is None:
+                return  # its output did not reach the loss: every g_k is 0
+            module = layer.module
+            mean, var = module._buffers.get("running_mean"), module._buffers.get("running_var")
+            x = call.args[0]
+            if (mean is not None and var is not None and not module.training and var.dtype == torch.float32
+                    and x.dtype == d.dtype and x.dim() >= 2 and x.shape[0] == ctx.n and d.shape == x.shape):
+                lib = native_lib(ctx)
+                if lib is not None and hasattr(lib, "channel_abs_sums_") and native_fits(accs.values(), (x,)):
+                    lib.channel_abs_sums_(accs.get("weight"), accs.get("bias"), x, d, mean, var, module.eps)
+                    return
         super().exact(layer, calls, ctx, accs)
 
     def x_hat(self, module, x):

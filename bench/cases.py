@@ -493,10 +493,14 @@ def inference_case(kind: str, batch: int, device: torch.device) -> Case:
     return case
 
 
-def importance_case(kind: str, device: torch.device, quick: bool, peers: bool = True) -> Case:
+def importance_case(kind: str, device: torch.device, quick: bool, peers: bool = True, batches: int = 1) -> Case:
     """One estimated batch per rule (exact global, global_batch, local) against a plain forward+backward, and
     the per-sample peers (Opacus, BackPACK, torch.func ``vmap(grad)``: :mod:`bench.peers`) where they are
     installed and right.
+
+    ``batches``: each timed call runs that many batches back to back (one ``estimate()`` over them; the plain
+    pass and the peers as many times), as a DataLoader feeds them; with 1 each call runs between the other
+    implementations' calls, with caches they left cold.
 
     Correctness: the exact rule and every peer against a float64 per-sample oracle on CPU (``notes["oracle"]``);
     a peer that is wrong or raises is not timed (its reason is in the notes)."""
@@ -507,15 +511,17 @@ def importance_case(kind: str, device: torch.device, quick: bool, peers: bool = 
     run = (lambda m: m(**batch)) if isinstance(batch, dict) else (lambda m: m(batch))
 
     def plain():
-        loss = output_fn(run(model)).float().pow(2).sum()
-        torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+        for _ in range(batches):
+            loss = output_fn(run(model)).float().pow(2).sum()
+            torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
 
     impls = {"plain forward+backward": plain}
+    data = [batch] * batches
     for imp, name in (("global", "exact global"), ("global_batch", "global_batch"), ("local", "local")):
         # Per batch in steady state: the probe runs once per wrapper (the warm call below), the self-check
         # once per estimate() call; what both add to an estimate() is the row of selfcheck_case.
         mas = mk.MAS(model, importance=imp, output_fn=output_fn, verify=False)
-        impls[name] = lambda mas=mas: mas.estimate([batch])
+        impls[name] = lambda mas=mas: mas.estimate(data)
     notes = {} if quick else {"peak_mb": {}}
 
 
@@ -534,7 +540,7 @@ def importance_case(kind: str, device: torch.device, quick: bool, peers: bool = 
                 oracle[name] = why
             else:
                 oracle[name] = "ok"
-                impls[f"peer: {name}"] = fn
+                impls[f"peer: {name}"] = fn if batches == 1 else (lambda fn=fn: [fn() for _ in range(batches)])
         notes["oracle"] = oracle
     notes["peak_mb"] = {}
     for name, fn in impls.items():

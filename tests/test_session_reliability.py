@@ -6,6 +6,7 @@ Each test failed on the main branch before the fix it guards.
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
 
 import pytest
@@ -278,3 +279,34 @@ def test_layer_wrappers_leave_every_forward_as_it_was(importance):
     assert all("forward" not in m.__dict__ for m in own.modules() if m is not own.lin)
     if importance == "global":
         close(got.omega, ref.global_exact(own, [x]))
+
+
+class CopiesALayer(nn.Module):
+    """A forward that copies one of its layers while it runs (a teacher or an EMA made on the first call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.copies: list = []
+
+    def forward(self, x):
+        if not self.copies:
+            self.copies.append(copy.deepcopy(self.lin))
+        return torch.tanh(self.lin(x))
+
+
+@pytest.mark.parametrize("importance", ["local", "global", "global_batch"])
+def test_a_layer_copied_while_its_calls_are_seen_runs_its_own_weights(importance):
+    """A copy made while the wrapper was over the layer's forward computes with the copy's weights afterwards
+    (the wrapper is bound to its module; a deepcopy rebinds it to the copy, which then runs its class's
+    forward), and the original's importance is the oracle's."""
+    torch.manual_seed(0)
+    model = CopiesALayer()
+    x = torch.randn(5, 4)
+    mas = mk.MAS(model, importance=importance).estimate([x]).consolidate()
+    twin = model.copies[0]
+    with torch.no_grad():
+        twin.weight.zero_()
+    torch.testing.assert_close(twin(x), twin.bias.detach().expand(5, 3))
+    if importance == "global":
+        close(mas.omega, ref.global_exact(model, [x]))

@@ -40,6 +40,7 @@ import contextlib
 import dataclasses
 import math
 import threading
+import types
 import warnings
 from typing import Any, Callable
 
@@ -323,11 +324,21 @@ class Forwards:
         self._saved: list = []
 
     def wrap(self, module: nn.Module, make: Callable[[Callable], Callable]) -> None:
-        """``module.forward = make(module.forward)`` until :meth:`restore`."""
+        """``module.forward = make(module.forward)`` until :meth:`restore`.
+
+        Bound to the module, so that a copy made during the pass (``copy.deepcopy`` binds a bound method to
+        the copy) runs its own class's forward, never this module's through the wrapper."""
         d = module.__dict__  # "forward" is no parameter, buffer or submodule: nn.Module.__setattr__'s checks skipped
         old = d.get("forward", _NONE)
         self._saved.append((d, old))
-        d["forward"] = make(module.forward)
+        inner = make(module.forward)
+
+        def forward(m, *args, **kwargs):
+            if m is module:
+                return inner(*args, **kwargs)
+            return type(m).forward(m, *args, **kwargs)  # a copy of the module made while the wrapper was on
+
+        d["forward"] = types.MethodType(forward, module)
 
     def restore(self) -> None:
         for d, old in reversed(self._saved):

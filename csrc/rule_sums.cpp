@@ -42,6 +42,22 @@ void check_d(const at::Tensor& d, const char* op) {
               d.strides());
 }
 
+// A norm's two numerators (either may be absent): both checked (contiguous float32, `size` elements) before
+// either is written, then f(0 for the weight / 1 for the bias, its data).
+template <typename F>
+void weight_and_bias(const std::optional<at::Tensor>& acc_w, const std::optional<at::Tensor>& acc_b, int64_t size,
+                     const char* op, const char* what, F&& f) {
+  const std::optional<at::Tensor>* accs[2] = {&acc_w, &acc_b};
+  for (int64_t which = 0; which < 2; ++which) {
+    if (!accs[which]->has_value()) continue;
+    const at::Tensor& acc = accs[which]->value();
+    check_acc(acc, op, which == 0 ? "acc_w" : "acc_b");
+    TORCH_CHECK(acc.numel() == size, op, ": an accumulator has ", acc.numel(), " elements, the ", what, " ", size);
+  }
+  for (int64_t which = 0; which < 2; ++which)
+    if (accs[which]->has_value()) f(which, accs[which]->value().data_ptr<float>());
+}
+
 // Column blocks [c0, c1) of D over the threads, each large enough to be worth a thread.
 template <typename F>
 void over_columns(int64_t D, int64_t work_per_column, F&& f) {
@@ -205,15 +221,9 @@ void layer_norm_abs_sums_(const std::optional<at::Tensor>& acc_w, const std::opt
   const at::Tensor sums = layer_norm_sums(x, d, eps, rms);  // (N, 2, D), its checks made
   const int64_t N = sums.size(0), D = sums.size(2);
   const float* const ps = sums.const_data_ptr<float>();
-  const std::optional<at::Tensor>* accs[2] = {&acc_w, &acc_b};
-  for (int64_t which = 0; which < 2; ++which) {
-    if (!accs[which]->has_value()) continue;
-    at::Tensor acc = accs[which]->value();
-    check_acc(acc, op, which == 0 ? "acc_w" : "acc_b");
-    TORCH_CHECK(acc.numel() == D, op, ": an accumulator has ", acc.numel(), " elements, the rows ", D);
-    float* const pa = acc.data_ptr<float>();
+  weight_and_bias(acc_w, acc_b, D, op, "rows", [&](int64_t which, float* pa) {
     for (int64_t s = 0; s < N; ++s) add_abs(ps + (s * 2 + which) * D, D, pa);
-  }
+  });
 }
 
 void linear_abs_sums_(const std::vector<std::optional<at::Tensor>>& accs_w,
@@ -255,13 +265,7 @@ void channel_abs_sums_(const std::optional<at::Tensor>& acc_w, const std::option
   const float* const ps = sums.const_data_ptr<float>();
   const at::Tensor var = running_var.contiguous();
   const float* const pv = var.const_data_ptr<float>();
-  const std::optional<at::Tensor>* accs[2] = {&acc_w, &acc_b};
-  for (int64_t which = 0; which < 2; ++which) {
-    if (!accs[which]->has_value()) continue;
-    at::Tensor acc = accs[which]->value();
-    check_acc(acc, op, which == 0 ? "acc_w" : "acc_b");
-    TORCH_CHECK(acc.numel() == C, op, ": an accumulator has ", acc.numel(), " elements, the channels ", C);
-    float* const pa = acc.data_ptr<float>();
+  weight_and_bias(acc_w, acc_b, C, op, "channels", [&](int64_t which, float* pa) {
     for (int64_t c = 0; c < C; ++c) {
       // the invstd as torch.rsqrt(var + eps) in float32; the samples summed in order, then added
       const float scale = which == 0 ? 1.0f / std::sqrt(pv[c] + static_cast<float>(eps)) : 1.0f;
@@ -269,7 +273,7 @@ void channel_abs_sums_(const std::optional<at::Tensor>& acc_w, const std::option
       for (int64_t s = 0; s < N; ++s) total += std::fabs(ps[(s * C + c) * 2 + which] * scale);
       pa[c] += total;
     }
-  }
+  });
 }
 
 }  // namespace mas_kernels

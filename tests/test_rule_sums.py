@@ -118,6 +118,19 @@ def test_linear_abs_sums(layers, dtype, transposed):
             torch.testing.assert_close(b.double(), want_b, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("op", ["layer_norm", "channel"])
+def test_norm_sums_write_nothing_when_an_accumulator_is_refused(op):
+    """The weight's numerators are not written when the bias's accumulator is refused (checked first)."""
+    x, d = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    acc_w, bad_b = torch.zeros(4 if op == "layer_norm" else 3), torch.zeros(7)
+    with pytest.raises(RuntimeError, match="an accumulator has 7 elements"):
+        if op == "layer_norm":
+            _native.lib().layer_norm_abs_sums_(acc_w, bad_b, x, d, 1e-5, False)
+        else:
+            _native.lib().channel_abs_sums_(acc_w, bad_b, x, d, torch.zeros(3), torch.ones(3), 1e-5)
+    assert acc_w.abs().sum() == 0
+
+
 def test_linear_abs_sums_refuses_mismatched_lists():
     with pytest.raises(RuntimeError, match="one acc_w, acc_b, delta and x per layer"):
         _native.lib().linear_abs_sums_([None], [None, None], [torch.randn(1, 2, 3)], [torch.randn(1, 2, 4)], False, 1 << 20)

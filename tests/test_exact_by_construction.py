@@ -611,3 +611,43 @@ def test_rows_out_of_order_on_another_rank_make_every_rank_refuse_the_same_calls
         layout = layouts.observe(Batch(model, lambda m: m(x), (x,), {}))
         dims = [c for m in (model[0], model[2]) for c in layout.calls[id(m)]]
         assert all((c.x is UNKNOWN) == unknown for c in dims), dims
+
+
+def test_the_probe_compares_every_layer_calls_values_in_one_synchronization(monkeypatch):
+    """The probe's value comparison of the calls of every layer is one ``same_many`` (one host synchronization
+    for the whole model, which on a GPU is one wait, not one per layer), and still finds the one layer whose
+    rows the model reorders."""
+    import sys
+
+    from mas_kernels.estimators import layout as layout_mod
+    from mas_kernels.estimators.batch import Batch, Layouts
+    from mas_kernels.estimators.layout import UNKNOWN
+    from mas_kernels.estimators.plan import Plan
+
+    class Reorders(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            h = torch.tanh(self.b(h.flip(0))).flip(0)  # layer b sees the rows reversed
+            return self.c(h)
+
+    calls = []
+    real = layout_mod.same_many
+
+    def spy(pairs):
+        calls.append((sys._getframe(1).f_code.co_name, len(pairs)))
+        return real(pairs)
+
+    monkeypatch.setattr(layout_mod, "same_many", spy)
+    model = Reorders().eval()
+    params = dict(model.named_parameters())
+    x = torch.randn(5, 3)
+    layouts = Layouts(model, Plan(model, params), params, lambda o: o, exact=True)
+    layout = layouts.observe(Batch(model, lambda m: m(x), (x,), {}))
+    by_rows = [n for name, n in calls if name == "_rows_checked"]
+    assert len(by_rows) == 1 and by_rows[0] >= 6, calls  # three layers' inputs and outputs in one call
+    assert layout.calls[id(model.b)][0].x is UNKNOWN
+    assert layout.calls[id(model.a)][0].x is not UNKNOWN and layout.calls[id(model.c)][0].x is not UNKNOWN

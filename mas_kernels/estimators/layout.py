@@ -710,7 +710,7 @@ class Prober:
                                        for ins, outs in rec_full.calls[id(m)]]
             return
         s = len(idx)
-        by_value = []  # the modules whose calls the value comparison changed
+        observed = {}  # module id -> (its calls' dims from their shapes, its calls' shapes on N and on s)
         for m in self.modules:
             a, b = rec_full.calls[id(m)], rec_sub.calls.get(id(m))
             if b is None or len(a) != len(b):
@@ -726,12 +726,17 @@ class Prober:
                             for f, g in zip(ins_f, ins_s))
                 outs = tuple(dim_between(f, g, n, s) for f, g in zip(outs_f, outs_s))
                 got.append(CallDims(ins, outs))
-            if self.by_value:
-                checked = self._rows_checked(got, rec_full.tensors[id(m)], rec_sub.tensors[id(m)], n, idx)
-                if checked is not got:
-                    by_value.append(m)
-                got = checked
-            layout.calls[id(m)] = _subsets(got, a, b, n, s)
+            observed[id(m)] = (got, a, b)
+        by_value = []  # the modules whose calls the value comparison changed
+        if self.by_value:  # every module's comparisons at once: one host synchronization for the whole model
+            checked = self._rows_checked({k: (got, rec_full.tensors[k], rec_sub.tensors[k])
+                                          for k, (got, _, _) in observed.items()}, n, idx)
+            for k, got in checked.items():
+                if got is not observed[k][0]:
+                    by_value.append(k)
+                    observed[k] = (got,) + observed[k][1:]
+        for k, (got, a, b) in observed.items():
+            layout.calls[k] = _subsets(got, a, b, n, s)
         if self.by_value and not self.agree(not by_value) and not by_value:
             # Another rank of a sharded model found rows out of order (its data): the same layout on every
             # rank, so no call here counts its rows as samples either (one decision, one collective).
@@ -742,33 +747,40 @@ class Prober:
                                        for c in layout.calls[id(m)]]
 
     @staticmethod
-    def _rows_checked(got: list[CallDims], full: list, sub: list, n: int, idx: list) -> list[CallDims]:
-        """The dims of each call whose values say otherwise set to UNKNOWN: a tensor's sample dim holds the
-        samples in order only if the sub-batch's tensor is the batch's rows ``idx`` there, and a tensor
-        shared by the batch is the same in both runs. Shapes alone cannot see rows reordered (a batch sorted
-        by length, ``layer(x[perm])``), selected by the data (token-choice experts: ``expert(h[mask])``) or
-        flattened time-major (``out.view(T * N, H)`` of a sequence-first RNN): such a call's parameters get
-        the per-sample fallback, never another sample's rows."""
+    def _rows_checked(calls: dict, n: int, idx: list) -> dict:
+        """Per module (``calls``: id -> (its calls' dims, their tensors on N, on s samples)), the dims of each call
+        whose values say otherwise set to UNKNOWN (the module's list itself when none does): a tensor's sample
+        dim holds the samples in order only if the sub-batch's tensor is the batch's rows ``idx`` there, and a
+        tensor shared by the batch is the same in both runs. Shapes alone cannot see rows reordered (a batch
+        sorted by length, ``layer(x[perm])``), selected by the data (token-choice experts: ``expert(h[mask])``)
+        or flattened time-major (``out.view(T * N, H)`` of a sequence-first RNN): such a call's parameters get
+        the per-sample fallback, never another sample's rows. Every comparison of the model in one
+        :func:`same_many` (one host synchronization)."""
         t_idx = torch.as_tensor(idx, dtype=torch.long)
         pairs, where = [], []
-        for j, c in enumerate(got):
-            if not c.known:
+        for key, (got, full, sub) in calls.items():
+            for j, c in enumerate(got):
+                if not c.known:
+                    continue
+                (ins_f, outs_f), (ins_s, outs_s) = full[j], sub[j]
+                for side, dims, fs, ss in (("ins", c.ins, ins_f, ins_s), ("outs", c.outs, outs_f, outs_s)):
+                    for k, (d, f, g) in enumerate(zip(dims, fs, ss)):
+                        if isinstance(f, torch.Tensor) and isinstance(g, torch.Tensor) and f.numel() and g.numel():
+                            pairs.append((g, take(f, d, t_idx, n)))
+                            where.append((key, j, side, k))
+        bad: dict = {}
+        for (key, j, side, k), ok in zip(where, same_many(pairs)):
+            if not ok:
+                bad.setdefault(key, set()).add((j, side, k))
+        out = {}
+        for key, (got, _, _) in calls.items():
+            marks = bad.get(key)
+            if not marks:
+                out[key] = got
                 continue
-            (ins_f, outs_f), (ins_s, outs_s) = full[j], sub[j]
-            for side, dims, fs, ss in (("ins", c.ins, ins_f, ins_s), ("outs", c.outs, outs_f, outs_s)):
-                for k, (d, f, g) in enumerate(zip(dims, fs, ss)):
-                    if isinstance(f, torch.Tensor) and isinstance(g, torch.Tensor) and f.numel() and g.numel():
-                        pairs.append((g, take(f, d, t_idx, n)))
-                        where.append((j, side, k))
-        bad = {(j, side, k) for (j, side, k), ok in zip(where, same_many(pairs)) if not ok}
-        if not bad:
-            return got
-        out = []
-        for j, c in enumerate(got):
-            if any(w[0] == j for w in bad):
-                c = CallDims(tuple(UNKNOWN if (j, "ins", k) in bad else d for k, d in enumerate(c.ins)),
-                             tuple(UNKNOWN if (j, "outs", k) in bad else d for k, d in enumerate(c.outs)))
-            out.append(c)
+            out[key] = [CallDims(tuple(UNKNOWN if (j, "ins", k) in marks else d for k, d in enumerate(c.ins)),
+                                 tuple(UNKNOWN if (j, "outs", k) in marks else d for k, d in enumerate(c.outs)))
+                        if any(w[0] == j for w in marks) else c for j, c in enumerate(got)]
         return out
 
     @staticmethod

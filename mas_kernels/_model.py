@@ -54,6 +54,12 @@ def named_parameters(module: nn.Module):
         yield clean_name(name), p
 
 
+def _entry(d, key):
+    """``d.get(key)`` for a module's ``_modules`` / ``_parameters``, also a TorchScript module's (an
+    ``OrderedDictWrapper``, which has no ``get``)."""
+    return d[key] if key in d else None
+
+
 def _descend(mod: nn.Module, key: str | None, links: dict) -> nn.Module:
     """Step through wrapper submodules of ``mod`` until one has ``key`` (a child; None: ``mod`` itself)."""
     while key is None or key not in mod._modules:
@@ -150,7 +156,7 @@ class TrackedParams:
             mod = self.module
             for key in path:
                 mod = _descend(mod, key, links)
-                child = mod._modules.get(key)
+                child = _entry(mod._modules, key)
                 if child is None:  # not reachable by its name (should not happen for named_parameters names)
                     break
                 links[(id(mod), key)] = (mod, key, child, type(child))
@@ -167,11 +173,11 @@ class TrackedParams:
         if type(self.module) is not self._root_type:
             return False
         for mod, key, child, cls in self._links:
-            if mod._modules.get(key) is not child or type(child) is not cls:
+            if _entry(mod._modules, key) is not child or type(child) is not cls:
                 return False
         if full:
             for params, key, p in self._owners:
-                if params.get(key) is not p:
+                if _entry(params, key) is not p:
                     return False
         return True
 

@@ -651,3 +651,23 @@ def test_the_probe_compares_every_layer_calls_values_in_one_synchronization(monk
     assert len(by_rows) == 1 and by_rows[0] >= 6, calls  # three layers' inputs and outputs in one call
     assert layout.calls[id(model.b)][0].x is UNKNOWN
     assert layout.calls[id(model.a)][0].x is not UNKNOWN and layout.calls[id(model.c)][0].x is not UNKNOWN
+
+
+@pytest.mark.parametrize("scripted", ["script", "trace"])
+def test_a_torchscript_layer_inside_the_model(scripted):
+    """A layer compiled with torch.jit (script or trace) inside an eager model: every rule runs (the parameter
+    tracking reads a TorchScript module's parameter dict, which has no ``get``: an AttributeError before), and
+    the exact rule gives its parameters the per-sample fallback, named in the warning (torch.func cannot re-run
+    a TorchScript forward per sample), equal to the one-sample oracle."""
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 5)
+    layer = torch.jit.script(lin) if scripted == "script" else torch.jit.trace(lin, torch.randn(2, 4))
+    model = nn.Sequential(layer, nn.Tanh(), nn.Linear(5, 3))
+    x = torch.randn(6, 4)
+    with pytest.warns(RuntimeWarning, match=r"\['0.bias', '0.weight'\].*TorchScript module"):
+        mas = mk.MAS(model, importance="global").estimate([x]).consolidate()
+    close(mas.omega, ref.global_exact(model, [x]))
+    mk.MAS(model, importance="global_batch").estimate([x]).consolidate()
+    with pytest.warns(RuntimeWarning):
+        local = mk.MAS(model, importance="local").estimate([x]).consolidate()
+    assert set(local.omega) == {"0.weight", "0.bias", "2.weight", "2.bias"}

@@ -97,7 +97,11 @@ class ExactEstimator:
         for layer in self.plan.layers:
             calls = layout.calls.get(id(layer.module), [])
             reason = None
-            for c in calls:
+            if isinstance(layer.module, torch.jit.ScriptModule) and layer.rule.inline_forward is None:
+                # its forward runs in the TorchScript interpreter: torch.func cannot re-run it per sample (the
+                # generic rule), and a built-in rule's type test does not see the layer it was scripted from
+                reason = f"layer {layer.name!r} is a TorchScript module (torch.jit.script/trace)"
+            for c in ([] if reason else calls):
                 if not c.known:
                     reason = f"where the calls of layer {layer.name!r} keep their samples could not be observed"
                 elif layer.rule.own_layout or layout.single:

@@ -55,6 +55,21 @@ def test_every_strategy_matches_the_oracle(spec, small):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_accumulates_into_a_channels_last_omega(strategy):
+    """omega in another memory format (the numerators of a channels-last weight, e.g. the self-check's):
+    accumulated in place as into a contiguous one (the unfold strategy viewed it: a RuntimeError before)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        delta = torch.randn_like(conv(x))
+    omega = torch.full_like(conv.weight, 0.5).contiguous(memory_format=torch.channels_last)
+    assert not omega.is_contiguous()
+    conv_exact.conv_weight_abs_sum_(omega, x, delta, conv, 256 << 20, strategy)
+    assert_close(omega - 0.5, ref.conv_weight_abs_sum(conv, x, delta), atol=1e-5, rtol=1e-4, name=strategy)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_16_bit_inputs_accumulate_in_float32(strategy, dtype):
     conv = nn.Conv2d(4, 6, 3, padding=1, bias=False)

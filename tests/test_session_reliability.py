@@ -310,3 +310,17 @@ def test_a_layer_copied_while_its_calls_are_seen_runs_its_own_weights(importance
     torch.testing.assert_close(twin(x), twin.bias.detach().expand(5, 3))
     if importance == "global":
         close(mas.omega, ref.global_exact(model, [x]))
+
+
+@pytest.mark.parametrize("importance", ["local", "global", "global_batch"])
+def test_a_channels_last_cnn_with_the_self_check(importance):
+    """A CNN and its input in channels-last memory, the self-check on: its numerators of a channels-last weight
+    were zeros in that memory format, which the conv rule's unfold strategy could not view (a RuntimeError
+    from torch before); the exact rule equals the one-sample oracle."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 2)).eval()
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(3, 3, 6, 6).to(memory_format=torch.channels_last)
+    mas = mk.MAS(model, importance=importance).estimate([x]).consolidate()
+    if importance == "global":
+        close(mas.omega, ref.global_exact(model, [x]))

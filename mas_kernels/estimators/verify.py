@@ -68,7 +68,8 @@ def literal(batch, idx: list[int], params: dict[str, torch.Tensor], output_fn, r
                     out[n] = reduction.apply(g.clone() if ptr in shared else g)
             if more:
                 reduction.accumulate_([a for a, _ in more], [g for _, g in more])
-    return {n: torch.zeros_like(params[n], dtype=wide[n]) if t is None else t for n, t in out.items()}, outputs
+    return {n: torch.zeros_like(params[n], dtype=wide[n], memory_format=torch.contiguous_format) if t is None else t
+            for n, t in out.items()}, outputs
 
 
 def mismatches(fast: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], dtypes: dict) -> list[tuple[str, float]]:
@@ -113,8 +114,9 @@ class Request:
         layout = batch.layout
         self.idx = (sorted({1, batch.n - 1}) if batch.n > 1 else [0]) if not layout.single else [None]
         self.names = names
+        # contiguous, as the staging's views are (a channels-last weight's zeros_like would not be)
         self.fast = {n: torch.zeros_like(params[n], dtype=torch.float64 if params[n].dtype == torch.float64
-                                         else torch.float32) for n in names}
+                                         else torch.float32, memory_format=torch.contiguous_format) for n in names}
         self.done = False
         self.output = None
 

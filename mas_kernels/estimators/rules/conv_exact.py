@@ -147,13 +147,17 @@ def _by_unfold(omega: torch.Tensor, xp: torch.Tensor, delta: torch.Tensor, modul
     positions = delta[0, 0].numel()
     half = max(1 << 16, budget // 2)  # half for a chunk's patches, half for abs_bmm's scratch
     step = max(1, min(n, half // (4 * positions * (ck * g + o))))
-    om = omega.view(g, og, ck)
+    # omega in another memory format (a channels-last weight's numerators) through a contiguous temporary
+    out = omega if omega.is_contiguous() else torch.zeros_like(omega, memory_format=torch.contiguous_format)
+    om = out.view(g, og, ck)
     for lo in range(0, n, step):
         cols = unfolded(module, xp[lo:lo + step].float())  # (n, L, C*K)
         d = delta[lo:lo + step].float().flatten(2).transpose(1, 2)  # (n, L, O)
         for gi in range(g):
             abs_bmm_accumulate_(om[gi], d[..., gi * og:(gi + 1) * og], cols[..., gi * ck:(gi + 1) * ck],
                                 memory_budget=half)
+    if out is not omega:
+        omega.add_(out)
 
 
 def _by_grouped(omega: torch.Tensor, xp: torch.Tensor, delta: torch.Tensor, module: nn.Module, budget: int) -> None:

@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from . import __version__, checkpoint, distributed, fsdp, zero
 from ._copies import Copyable
@@ -199,6 +200,11 @@ class MAS(Copyable):
             fsdp.reshard(self.module)
             self._group = distributed.group_for(self.wrapper, self.process_group)
         distributed.check_unsharded(self.module, params, dtensors=not self._sharded)  # FSDP1, TP: a clear error
+        lazy = [n for n, p in params.items() if is_lazy(p)]
+        if lazy:
+            raise ValueError(f"MAS: parameters {lazy[:4]}{' ...' if len(lazy) > 4 else ''} are not initialized yet "
+                             "(lazy modules, e.g. nn.LazyLinear, take their shapes from their first forward); run "
+                             "the model once on a batch, then wrap it")
         meta = [n for n, p in params.items() if p.is_meta]
         if meta:
             raise ValueError(f"MAS: parameters {meta[:4]}{' ...' if len(meta) > 4 else ''} are on the meta device "

@@ -324,3 +324,15 @@ def test_a_channels_last_cnn_with_the_self_check(importance):
     mas = mk.MAS(model, importance=importance).estimate([x]).consolidate()
     if importance == "global":
         close(mas.omega, ref.global_exact(model, [x]))
+
+
+def test_an_uninitialized_lazy_module_is_refused_by_name():
+    """A model with a lazy layer not yet run: a ValueError naming the parameters and the fix (torch's own
+    'Can't access the shape of an uninitialized parameter' before); after one forward the wrapper works."""
+    model = nn.Sequential(nn.LazyLinear(5), nn.Tanh(), nn.Linear(5, 3))
+    with pytest.raises(ValueError, match=r"\['0.weight', '0.bias'\] are not initialized yet.*run the model once"):
+        mk.MAS(model)
+    x = torch.randn(6, 4)
+    model(x)
+    mas = mk.MAS(model, importance="global").estimate([x]).consolidate()
+    close(mas.omega, ref.global_exact(model, [x]))

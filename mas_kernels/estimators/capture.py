@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
-from threading import get_ident
 from typing import Any, Callable, Iterator
 
 import torch
@@ -160,27 +159,13 @@ class Recorder:
         return self
 
     def _recording(self, module: nn.Module) -> Callable:
-        """The wrapper that records each call of ``module``: :meth:`_hook` on what its forward got and returned,
-        or, for the usual call (one tensor output that is not a view, nothing to broadcast, no replay, this
-        thread), the same record made inline. The Python run per layer call is what the exact rule adds to
-        the forward of a small model, and it runs with caches cold from the layer's own kernels (~30 us per
-        call in the small CNN's pass, ~0.6 us in a loop of its own)."""
-        hook, calls, thread, grads, then = self._hook, self.calls[module], self._thread, self.grads, self.then
-        seen = self.layout.calls.get(id(module)) if self.layout is not None else None
+        """The wrapper that records each call of ``module``: :meth:`_hook` on what its forward got and returned
+        (and what it hands on: a broadcast shared call's output, a multi-output call's views)."""
+        hook = self._hook
 
         def make(own):
             def forward(*args, **kwargs):
                 out = own(*args, **kwargs)
-                if type(out) is torch.Tensor and not self._pending and get_ident() == thread:
-                    i = len(calls)
-                    dims = seen[i] if seen is not None and i < len(seen) else None
-                    if dims is None or dims.expand is None:
-                        edge = _edge(out) if grads and out.requires_grad else None
-                        call = Call(args, kwargs, out, [None], [edge] if grads else [], dims=dims, outs=[out])
-                        if then is not None and type(edge) is GradientEdge:
-                            self._eager(module, call)
-                        calls.append(call)
-                        return out
                 new = hook(module, args, kwargs, out)
                 return out if new is None else new
             return forward
@@ -234,8 +219,7 @@ def _edge_of(t: torch.Tensor) -> GradientEdge:
 
 def _edge(t: torch.Tensor):
     """``t``'s gradient edge as it is now (a :class:`_ViewEdge` for a whole-tensor view of its base)."""
-    fn = t.grad_fn
-    e = get_gradient_edge(t) if fn is None or isinstance(fn, _FunctionBase) else GradientEdge(fn, t.output_nr)
+    e = _edge_of(t)
     b = t._base
     if (b is not None and b.requires_grad and b.numel() == t.numel() and b.data_ptr() == t.data_ptr()
             and t.is_contiguous() and b.is_contiguous()):

@@ -1304,3 +1304,103 @@ def test_routing_and_unpadding_over_random_batches(seed, kind, sizes):
     else:
         batches = [(torch.randn(n, t, 4),) for n, t in sizes]
         default_exact((Top1MoE() if kind == "top1" else Top2MoE()).eval(), batches, [0])
+
+
+# ---------------------------------------------------------------- layers changed by hooks, and CNN variants
+def _hooked(kind):
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    if kind == "old weight_norm":  # torch.nn.utils.weight_norm: a forward pre-hook recomputes the weight
+        model[0] = torch.nn.utils.weight_norm(model[0])
+    elif kind == "old spectral_norm":
+        model[0] = torch.nn.utils.spectral_norm(model[0])
+    elif kind == "prune":  # a forward pre-hook: weight = weight_orig * mask
+        torch.nn.utils.prune.l1_unstructured(model[0], "weight", amount=0.4)
+    elif kind == "backward hook":
+        model[0].register_full_backward_hook(lambda m, gi, go: None)
+    elif kind == "input pre-hook":  # a pre-hook that changes what the layer gets
+        model[2].register_forward_pre_hook(lambda m, a: (a[0] * 2 + 1,))
+    return model
+
+
+@pytest.mark.parametrize("kind", ["old weight_norm", "old spectral_norm", "prune", "backward hook", "input pre-hook"])
+def test_layers_changed_by_torchs_hook_based_utilities(kind):
+    """What torch's hook-based utilities and a user's hooks do to a layer, seen by every rule (the exact rule's
+    wrappers run inside the module's hooks: the weight the pre-hook set, the input it changed)."""
+    import torch.nn.utils.prune  # noqa: F401
+
+    torch.manual_seed(0)
+    all_rules(_hooked(kind), [(torch.randn(6, 4),)], [0])
+
+
+def _bn(c):
+    norm = nn.BatchNorm2d(c)
+    norm.running_mean.uniform_(-1, 1)
+    norm.running_var.uniform_(0.5, 2)
+    return randomize_norm(norm)
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc1, self.fc2, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 2), nn.Linear(2, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        g = torch.sigmoid(self.fc2(torch.relu(self.fc1(h.mean((2, 3))))))
+        return self.head((h * g[:, :, None, None]).mean((2, 3)))
+
+
+@pytest.mark.parametrize("kind", ["mobilenet", "conv transpose", "squeeze-excite"])
+def test_cnn_variants(kind):
+    """Depthwise-separable blocks with BatchNorm and ReLU6 in place, a transposed convolution, squeeze-and-
+    excitation gates."""
+    torch.manual_seed(0)
+    if kind == "mobilenet":
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _bn(8), nn.ReLU6(inplace=True),
+                              nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), _bn(8), nn.ReLU6(inplace=True),
+                              nn.Conv2d(8, 16, 1, bias=False), _bn(16), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                              nn.Linear(16, 3))
+        x = torch.randn(4, 3, 9, 9)
+    elif kind == "conv transpose":
+        model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU(), nn.ConvTranspose2d(4, 3, 4, 2, 1))
+        x = torch.randn(3, 3, 8, 8)
+    else:
+        model, x = SqueezeExcite(), torch.randn(4, 3, 6, 6)
+    all_rules(model, [(x,)], [0])
+
+
+@pytest.mark.parametrize("name", ["roberta", "albert", "mixtral", "t5-seq2seq"])
+def test_more_transformers_models_against_the_oracle(name):
+    """transformers' RoBERTa (position ids computed from the padding mask: data-dependent rows), ALBERT (one
+    layer's parameters reused by every layer), Mixtral (token-choice experts) and T5 with its decoder, small
+    configs: the default exact rule equals the one-sample oracle; the other rules run."""
+    tf = pytest.importorskip("transformers")
+    tf.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    ids = torch.randint(3, 50, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[0, 5:], ids[0, 5:] = 0, 1
+    cfg = dict(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+               max_position_embeddings=32)
+    batch, out = {"input_ids": ids, "attention_mask": mask}, (lambda o: o.last_hidden_state)
+    if name == "roberta":
+        model = tf.RobertaModel(tf.RobertaConfig(**cfg, pad_token_id=1))
+    elif name == "albert":
+        model = tf.AlbertModel(tf.AlbertConfig(**cfg, embedding_size=8))
+    elif name == "mixtral":
+        model = tf.MixtralForCausalLM(tf.MixtralConfig(**{**cfg, "num_hidden_layers": 1}, num_key_value_heads=1,
+                                                       num_local_experts=4, num_experts_per_tok=2))
+        batch, out = {"input_ids": ids}, (lambda o: o.logits)
+    else:
+        model = tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=50, d_model=16, d_kv=8, d_ff=32, num_layers=2,
+                                                          num_decoder_layers=2, num_heads=2, decoder_start_token_id=0))
+        batch, out = {**batch, "decoder_input_ids": torch.randint(0, 50, (3, 4))}, (lambda o: o.logits)
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mas = mk.MAS(model, importance="global", output_fn=out).estimate([batch]).consolidate()
+        for importance in ("global_batch", "local"):
+            mk.MAS(model, importance=importance, output_fn=out).estimate([batch]).consolidate()
+    expected = ref.global_exact(model, [batch], out)
+    close(mas.omega, expected)
+    no_missing(mas.omega, expected)

@@ -336,3 +336,31 @@ def test_an_uninitialized_lazy_module_is_refused_by_name():
     model(x)
     mas = mk.MAS(model, importance="global").estimate([x]).consolidate()
     close(mas.omega, ref.global_exact(model, [x]))
+
+
+class CarriesState(nn.Module):
+    """Truncated backpropagation through time: the hidden state of each call carried to the next (``carry``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.head, self.h, self.carry = nn.GRU(3, 5, batch_first=True), nn.Linear(5, 2), None, True
+
+    def forward(self, x):
+        out, h = self.rnn(x, self.h if self.carry else None)
+        self.h = h.detach()
+        return self.head(out[:, -1])
+
+
+def test_a_model_that_carries_its_state_between_calls_is_refused_by_the_exact_rule_with_the_fix():
+    """A state carried from one call to the next, sized for the whole batch, makes the model fail on a
+    sub-batch: the exact rule refuses, naming the fix (the carrying off for the estimate); with it off, the
+    estimate equals the oracle."""
+    torch.manual_seed(0)
+    model = CarriesState()
+    x = torch.randn(4, 6, 3)
+    model(x)
+    with pytest.raises(ValueError, match="a state it carries from one call to the next.*turn the carrying off"):
+        mk.MAS(model, importance="global").estimate([x])
+    model.carry = False
+    mas = mk.MAS(model, importance="global").estimate([x]).consolidate()
+    close(mas.omega, ref.global_exact(model, [x]))

@@ -142,7 +142,9 @@ class ExactEstimator:
             raise ValueError(
                 f"MAS(importance='global'): {layout.coupled}. Per-sample importance needs each argument of the "
                 "model's call to keep its samples in one dim (a flat input with offsets, as nn.EmbeddingBag's, "
-                "does not: pass the bags as one (N, L) tensor, padded with padding_idx=), or "
+                "does not: pass the bags as one (N, L) tensor, padded with padding_idx=), and the model to run on "
+                "a few samples alone (a state it carries from one call to the next, sized for a whole batch, does "
+                "not: turn the carrying off for the estimate, each call from a fresh state), or "
                 "use importance='global_batch' (one gradient per batch)"
             )
         if layout.coupled and not layout.single:

@@ -216,17 +216,18 @@ class Session:
         if stray:
             for n in stray:
                 self.state.staging[n].zero_()
+            where = {n: batch.layout.stray[n][:2] for n in stray}
             if self.uncovered == "error":
                 raise ValueError(
                     f"MAS(importance='local', uncovered='error'): parameters {stray} are used outside the layers "
-                    f"whose local rules cover them ({ {n: batch.layout.stray[n][:2] for n in stray} }), so those "
+                    f"whose local rules cover them ({where}), so those "
                     "rules cannot see their use; pass uncovered='global' (exact per-sample rule for them) or "
                     "'skip' (zero importance)")
             if stray != self._stray_warned:
                 self._stray_warned = stray
                 warnings.warn(
                     f"MAS(importance='local'): parameters {stray} are used outside the layers whose local rules "
-                    f"cover them ({ {n: batch.layout.stray[n][:2] for n in stray} }); as uncovered={self.uncovered!r} "
+                    f"cover them ({where}); as uncovered={self.uncovered!r} "
                     f"says, they get {'the exact per-sample rule' if self.uncovered == 'global' else 'zero importance'}",
                     RuntimeWarning, stacklevel=2)
         if self.extra is not None:

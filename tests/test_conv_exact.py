@@ -124,8 +124,6 @@ def test_the_choice_kept_per_layer_follows_the_shape_budget_and_backend(monkeypa
     for name in ("native", "unfold"):
         monkeypatch.setitem(conv_exact._RUN, name, lambda *a, name=name, real=conv_exact._RUN[name]: (
             ran.append(name), real(*a))[1])
-    monkeypatch.setattr(conv_exact, "_by_native", lambda *a, real=conv_exact._by_native: (
-        ran.append("native"), real(*a))[1])
 
     def once(x, budget=256 << 20):
         d = torch.randn(x.shape[0], 4, *x.shape[2:])

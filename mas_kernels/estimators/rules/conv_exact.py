@@ -223,6 +223,7 @@ def conv_weight_abs_sum_(omega: torch.Tensor, x: torch.Tensor, delta: torch.Tens
             raises a ``RuntimeError`` naming ``memory_budget`` when one sample's product does not fit).
         strategy: ``"unfold"``, ``"grouped"`` or ``"native"``; None: :func:`choose`.
     """
+    args = None  # the native kernel's geometry, kept with the layer's choice
     if strategy is None:
         # The layer's choice and the native kernel's geometry, once per input shape (the rule runs per layer
         # inside the backward, where each Python step costs several times its warm cost: ~60 us per call for
@@ -238,14 +239,14 @@ def conv_weight_abs_sum_(omega: torch.Tensor, x: torch.Tensor, delta: torch.Tens
             got = choose(module, x, delta, budget)
             plan = plans[key] = (got, _native_args(module) if got == "native" else None)
         strategy, args = plan
-        if strategy == "native" and x.shape[0] and delta[0].numel():
-            _by_native(omega, x, delta, module, int(budget), args)
-            return omega
-    if strategy not in _RUN:
+    elif strategy not in _RUN:
         raise ValueError(f"conv_weight_abs_sum_: strategy must be one of {STRATEGIES} or None, got {strategy!r}")
-    if strategy == "native" and (x.device.type != "cpu" or not _native.built()):
+    elif strategy == "native" and (x.device.type != "cpu" or not _native.built()):
         raise ValueError("conv_weight_abs_sum_: strategy='native' needs CPU tensors and the native extension "
                          f"({_native.load_error() or 'tensors on ' + str(x.device)})")
     if x.shape[0] and delta[0].numel():
-        _RUN[strategy](omega, x if strategy == "native" else padded(module, x), delta, module, int(budget))
+        if strategy == "native":  # it pads zeros itself
+            _RUN[strategy](omega, x, delta, module, int(budget), args)
+        else:
+            _RUN[strategy](omega, padded(module, x), delta, module, int(budget))
     return omega
